@@ -1,0 +1,133 @@
+//! The normalized change event.
+//!
+//! A source emits [`Event`]s in commit order. Each carries its table's schema (shared, so that a
+//! schema change mid-stream applies from the next event on, never to events already emitted) and the
+//! source metadata Debezium puts in `source`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::value::Row;
+
+/// Debezium's `op` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Create,
+    Update,
+    Delete,
+    Truncate,
+    /// A snapshot read (`r`).
+    Read,
+}
+
+impl Op {
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+            Op::Read => "r",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Op> {
+        Some(match code {
+            "c" => Op::Create,
+            "u" => Op::Update,
+            "d" => Op::Delete,
+            "t" => Op::Truncate,
+            "r" => Op::Read,
+            _ => return None,
+        })
+    }
+}
+
+/// `schema.table` (PostgreSQL) or `database.table` (MySQL).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableId {
+    pub schema: String,
+    pub table: String,
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnSchema {
+    pub name: String,
+    /// Part of the key (PostgreSQL: the replica identity, normally the primary key).
+    pub key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSchema {
+    pub id: TableId,
+    pub columns: Vec<ColumnSchema>,
+}
+
+impl TableSchema {
+    pub fn has_key(&self) -> bool {
+        self.columns.iter().any(|c| c.key)
+    }
+}
+
+/// Where an event came from, as Debezium's `source` block describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceInfo {
+    Postgres(PgSource),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgSource {
+    /// The connector's logical name (`name` in the config).
+    pub name: Arc<str>,
+    pub db: Arc<str>,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts_us: i64,
+    pub txid: u32,
+    /// LSN of the change itself.
+    pub lsn: u64,
+    /// End LSN of the previous transaction (Debezium's `sequence[0]`).
+    pub last_commit_lsn: Option<u64>,
+    /// `"true"`, `"first"`, `"last"` or `"false"`.
+    pub snapshot: &'static str,
+}
+
+/// One row change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    pub op: Op,
+    pub table: Arc<TableSchema>,
+    pub before: Option<Row>,
+    pub after: Option<Row>,
+    pub source: SourceInfo,
+}
+
+impl ChangeEvent {
+    /// The row that identifies the event's key: `after` for creates and updates, `before` for deletes.
+    pub fn key_row(&self) -> Option<&Row> {
+        match self.op {
+            Op::Delete => self.before.as_ref(),
+            _ => self.after.as_ref().or(self.before.as_ref()),
+        }
+    }
+}
+
+/// A PostgreSQL logical decoding message (`pg_logical_emit_message`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogicalMessage {
+    pub transactional: bool,
+    pub prefix: String,
+    pub content: Vec<u8>,
+    pub source: SourceInfo,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Change(ChangeEvent),
+    Message(LogicalMessage),
+}
