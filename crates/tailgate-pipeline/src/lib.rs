@@ -1,1 +1,29 @@
-//! placeholder
+//! tailgate's runtime: how changes flow from a source to a sink and how progress is made durable.
+//!
+//! ```text
+//!  Source task ──Batch(Item::Event | Item::Commit)──▶ runtime ──records──▶ Sink (batched produce)
+//!      ▲                 bounded channel                 │                    │
+//!      │                                                 │◀── acked position ─┘ (AckTracker: ordered)
+//!      └──────── acked position (watch) ◀────────────────┤
+//!                                                        └──▶ OffsetStore (atomic file, every flush_interval)
+//! ```
+//!
+//! The promise: a position reaches the offsets file or the source's log (PostgreSQL's slot) only when
+//! every record produced before it has been acknowledged by the sink. The channel is bounded, so a
+//! slow sink slows the reader and memory stays flat whatever the backlog.
+
+pub mod ack;
+pub mod encode;
+pub mod offsets;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod stdout;
+
+pub use ack::AckTracker;
+pub use encode::{Encoder, EncoderOptions, Record};
+pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
+pub use runtime::{PipelineError, RunOptions, RunSummary, run};
+pub use sink::{Sink, SinkError};
+pub use source::{Batch, Item, Source, SourceContext};
+pub use stdout::StdoutSink;

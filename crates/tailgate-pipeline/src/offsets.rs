@@ -1,0 +1,181 @@
+//! The offsets file: where each connector resumes.
+//!
+//! One JSON file may hold several connectors, keyed by their `name`. It is replaced atomically
+//! (write a temporary file, fsync it, rename it over the old one, fsync the folder), so a crash
+//! leaves either the old or the new checkpoint, never a torn one. The format is frozen by a test.
+//!
+//! ```json
+//! {"format":1,"connectors":{"shop":{"position":{"type":"postgres","lsn":"0/16B3748"},"updated_at_ms":1700000000000}}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tailgate_core::Position;
+
+const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetsError {
+    #[error("cannot read offsets file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "offsets file {path} is not valid ({reason}). Fix: restore it from a backup, or move it away to \
+         start over from the slot's confirmed position"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("offsets file {path} has format {found}, this tailgate reads format {FORMAT}. Fix: use a newer tailgate")]
+    Format { path: PathBuf, found: u32 },
+    #[error("cannot write offsets file {path}: {source}. Fix: check that its folder exists and is writable")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredOffset {
+    pub position: Position,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OffsetsFile {
+    format: u32,
+    connectors: BTreeMap<String, StoredOffset>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OffsetStore {
+    path: PathBuf,
+    name: String,
+}
+
+impl OffsetStore {
+    pub fn new(path: impl Into<PathBuf>, name: impl Into<String>) -> Self {
+        OffsetStore { path: path.into(), name: name.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored checkpoint of this connector, if any.
+    pub fn load(&self) -> Result<Option<StoredOffset>, OffsetsError> {
+        Ok(self.read_file()?.connectors.remove(&self.name))
+    }
+
+    fn read_file(&self) -> Result<OffsetsFile, OffsetsError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(OffsetsFile { format: FORMAT, ..Default::default() });
+            }
+            Err(source) => return Err(OffsetsError::Read { path: self.path.clone(), source }),
+        };
+        let file: OffsetsFile = serde_json::from_str(&text)
+            .map_err(|e| OffsetsError::Corrupt { path: self.path.clone(), reason: e.to_string() })?;
+        if file.format != FORMAT {
+            return Err(OffsetsError::Format { path: self.path.clone(), found: file.format });
+        }
+        Ok(file)
+    }
+
+    /// Stores `position` for this connector, keeping other connectors' entries.
+    pub fn save(&self, position: &Position) -> Result<(), OffsetsError> {
+        let mut file = self.read_file()?;
+        let updated_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        file.connectors.insert(self.name.clone(), StoredOffset { position: position.clone(), updated_at_ms });
+        self.write_atomically(&file).map_err(|source| OffsetsError::Write { path: self.path.clone(), source })
+    }
+
+    /// Removes this connector's entry (used by `offsets reset`).
+    pub fn clear(&self) -> Result<bool, OffsetsError> {
+        let mut file = self.read_file()?;
+        let removed = file.connectors.remove(&self.name).is_some();
+        if removed {
+            self.write_atomically(&file).map_err(|source| OffsetsError::Write { path: self.path.clone(), source })?;
+        }
+        Ok(removed)
+    }
+
+    fn write_atomically(&self, file: &OffsetsFile) -> std::io::Result<()> {
+        let mut tmp_name = self.path.file_name().unwrap_or_default().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = self.path.with_file_name(tmp_name);
+        let mut bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &self.path)?;
+        // Make the rename itself durable.
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tailgate_core::Lsn;
+
+    use super::*;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tailgate-offsets-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn save_then_load_keeps_other_connectors() {
+        let dir = tmpdir("keep");
+        let path = dir.join("o.json");
+        let a = OffsetStore::new(&path, "a");
+        let b = OffsetStore::new(&path, "b");
+        assert_eq!(a.load().unwrap(), None);
+        a.save(&Position::Postgres { lsn: Lsn(1) }).unwrap();
+        b.save(&Position::Postgres { lsn: Lsn(2) }).unwrap();
+        a.save(&Position::Postgres { lsn: Lsn(3) }).unwrap();
+        assert_eq!(a.load().unwrap().unwrap().position, Position::Postgres { lsn: Lsn(3) });
+        assert_eq!(b.load().unwrap().unwrap().position, Position::Postgres { lsn: Lsn(2) });
+        assert!(a.clear().unwrap());
+        assert_eq!(a.load().unwrap(), None);
+        assert!(!dir.join("o.json.tmp").exists(), "temporary file is renamed away");
+    }
+
+    /// Frozen: files written by earlier releases must keep loading.
+    #[test]
+    fn reads_the_frozen_format() {
+        let dir = tmpdir("frozen");
+        let path = dir.join("o.json");
+        fs::write(
+            &path,
+            r#"{"format":1,"connectors":{"shop":{"position":{"type":"postgres","lsn":"0/16B3748"},"updated_at_ms":1700000000000}}}"#,
+        )
+        .unwrap();
+        let stored = OffsetStore::new(&path, "shop").load().unwrap().unwrap();
+        assert_eq!(stored.position, Position::Postgres { lsn: "0/16B3748".parse().unwrap() });
+        assert_eq!(stored.updated_at_ms, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_that_names_the_file() {
+        let dir = tmpdir("corrupt");
+        let path = dir.join("o.json");
+        fs::write(&path, "{not json").unwrap();
+        let err = OffsetStore::new(&path, "shop").load().unwrap_err().to_string();
+        assert!(err.contains("o.json") && err.contains("not valid"), "{err}");
+    }
+}

@@ -1,0 +1,183 @@
+//! The run loop: source task → bounded channel → sink, with ordered checkpoints.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tailgate_core::{Event, Op, Position};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::offsets::{OffsetStore, OffsetsError};
+use crate::sink::{Sink, SinkError};
+use crate::source::{Batch, Item, Source, SourceContext};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Batches buffered between source and sink (each holds up to the source's batch size).
+    pub channel_batches: usize,
+    /// How often the acknowledged position is written to the offsets file. The log position
+    /// reported upstream follows acknowledgements directly; the file trails by at most this much.
+    pub flush_interval: Duration,
+    /// How long a graceful stop waits for outstanding acknowledgements.
+    pub drain_timeout: Duration,
+    /// Operations never delivered (Debezium `skipped.operations`; default: truncate).
+    pub skip_ops: HashSet<Op>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            channel_batches: 4,
+            flush_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+            skip_ops: HashSet::from([Op::Truncate]),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    pub events: u64,
+    pub checkpoint: Option<Position>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("source: {0}")]
+    Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("sink: {0}")]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Offsets(#[from] OffsetsError),
+    #[error(
+        "stopped with {in_flight} record(s) still unacknowledged after {timeout:?}; the checkpoint stays \
+         at {checkpoint}, so they will be sent again on restart"
+    )]
+    DrainTimeout { in_flight: usize, timeout: Duration, checkpoint: String },
+}
+
+impl PipelineError {
+    /// The source's own error, for callers that classify it (e.g. exit codes).
+    pub fn source_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            PipelineError::Source(e) => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `source` into `sink` until the source ends, `shutdown` is cancelled, or either side fails.
+///
+/// Checkpoints: an acknowledged position is published to the source at once (it feeds the
+/// database's own progress marker) and written to `store` at most every `flush_interval`, and once
+/// more when the run ends. Nothing unacknowledged is ever written.
+pub async fn run<S: Source, K: Sink>(
+    source: S,
+    mut sink: K,
+    store: OffsetStore,
+    resume_from: Option<Position>,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, PipelineError> {
+    let (tx, mut rx) = mpsc::channel::<Batch>(opts.channel_batches.max(1));
+    let (acked_tx, acked_rx) = watch::channel(resume_from.clone());
+    let source_shutdown = shutdown.child_token();
+    let ctx = SourceContext {
+        output: tx,
+        acked: acked_rx,
+        shutdown: source_shutdown.clone(),
+        resume_from: resume_from.clone(),
+    };
+    let mut source_task = tokio::spawn(source.run(ctx));
+
+    let mut summary = RunSummary { events: 0, checkpoint: resume_from.clone() };
+    let mut persisted = resume_from;
+    let mut last_persist = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let outcome: Result<(), PipelineError> = async {
+        loop {
+            tokio::select! {
+                biased;
+                batch = rx.recv() => match batch {
+                    Some(mut batch) => {
+                        if !opts.skip_ops.is_empty() {
+                            batch.retain(|item| !matches!(item, Item::Event(Event::Change(c)) if opts.skip_ops.contains(&c.op)));
+                        }
+                        summary.events += batch.iter().filter(|i| matches!(i, Item::Event(_))).count() as u64;
+                        sink.send(batch).await?;
+                    }
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {}
+            }
+            if let Some(position) = sink.poll_acks()? {
+                summary.checkpoint = Some(position.clone());
+                acked_tx.send_replace(Some(position));
+            }
+            if summary.checkpoint != persisted && last_persist.elapsed() >= opts.flush_interval {
+                if let Some(p) = &summary.checkpoint {
+                    store.save(p)?;
+                    debug!(position = %p, "checkpoint written");
+                }
+                persisted = summary.checkpoint.clone();
+                last_persist = Instant::now();
+            }
+        }
+    }
+    .await;
+
+    // Whatever happened, stop the source and make acknowledged progress durable.
+    source_shutdown.cancel();
+    rx.close();
+    let drained = match &outcome {
+        Ok(()) => sink.flush(opts.drain_timeout).await.map_err(PipelineError::from),
+        // After a sink failure nothing more can be acknowledged safely past the failure point.
+        Err(_) => sink.poll_acks().map_err(PipelineError::from),
+    };
+    let mut result = outcome;
+    match drained {
+        Ok(Some(position)) => summary.checkpoint = Some(position),
+        Ok(None) => {}
+        Err(e) => {
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    if summary.checkpoint != persisted {
+        if let Some(p) = &summary.checkpoint {
+            store.save(p)?;
+            info!(position = %p, "final checkpoint written");
+        }
+    }
+    if let Some(p) = &summary.checkpoint {
+        acked_tx.send_replace(Some(p.clone()));
+    }
+    if result.is_ok() && sink.in_flight() > 0 {
+        result = Err(PipelineError::DrainTimeout {
+            in_flight: sink.in_flight(),
+            timeout: opts.drain_timeout,
+            checkpoint: summary.checkpoint.as_ref().map_or("(none)".into(), ToString::to_string),
+        });
+    }
+
+    // Let the source report the final position upstream and close cleanly.
+    let source_result = match tokio::time::timeout(Duration::from_secs(10), &mut source_task).await {
+        Ok(Ok(r)) => r.map_err(|e| PipelineError::Source(Box::new(e))),
+        Ok(Err(join)) => Err(PipelineError::Source(format!("source task failed: {join}").into())),
+        Err(_) => {
+            warn!("source did not stop within 10s; aborting it");
+            source_task.abort();
+            Ok(())
+        }
+    };
+    // A source error is the root cause when both failed (the sink saw a closed channel).
+    match (source_result, result) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(summary),
+    }
+}

@@ -1,0 +1,46 @@
+//! The sink contract.
+//!
+//! A sink accepts batches in order and acknowledges records asynchronously. It never reports a
+//! position as acknowledged unless every record handed over before that position's `Item::Commit`
+//! was durably accepted (Kafka: acknowledged with `acks=all`). On a definite delivery failure it
+//! returns an error and reports no position past the failed record: the run stops and, on restart,
+//! the source resumes from before it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tailgate_core::Position;
+
+use crate::source::Batch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The destination refused a record for good (e.g. too large, not authorised).
+    #[error("delivery to topic {topic:?} failed for good: {reason}. {fix}")]
+    Delivery { topic: String, reason: String, fix: &'static str },
+    #[error("sink configuration: {0}")]
+    Config(String),
+    #[error("writing to {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait Sink: Send {
+    /// Hands over a batch. May wait while the sink's bounded queue is full (backpressure).
+    fn send(&mut self, batch: Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Serves pending acknowledgements; returns the newest fully acknowledged position, if it moved.
+    fn poll_acks(&mut self) -> Result<Option<Position>, SinkError>;
+
+    /// Waits up to `timeout` for everything handed over to be acknowledged; returns the newest fully
+    /// acknowledged position, if it moved.
+    fn flush(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
+
+    /// Records handed over and not yet acknowledged.
+    fn in_flight(&self) -> usize;
+}

@@ -1,0 +1,43 @@
+//! The source contract.
+
+use std::future::Future;
+
+use tailgate_core::{Event, Position};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// One element of the ordered stream a source emits.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(Event),
+    /// Everything emitted before this item forms complete transactions: once the sink has
+    /// acknowledged it all, the source may resume from `Position` and lose nothing.
+    Commit(Position),
+}
+
+/// Items travel in batches so that channel synchronisation is paid per batch, not per event.
+pub type Batch = Vec<Item>;
+
+pub struct SourceContext {
+    /// Bounded: when the sink falls behind, `send` waits, and the source stops reading its log.
+    pub output: mpsc::Sender<Batch>,
+    /// The newest position whose every preceding event was acknowledged by the sink. A source
+    /// reports it upstream (PostgreSQL: the standby status flush LSN) and nothing newer.
+    pub acked: watch::Receiver<Option<Position>>,
+    /// Cancelled on SIGINT/SIGTERM or when the sink failed. A source stops at the next transaction
+    /// boundary it can and returns `Ok(())`, which closes `output`.
+    pub shutdown: CancellationToken,
+    /// The stored checkpoint: skip every transaction that committed before it.
+    pub resume_from: Option<Position>,
+}
+
+/// A change source, e.g. PostgreSQL logical replication.
+///
+/// Contract: items come in commit order; the events of a transaction are followed by one
+/// `Item::Commit` whose position resumes after that transaction; a source never emits a
+/// transaction that committed before `resume_from`.
+pub trait Source: Send + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn run(self, ctx: SourceContext) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
