@@ -1,1 +1,3 @@
-//! placeholder
+//! PostgreSQL source for tailgate.
+pub mod pgoutput;
+pub mod types;

@@ -1,0 +1,529 @@
+//! PostgreSQL values (text format) to Debezium's default representation.
+//!
+//! The replication session pins the output settings this parser relies on (see
+//! [`crate::replication::SESSION_SETTINGS`]): `DateStyle=ISO`, `TimeZone=UTC`,
+//! `IntervalStyle=iso_8601`, `extra_float_digits=3`, `lc_monetary=C`. The mapping, type by type, is
+//! documented in docs/types.md and tested against the real server in tests/.
+//!
+//! A column's [`ColumnKind`] is resolved once per Relation message, so that converting a row is a
+//! match on a small enum, not a catalog lookup.
+
+use tailgate_core::{Decimal, Value};
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnKind {
+    Bool,
+    Int,
+    Float,
+    /// `scale`: the declared scale, `None` for unconstrained `numeric`.
+    Numeric { scale: Option<u32> },
+    Money,
+    Text,
+    Bytea,
+    /// Days since the epoch.
+    Date,
+    /// Since midnight: millis when `millis` (precision ≤ 3), else micros.
+    Time { millis: bool },
+    /// ISO-8601 time in UTC (`ZonedTime`).
+    TimeTz,
+    /// Since the epoch: millis when `millis` (precision ≤ 3), else micros.
+    Timestamp { millis: bool },
+    /// ISO-8601 UTC string with `fraction` digits (`ZonedTimestamp`).
+    TimestampTz { fraction: u32 },
+    /// Approximate micros (`MicroDuration`).
+    Interval,
+    /// `bit(1)` is a boolean; longer bit strings are little-endian bytes (`io.debezium.data.Bits`).
+    Bit { single: bool },
+    Array(Box<ColumnKind>),
+}
+
+impl ColumnKind {
+    /// The kind of a column of type `oid` with type modifier `typmod`. Unknown types (enums,
+    /// domains over text, extensions) are rendered as their text, as Debezium does for enums.
+    pub fn of(oid: u32, typmod: i32) -> ColumnKind {
+        use ColumnKind::*;
+        let precision = |default: i32| if typmod < 0 { default } else { typmod };
+        match oid {
+            16 => Bool,
+            20 | 21 | 23 | 26 => Int,
+            700 | 701 => Float,
+            1700 => Numeric { scale: (typmod >= 4).then(|| ((typmod - 4) & 0xFFFF) as u32) },
+            790 => Money,
+            17 => Bytea,
+            1082 => Date,
+            1083 => Time { millis: precision(6) <= 3 },
+            1266 => TimeTz,
+            1114 => Timestamp { millis: precision(6) <= 3 },
+            1184 => TimestampTz { fraction: precision(6) as u32 },
+            1186 => Interval,
+            1560 => Bit { single: typmod == 1 },
+            1562 => Bit { single: false },
+            _ => match array_element(oid) {
+                Some(elem) => Array(Box::new(ColumnKind::of(elem, typmod))),
+                None => Text,
+            },
+        }
+    }
+
+    /// Converts one value in text format. `None` means the text did not parse as the type claims,
+    /// which would be a server/decoder mismatch: the caller reports it with the column name.
+    pub fn convert(&self, text: &str) -> Option<Value> {
+        use ColumnKind::*;
+        Some(match self {
+            Bool => Value::Bool(text == "t"),
+            Int => Value::Int(text.parse().ok()?),
+            Float => Value::Float(text.parse().ok()?),
+            Numeric { scale } => match text {
+                // Debezium's precise mode has no representation for these.
+                "NaN" | "Infinity" | "-Infinity" => Value::Null,
+                _ => Value::Decimal(Decimal { text: text.to_owned(), declared_scale: *scale }),
+            },
+            Money => Value::Decimal(Decimal { text: parse_money(text)?, declared_scale: Some(2) }),
+            Text => Value::String(text.to_owned()),
+            Bytea => Value::Bytes(parse_bytea(text)?),
+            Date => match parse_infinity(text) {
+                Some(v) => v,
+                None => Value::Int(parse_date(text)?),
+            },
+            Time { millis } => {
+                let micros = parse_time(text)?;
+                Value::Int(if *millis { micros / 1000 } else { micros })
+            }
+            TimeTz => Value::String(format_timetz(text)?),
+            Timestamp { millis } => match parse_infinity(text) {
+                Some(v) => v,
+                None => {
+                    let micros = parse_timestamp(text)?.0;
+                    Value::Int(if *millis { micros.div_euclid(1000) } else { micros })
+                }
+            },
+            TimestampTz { fraction } => match parse_infinity(text) {
+                Some(v) => v,
+                None => {
+                    let (micros, offset) = parse_timestamp(text)?;
+                    Value::String(format_utc_timestamp(micros - offset?, *fraction))
+                }
+            },
+            Interval => Value::Int(parse_interval(text)?),
+            Bit { single: true } => Value::Bool(text == "1"),
+            Bit { single: false } => Value::Bytes(parse_bits(text)?),
+            Array(elem) => parse_array(text, elem)?,
+        })
+    }
+
+    /// Binary columns render the unavailable-value placeholder as bytes, as Debezium does.
+    pub fn is_binary(&self) -> bool {
+        matches!(self, ColumnKind::Bytea | ColumnKind::Bit { single: false })
+    }
+}
+
+/// Element type of the built-in array types.
+fn array_element(oid: u32) -> Option<u32> {
+    Some(match oid {
+        1000 => 16,
+        1001 => 17,
+        1002 => 18,
+        1003 => 19,
+        1005 => 21,
+        1007 => 23,
+        1016 => 20,
+        1009 => 25,
+        1014 => 1042,
+        1015 => 1043,
+        1021 => 700,
+        1022 => 701,
+        1028 => 26,
+        1231 => 1700,
+        791 => 790,
+        2951 => 2950,
+        1182 => 1082,
+        1183 => 1083,
+        1270 => 1266,
+        1115 => 1114,
+        1185 => 1184,
+        1187 => 1186,
+        199 => 114,
+        3807 => 3802,
+        143 => 142,
+        1041 => 869,
+        651 => 650,
+        1040 => 829,
+        775 => 774,
+        1561 => 1560,
+        1563 => 1562,
+        _ => return None,
+    })
+}
+
+/// `infinity` values: Debezium has no representation for them; they are rendered as `null`
+/// (documented in docs/types.md).
+fn parse_infinity(text: &str) -> Option<Value> {
+    matches!(text, "infinity" | "-infinity").then_some(Value::Null)
+}
+
+fn parse_money(text: &str) -> Option<String> {
+    let negative = text.starts_with('-') || text.starts_with('(');
+    let mut out = String::with_capacity(text.len());
+    if negative {
+        out.push('-');
+    }
+    out.extend(text.chars().filter(|c| c.is_ascii_digit() || *c == '.'));
+    (out.len() > usize::from(negative)).then_some(out)
+}
+
+fn parse_bytea(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    hex.as_bytes().chunks(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
+}
+
+/// Bit string to Debezium's `Bits`: little-endian bytes of the number the bits spell.
+fn parse_bits(text: &str) -> Option<Vec<u8>> {
+    let n = text.len();
+    let mut bytes = vec![0u8; n.div_ceil(8)];
+    for (i, c) in text.bytes().rev().enumerate() {
+        match c {
+            b'1' => bytes[i / 8] |= 1 << (i % 8),
+            b'0' => {}
+            _ => return None,
+        }
+    }
+    Some(bytes)
+}
+
+/// Days from 1970-01-01 to the proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The inverse of [`days_from_civil`].
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `YYYY-MM-DD` (ISO DateStyle), optionally followed by ` BC`.
+pub fn parse_date(text: &str) -> Option<i64> {
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(t) => (t, true),
+        None => (text, false),
+    };
+    let mut parts = text.splitn(3, '-');
+    let mut year: i64 = parts.next()?.parse().ok()?;
+    let month: u32 = parts.next()?.parse().ok()?;
+    let day: u32 = parts.next()?.parse().ok()?;
+    if bc {
+        // 1 BC is astronomical year 0.
+        year = 1 - year;
+    }
+    Some(days_from_civil(year, month, day))
+}
+
+/// `HH:MM:SS[.ffffff]` to micros since midnight (`24:00:00` is a valid PostgreSQL time).
+pub fn parse_time(text: &str) -> Option<i64> {
+    let mut parts = text.splitn(3, ':');
+    let h: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let sec = parts.next()?;
+    let (s, frac) = sec.split_once('.').unwrap_or((sec, ""));
+    let s: i64 = s.parse().ok()?;
+    Some(((h * 60 + m) * 60 + s) * 1_000_000 + parse_fraction_micros(frac)?)
+}
+
+fn parse_fraction_micros(frac: &str) -> Option<i64> {
+    if frac.is_empty() {
+        return Some(0);
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = &frac[..frac.len().min(6)];
+    let v: i64 = digits.parse().ok()?;
+    Some(v * 10_i64.pow(6 - digits.len() as u32))
+}
+
+/// Splits a trailing UTC offset (`+05`, `-03:30`, `+05:30:15`) from a time; returns its seconds.
+fn split_offset(text: &str) -> Option<(&str, i64)> {
+    let pos = text.rfind(['+', '-'])?;
+    let (time, offset) = text.split_at(pos);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let mut secs = 0;
+    for (i, part) in offset[1..].split(':').enumerate() {
+        let v: i64 = part.parse().ok()?;
+        secs += v * [3600, 60, 1].get(i)?;
+    }
+    Some((time, sign * secs))
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][+TZ][ BC]` to (micros since the Unix epoch as written, offset in
+/// micros if the text carried one).
+pub fn parse_timestamp(text: &str) -> Option<(i64, Option<i64>)> {
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(t) => (t, true),
+        None => (text, false),
+    };
+    let (date, time) = text.split_once(' ')?;
+    let (time, offset) = match split_offset(time) {
+        Some((t, secs)) => (t, Some(secs * 1_000_000)),
+        None => (time, None),
+    };
+    let date = if bc { format!("{date} BC") } else { date.to_owned() };
+    let days = parse_date(&date)?;
+    Some((days * MICROS_PER_DAY + parse_time(time)?, offset))
+}
+
+/// Formats micros since the epoch as Debezium's `ZonedTimestamp` in UTC: `2024-01-15T10:30:00.123456Z`,
+/// the fraction padded to the column's precision (no fraction at precision 0 unless non-zero).
+pub fn format_utc_timestamp(micros: i64, fraction: u32) -> String {
+    let days = micros.div_euclid(MICROS_PER_DAY);
+    let in_day = micros.rem_euclid(MICROS_PER_DAY);
+    let (y, mo, d) = civil_from_days(days);
+    let secs = in_day / 1_000_000;
+    let sub = in_day % 1_000_000;
+    let mut out = if (0..=9999).contains(&y) {
+        format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    } else {
+        // java.time writes years outside 0000..9999 with a sign.
+        format!("{y:+05}-{mo:02}-{d:02}T{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    };
+    push_fraction(&mut out, sub, fraction);
+    out.push('Z');
+    out
+}
+
+/// `fraction` = 0: java.time's ISO format, which writes only the digits needed (none for 0).
+fn push_fraction(out: &mut String, micros: i64, fraction: u32) {
+    if fraction == 0 || fraction > 6 {
+        if micros != 0 {
+            let s = format!(".{micros:06}");
+            out.push_str(s.trim_end_matches('0'));
+        }
+    } else {
+        let s = format!("{micros:06}");
+        out.push('.');
+        out.push_str(&s[..fraction as usize]);
+    }
+}
+
+/// `HH:MM:SS[.ffffff]+TZ` to Debezium's `ZonedTime` in UTC: `08:30:00.123456Z`.
+fn format_timetz(text: &str) -> Option<String> {
+    let (time, offset) = split_offset(text)?;
+    let micros = (parse_time(time)? - offset * 1_000_000).rem_euclid(MICROS_PER_DAY);
+    let secs = micros / 1_000_000;
+    let mut out = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    push_fraction(&mut out, micros % 1_000_000, 0);
+    out.push('Z');
+    Some(out)
+}
+
+/// ISO-8601 interval (`P1Y2M3DT4H5M6.5S`, components may be negative) to Debezium's
+/// `MicroDuration`: a month counts as 365.25 / 12 days.
+pub fn parse_interval(text: &str) -> Option<i64> {
+    const DAYS_PER_MONTH: f64 = 365.25 / 12.0;
+    let rest = text.strip_prefix('P')?;
+    let (mut years, mut months, mut days, mut hours, mut minutes, mut seconds) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut in_time = false;
+    let mut number = String::new();
+    for c in rest.chars() {
+        match c {
+            'T' => in_time = true,
+            '0'..='9' | '.' | '-' | '+' => number.push(c),
+            unit => {
+                let v: f64 = number.parse().ok()?;
+                number.clear();
+                match (unit, in_time) {
+                    ('Y', false) => years = v,
+                    ('M', false) => months = v,
+                    ('W', false) => days += v * 7.0,
+                    ('D', false) => days += v,
+                    ('H', true) => hours = v,
+                    ('M', true) => minutes = v,
+                    ('S', true) => seconds = v,
+                    _ => return None,
+                }
+            }
+        }
+    }
+    if !number.is_empty() {
+        return None;
+    }
+    let total_days = DAYS_PER_MONTH * (years * 12.0 + months) + days;
+    let total_seconds = ((total_days * 24.0 + hours) * 60.0 + minutes) * 60.0 + seconds;
+    Some((total_seconds * 1_000_000.0).round() as i64)
+}
+
+/// A PostgreSQL array literal (`{1,2,NULL}`, `{"a b","x\"y"}`, nested `{{1,2},{3,4}}`).
+fn parse_array(text: &str, elem: &ColumnKind) -> Option<Value> {
+    // Arrays with explicit bounds start with `[1:2]={...}`.
+    let text = match text.find("={") {
+        Some(i) if text.starts_with('[') => &text[i + 1..],
+        _ => text,
+    };
+    let mut chars = text.char_indices().peekable();
+    let value = parse_array_level(text, &mut chars, elem)?;
+    chars.next().is_none().then_some(value)
+}
+
+fn parse_array_level(
+    text: &str,
+    chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>,
+    elem: &ColumnKind,
+) -> Option<Value> {
+    if chars.next()?.1 != '{' {
+        return None;
+    }
+    let mut items = Vec::new();
+    if chars.peek()?.1 == '}' {
+        chars.next();
+        return Some(Value::Array(items));
+    }
+    loop {
+        match chars.peek()?.1 {
+            '{' => items.push(parse_array_level(text, chars, elem)?),
+            '"' => {
+                chars.next();
+                let mut s = String::new();
+                loop {
+                    match chars.next()?.1 {
+                        '\\' => s.push(chars.next()?.1),
+                        '"' => break,
+                        c => s.push(c),
+                    }
+                }
+                items.push(elem.convert(&s)?);
+            }
+            _ => {
+                let start = chars.peek()?.0;
+                while !matches!(chars.peek()?.1, ',' | '}') {
+                    chars.next();
+                }
+                let raw = text[start..chars.peek()?.0].trim();
+                items.push(if raw.eq_ignore_ascii_case("NULL") { Value::Null } else { elem.convert(raw)? });
+            }
+        }
+        match chars.next()?.1 {
+            ',' => continue,
+            '}' => return Some(Value::Array(items)),
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(oid: u32, typmod: i32, text: &str) -> Value {
+        ColumnKind::of(oid, typmod).convert(text).unwrap_or_else(|| panic!("{text:?} did not parse as {oid}"))
+    }
+
+    #[test]
+    fn dates_are_days_since_epoch() {
+        assert_eq!(conv(1082, -1, "1970-01-01"), Value::Int(0));
+        assert_eq!(conv(1082, -1, "2024-03-01"), Value::Int(19783));
+        assert_eq!(conv(1082, -1, "1969-12-31"), Value::Int(-1));
+        assert_eq!(conv(1082, -1, "0001-01-01 BC"), Value::Int(days_from_civil(0, 1, 1)));
+        assert_eq!(conv(1082, -1, "infinity"), Value::Null);
+        for d in [-800_000, -1, 0, 1, 19783, 2_932_896] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    #[test]
+    fn times_follow_adaptive_precision() {
+        assert_eq!(conv(1083, -1, "10:30:00.123456"), Value::Int(37_800_123_456));
+        assert_eq!(conv(1083, 3, "10:30:00.123"), Value::Int(37_800_123));
+        assert_eq!(conv(1083, -1, "24:00:00"), Value::Int(86_400_000_000));
+        assert_eq!(conv(1266, -1, "10:30:00.5+02"), Value::String("08:30:00.5Z".into()));
+        assert_eq!(conv(1266, -1, "01:00:00-03:30"), Value::String("04:30:00Z".into()));
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(conv(1114, -1, "2024-01-15 10:30:00.123456"), Value::Int(1_705_314_600_123_456));
+        assert_eq!(conv(1114, 3, "2024-01-15 10:30:00.123"), Value::Int(1_705_314_600_123));
+        assert_eq!(conv(1114, -1, "1969-12-31 23:59:59.5"), Value::Int(-500_000));
+        assert_eq!(conv(1184, -1, "2024-01-15 10:30:00.1+00"), Value::String("2024-01-15T10:30:00.100000Z".into()));
+        assert_eq!(conv(1184, 3, "2024-01-15 12:30:00+02"), Value::String("2024-01-15T10:30:00.000Z".into()));
+        assert_eq!(conv(1184, 0, "2024-01-15 10:30:00+00"), Value::String("2024-01-15T10:30:00Z".into()));
+        assert_eq!(conv(1184, -1, "infinity"), Value::Null);
+    }
+
+    #[test]
+    fn intervals_use_debezium_month_length() {
+        assert_eq!(conv(1186, -1, "PT0S"), Value::Int(0));
+        assert_eq!(conv(1186, -1, "P1DT2H"), Value::Int(93_600_000_000));
+        assert_eq!(conv(1186, -1, "P1M"), Value::Int(2_629_800_000_000));
+        assert_eq!(conv(1186, -1, "P1Y"), Value::Int(31_557_600_000_000));
+        assert_eq!(conv(1186, -1, "P-1DT-0.5S"), Value::Int(-86_400_500_000));
+    }
+
+    #[test]
+    fn numbers_money_bytes_bits() {
+        assert_eq!(conv(23, -1, "-42"), Value::Int(-42));
+        assert_eq!(conv(701, -1, "1.5"), Value::Float(1.5));
+        assert_eq!(
+            conv(1700, (10 << 16 | 2) + 4, "12.50"),
+            Value::Decimal(Decimal { text: "12.50".into(), declared_scale: Some(2) })
+        );
+        assert_eq!(conv(1700, -1, "1.5"), Value::Decimal(Decimal { text: "1.5".into(), declared_scale: None }));
+        assert_eq!(conv(1700, -1, "NaN"), Value::Null);
+        assert_eq!(conv(790, -1, "-$1,234.56"), Value::Decimal(Decimal { text: "-1234.56".into(), declared_scale: Some(2) }));
+        assert_eq!(conv(17, -1, "\\x00ff10"), Value::Bytes(vec![0, 255, 16]));
+        assert_eq!(conv(1560, 1, "1"), Value::Bool(true));
+        assert_eq!(conv(1560, 10, "1000000001"), Value::Bytes(vec![0x01, 0x02]));
+        assert_eq!(conv(16, -1, "f"), Value::Bool(false));
+    }
+
+    #[test]
+    fn arrays_parse_quoting_nulls_and_nesting() {
+        assert_eq!(conv(1007, -1, "{1,2,NULL}"), Value::Array(vec![Value::Int(1), Value::Int(2), Value::Null]));
+        assert_eq!(
+            conv(1009, -1, r#"{"a b","x\"y",plain,"NULL"}"#),
+            Value::Array(vec![
+                Value::String("a b".into()),
+                Value::String("x\"y".into()),
+                Value::String("plain".into()),
+                Value::String("NULL".into()),
+            ])
+        );
+        assert_eq!(
+            conv(1007, -1, "{{1,2},{3,4}}"),
+            Value::Array(vec![
+                Value::Array(vec![Value::Int(1), Value::Int(2)]),
+                Value::Array(vec![Value::Int(3), Value::Int(4)])
+            ])
+        );
+        assert_eq!(conv(1007, -1, "{}"), Value::Array(vec![]));
+        assert_eq!(conv(1007, -1, "[0:1]={7,8}"), Value::Array(vec![Value::Int(7), Value::Int(8)]));
+        assert!(ColumnKind::of(1007, -1).convert("{1,2").is_none());
+    }
+}
