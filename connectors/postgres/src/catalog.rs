@@ -1,0 +1,148 @@
+//! Ordinary SQL against the source database (tokio-postgres): prerequisites, slot and publication
+//! state, primary keys. Everything here runs on a short-lived normal connection, never on the
+//! replication connection.
+
+use tailgate_core::Lsn;
+use tokio_postgres::{Client, NoTls};
+use tracing::warn;
+
+use crate::error::PgError;
+use crate::replication::{ConnInfo, quote_ident};
+
+/// Opens an ordinary SQL connection.
+pub async fn connect(info: &ConnInfo) -> Result<Client, PgError> {
+    let (client, connection) = info.sql_config.connect(NoTls).await.map_err(|e| classify_connect(info, e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(error = %e, "catalog connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn classify_connect(info: &ConnInfo, e: tokio_postgres::Error) -> PgError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        if code == "28P01" || code == "28000" {
+            return PgError::Auth { user: info.user.clone(), message: db.message().to_owned() };
+        }
+        return PgError::Server { code: code.to_owned(), message: db.message().to_owned(), during: "connect" };
+    }
+    let source = match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>()) {
+        Some(io) => std::io::Error::new(io.kind(), io.to_string()),
+        None => std::io::Error::other(e.to_string()),
+    };
+    PgError::Connect { addr: info.addr(), source }
+}
+
+pub async fn wal_level(client: &Client) -> Result<String, PgError> {
+    Ok(client.query_one("SHOW wal_level", &[]).await?.get(0))
+}
+
+/// Whether the current user may start replication (REPLICATION attribute or superuser).
+pub async fn can_replicate(client: &Client) -> Result<bool, PgError> {
+    let row = client
+        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// (slots in use, max_replication_slots)
+pub async fn slot_usage(client: &Client) -> Result<(i64, i64), PgError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots), current_setting('max_replication_slots')::bigint",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    /// PostgreSQL 13+: `lost` when the server removed WAL the slot needed.
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotState {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: r.get(4),
+    }))
+}
+
+/// Checks that an existing slot can serve this connector.
+pub fn validate_slot(slot: &str, state: &SlotState, dbname: &str) -> Result<(), PgError> {
+    let unusable = |problem: String| Err(PgError::SlotUnusable { slot: slot.to_owned(), problem });
+    if state.plugin.as_deref() != Some("pgoutput") {
+        return unusable(format!("uses plugin {:?}, not pgoutput", state.plugin.as_deref().unwrap_or("(physical)")));
+    }
+    if state.database.as_deref() != Some(dbname) {
+        return unusable(format!("belongs to database {:?}, not {dbname:?}", state.database.as_deref().unwrap_or("")));
+    }
+    if state.wal_status.as_deref() == Some("lost") {
+        return unusable("has lost WAL it needed (wal_status = lost): changes are missing".to_owned());
+    }
+    if let Some(pid) = state.active_pid {
+        return Err(PgError::SlotInUse { slot: slot.to_owned(), pid });
+    }
+    Ok(())
+}
+
+pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, PgError> {
+    Ok(client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication]).await?.is_some())
+}
+
+/// Creates `publication` FOR ALL TABLES.
+pub async fn create_publication(client: &Client, publication: &str) -> Result<(), PgError> {
+    let sql = format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(publication));
+    client.batch_execute(&sql).await.map_err(|e| PgError::PublicationCreate {
+        publication: publication.to_owned(),
+        reason: e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+    })
+}
+
+/// Tables with no primary key that the publication covers (their events have a null key, and
+/// their updates and deletes fail on the server unless they have a replica identity).
+pub async fn published_tables_without_key(client: &Client, publication: &str) -> Result<Vec<String>, PgError> {
+    let rows = client
+        .query(
+            "SELECT p.schemaname || '.' || p.tablename FROM pg_publication_tables p \
+             JOIN pg_class c ON c.relname = p.tablename \
+             JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = p.schemaname \
+             WHERE p.pubname = $1 AND NOT EXISTS \
+               (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+             ORDER BY 1",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Primary-key column names of a relation, in key order.
+pub async fn primary_key(client: &Client, rel_oid: u32) -> Result<Vec<String>, PgError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1::oid AND i.indisprimary ORDER BY k.ord",
+            &[&rel_oid],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

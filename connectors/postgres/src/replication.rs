@@ -1,0 +1,499 @@
+//! The replication connection: PostgreSQL's streaming replication protocol over tokio.
+//!
+//! crates.io `tokio-postgres` has no replication mode, so this module speaks the protocol itself,
+//! using `postgres-protocol` for frontend messages and authentication (cleartext, MD5,
+//! SCRAM-SHA-256) and parsing the few backend messages it needs. After `START_REPLICATION` the
+//! connection is in CopyBoth mode:
+//!
+//! ```text
+//!  server ── CopyData('w' XLogData: wal_start, wal_end, send_time, pgoutput message) ──▶ us
+//!  server ── CopyData('k' keepalive: wal_end, send_time, reply_requested) ────────────▶ us
+//!  us ───── CopyData('r' standby status: written, flushed, applied, time, reply) ─────▶ server
+//! ```
+//!
+//! The flushed LSN we report is the checkpoint: the server may recycle WAL before it, so it only ever
+//! carries positions whose events the sink acknowledged.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::frontend;
+use tailgate_core::Lsn;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::warn;
+
+use crate::error::PgError;
+
+/// Output settings pinned on the replication session, so that the text values pgoutput sends
+/// have one format whatever the server's defaults (see [`crate::types`]).
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("lc_monetary", "C"),
+    ("client_encoding", "UTF8"),
+];
+
+/// Connection parameters, from a `postgres://` URL.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+    pub application_name: String,
+    /// For ordinary SQL connections (tokio-postgres).
+    pub sql_config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for ConnInfo {
+    // Never print the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+impl ConnInfo {
+    pub fn from_url(url: &str) -> Result<ConnInfo, PgError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| PgError::Url { detail: format!("does not parse: {e}") })?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => {
+                return Err(PgError::Url { detail: format!("names a Unix socket ({}); tailgate connects over TCP", p.display()) });
+            }
+            None => "localhost".to_owned(),
+        };
+        if matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
+            return Err(PgError::Url {
+                detail: "asks for sslmode=require; TLS is not supported yet (docs/configuration.md)".to_owned(),
+            });
+        }
+        let user = config.get_user().ok_or_else(|| PgError::Url { detail: "names no user".into() })?.to_owned();
+        let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
+        let dbname = config.get_dbname().unwrap_or(&user).to_owned();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let mut sql_config = config.clone();
+        sql_config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        sql_config.application_name("tailgate");
+        Ok(ConnInfo { host, port, user, password, dbname, application_name: "tailgate".into(), sql_config })
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A message of the replication stream.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    XLogData { wal_start: u64, wal_end: u64, data: Bytes },
+    Keepalive { wal_end: u64, reply_requested: bool },
+}
+
+/// A backend frame: tag and body (without the length).
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+pub struct ReplicationConnection {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    inbuf: BytesMut,
+    out: BytesMut,
+    user: String,
+}
+
+impl ReplicationConnection {
+    /// Connects with `replication=database` and authenticates.
+    pub async fn connect(info: &ConnInfo) -> Result<Self, PgError> {
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(info.addr()))
+            .await
+            .map_err(|_| PgError::Connect {
+                addr: info.addr(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out after 10s"),
+            })?
+            .map_err(|source| PgError::Connect { addr: info.addr(), source })?;
+        stream.set_nodelay(true).ok();
+        let (reader, writer) = stream.into_split();
+        let mut conn = ReplicationConnection {
+            reader,
+            writer,
+            inbuf: BytesMut::with_capacity(256 * 1024),
+            out: BytesMut::with_capacity(1024),
+            user: info.user.clone(),
+        };
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", &info.user),
+            ("database", &info.dbname),
+            ("replication", "database"),
+            ("application_name", &info.application_name),
+        ];
+        params.extend_from_slice(SESSION_SETTINGS);
+        frontend::startup_message(params.iter().copied(), &mut conn.out).map_err(protocol)?;
+        conn.flush_out().await?;
+        conn.authenticate(info).await?;
+        conn.wait_ready("startup").await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, info: &ConnInfo) -> Result<(), PgError> {
+        let password = || {
+            info.password.as_deref().ok_or_else(|| PgError::Auth {
+                user: info.user.clone(),
+                message: "the server asks for a password and `source.url` has none".into(),
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'R' => {
+                    let mut body = frame.body;
+                    let code = get_i32(&mut body)?;
+                    match code {
+                        0 => return Ok(()),
+                        3 => {
+                            frontend::password_message(password()?.as_bytes(), &mut self.out).map_err(protocol)?;
+                        }
+                        5 => {
+                            let mut salt = [0u8; 4];
+                            if body.remaining() < 4 {
+                                return Err(PgError::Protocol("short MD5 salt".into()));
+                            }
+                            body.copy_to_slice(&mut salt);
+                            let hash = md5_hash(info.user.as_bytes(), password()?.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut self.out).map_err(protocol)?;
+                        }
+                        10 => {
+                            let mechanisms = split_cstrs(&body);
+                            if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                                return Err(PgError::UnsupportedAuth { method: "SASL without SCRAM-SHA-256" });
+                            }
+                            let s = sasl::ScramSha256::new(password()?.as_bytes(), sasl::ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)
+                                .map_err(protocol)?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue before start".into()))?;
+                            s.update(&body).map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
+                            frontend::sasl_response(s.message(), &mut self.out).map_err(protocol)?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL final before start".into()))?;
+                            s.finish(&body).map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
+                            continue;
+                        }
+                        2 => return Err(PgError::UnsupportedAuth { method: "Kerberos V5" }),
+                        7 | 8 => return Err(PgError::UnsupportedAuth { method: "GSSAPI" }),
+                        9 => return Err(PgError::UnsupportedAuth { method: "SSPI" }),
+                        other => return Err(PgError::Protocol(format!("unknown authentication request {other}"))),
+                    }
+                    self.flush_out().await?;
+                }
+                b'E' => return Err(self.login_error(&frame.body)),
+                other => return Err(PgError::Protocol(format!("unexpected message {:?} during authentication", other as char))),
+            }
+        }
+    }
+
+    fn login_error(&self, body: &[u8]) -> PgError {
+        let fields = ErrorFields::parse(body);
+        match fields.code.as_str() {
+            // invalid_password, invalid_authorization_specification
+            "28P01" | "28000" => PgError::Auth { user: self.user.clone(), message: fields.message },
+            "42501" => PgError::NoReplicationPrivilege { user: self.user.clone() },
+            _ => fields.into_error("login"),
+        }
+    }
+
+    /// Runs a simple query; returns the rows as text (NULL as `None`).
+    pub async fn simple_query(&mut self, sql: &str, during: &'static str) -> Result<Vec<Vec<Option<String>>>, PgError> {
+        frontend::query(sql, &mut self.out).map_err(protocol)?;
+        self.flush_out().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'D' => rows.push(parse_data_row(frame.body)?),
+                b'E' => error = Some(ErrorFields::parse(&frame.body).into_error(during)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`: (system id, timeline, current WAL flush position, database).
+    pub async fn identify_system(&mut self) -> Result<(String, Lsn), PgError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM").await?;
+        let row = rows.first().ok_or_else(|| PgError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let system_id = row.first().cloned().flatten().unwrap_or_default();
+        let xlogpos = row
+            .get(2)
+            .cloned()
+            .flatten()
+            .and_then(|s| s.parse::<Lsn>().ok())
+            .ok_or_else(|| PgError::Protocol("IDENTIFY_SYSTEM returned no xlogpos".into()))?;
+        Ok((system_id, xlogpos))
+    }
+
+    /// Creates a logical slot with the pgoutput plugin; returns its consistent point.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, PgError> {
+        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(slot));
+        let rows = self.simple_query(&sql, "CREATE_REPLICATION_SLOT").await?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))
+    }
+
+    /// Starts streaming; the server sends changes committed after `start` (or after the slot's
+    /// confirmed position, whichever is later).
+    pub async fn start_replication(&mut self, slot: &str, publication: &str, start: Lsn) -> Result<(), PgError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.out).map_err(protocol)?;
+        self.flush_out().await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'W' => return Ok(()),
+                b'E' => return Err(ErrorFields::parse(&frame.body).into_error("START_REPLICATION")),
+                b'N' => log_notice(&frame.body),
+                other => return Err(PgError::Protocol(format!("unexpected {:?} after START_REPLICATION", other as char))),
+            }
+        }
+    }
+
+    /// The next replication message already buffered, without I/O.
+    pub fn try_next(&mut self) -> Result<Option<ReplicationMessage>, PgError> {
+        loop {
+            let Some(frame) = self.try_frame()? else { return Ok(None) };
+            match frame.tag {
+                b'd' => {
+                    let mut body = frame.body;
+                    match get_u8(&mut body)? {
+                        b'w' => {
+                            let wal_start = get_u64(&mut body)?;
+                            let wal_end = get_u64(&mut body)?;
+                            let _send_time = get_u64(&mut body)?;
+                            return Ok(Some(ReplicationMessage::XLogData { wal_start, wal_end, data: body }));
+                        }
+                        b'k' => {
+                            let wal_end = get_u64(&mut body)?;
+                            let _send_time = get_u64(&mut body)?;
+                            let reply_requested = get_u8(&mut body)? == 1;
+                            return Ok(Some(ReplicationMessage::Keepalive { wal_end, reply_requested }));
+                        }
+                        other => return Err(PgError::Protocol(format!("unknown CopyData message {:?}", other as char))),
+                    }
+                }
+                b'E' => return Err(ErrorFields::parse(&frame.body).into_error("streaming")),
+                b'N' => log_notice(&frame.body),
+                b'c' => {
+                    return Err(PgError::ConnectionLost(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the server ended the replication stream",
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads more bytes from the socket. Cancel-safe: bytes read are kept in the buffer.
+    pub async fn fill(&mut self) -> Result<(), PgError> {
+        if self.inbuf.capacity() - self.inbuf.len() < 64 * 1024 {
+            self.inbuf.reserve(256 * 1024);
+        }
+        let n = self.reader.read_buf(&mut self.inbuf).await.map_err(PgError::ConnectionLost)?;
+        if n == 0 {
+            return Err(PgError::ConnectionLost(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends a standby status update. `flushed` must only ever be an acknowledged checkpoint.
+    pub async fn send_status(&mut self, received: Lsn, flushed: Lsn, reply: bool) -> Result<(), PgError> {
+        let micros_since_pg_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64
+            - crate::types::PG_EPOCH_OFFSET_MICROS;
+        let mut payload = [0u8; 34];
+        let mut p = &mut payload[..];
+        p.put_u8(b'r');
+        p.put_u64(received.0);
+        p.put_u64(flushed.0);
+        p.put_u64(flushed.0);
+        p.put_i64(micros_since_pg_epoch);
+        p.put_u8(u8::from(reply));
+        frontend::CopyData::new(&payload[..]).map_err(protocol)?.write(&mut self.out);
+        self.flush_out().await
+    }
+
+    /// Ends the stream politely (CopyDone, Terminate); errors are irrelevant at this point.
+    pub async fn close(mut self) {
+        frontend::copy_done(&mut self.out);
+        frontend::terminate(&mut self.out);
+        let _ = self.flush_out().await;
+        let _ = self.writer.shutdown().await;
+    }
+
+    async fn flush_out(&mut self) -> Result<(), PgError> {
+        let out = self.out.split();
+        self.writer.write_all(&out).await.map_err(PgError::ConnectionLost)
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, PgError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn try_frame(&mut self) -> Result<Option<Frame>, PgError> {
+        if self.inbuf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.inbuf[1], self.inbuf[2], self.inbuf[3], self.inbuf[4]]) as usize;
+        if len < 4 {
+            return Err(PgError::Protocol(format!("invalid frame length {len}")));
+        }
+        if self.inbuf.len() < len + 1 {
+            self.inbuf.reserve(len + 1 - self.inbuf.len());
+            return Ok(None);
+        }
+        let mut frame = self.inbuf.split_to(len + 1).freeze();
+        let tag = frame[0];
+        frame.advance(5);
+        Ok(Some(Frame { tag, body: frame }))
+    }
+
+    async fn wait_ready(&mut self, during: &'static str) -> Result<(), PgError> {
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'Z' => return Ok(()),
+                b'E' => return Err(ErrorFields::parse(&frame.body).into_error(during)),
+                b'N' => log_notice(&frame.body),
+                _ => {}
+            }
+        }
+    }
+}
+
+struct ErrorFields {
+    code: String,
+    message: String,
+    detail: Option<String>,
+    hint: Option<String>,
+}
+
+impl ErrorFields {
+    fn parse(body: &[u8]) -> ErrorFields {
+        let mut f = ErrorFields { code: String::new(), message: String::new(), detail: None, hint: None };
+        let mut rest = body;
+        while let Some((&kind, tail)) = rest.split_first() {
+            if kind == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+            let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+            match kind {
+                b'C' => f.code = value,
+                b'M' => f.message = value,
+                b'D' => f.detail = Some(value),
+                b'H' => f.hint = Some(value),
+                _ => {}
+            }
+            rest = tail.get(end + 1..).unwrap_or_default();
+        }
+        f
+    }
+
+    fn into_error(self, during: &'static str) -> PgError {
+        let mut message = self.message;
+        if let Some(d) = self.detail {
+            message = format!("{message} ({d})");
+        }
+        if let Some(h) = self.hint {
+            message = format!("{message}. Hint: {h}");
+        }
+        PgError::Server { code: self.code, message, during }
+    }
+}
+
+fn log_notice(body: &[u8]) {
+    let f = ErrorFields::parse(body);
+    warn!(code = %f.code, "PostgreSQL notice: {}", f.message);
+}
+
+fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, PgError> {
+    let n = get_i16(&mut body)?;
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = get_i32(&mut body)?;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if body.remaining() < len {
+                return Err(PgError::Protocol("short DataRow".into()));
+            }
+            row.push(Some(String::from_utf8_lossy(&body.split_to(len)).into_owned()));
+        }
+    }
+    Ok(row)
+}
+
+fn split_cstrs(body: &[u8]) -> Vec<String> {
+    body.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
+fn protocol(e: std::io::Error) -> PgError {
+    PgError::Protocol(e.to_string())
+}
+
+macro_rules! getter {
+    ($name:ident, $ty:ty, $get:ident) => {
+        fn $name(buf: &mut Bytes) -> Result<$ty, PgError> {
+            if buf.remaining() < size_of::<$ty>() {
+                return Err(PgError::Protocol(concat!("truncated ", stringify!($ty)).into()));
+            }
+            Ok(buf.$get())
+        }
+    };
+}
+getter!(get_u8, u8, get_u8);
+getter!(get_i16, i16, get_i16);
+getter!(get_i32, i32, get_i32);
+getter!(get_u64, u64, get_u64);
+
+/// `"name"` with embedded quotes doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'` with embedded quotes doubled.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

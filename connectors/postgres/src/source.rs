@@ -1,0 +1,593 @@
+//! The PostgreSQL source: logical replication with pgoutput, turned into ordered change events.
+//!
+//! ```text
+//!  replication conn ──XLogData──▶ pgoutput::decode ──▶ StreamState ──Batch──▶ pipeline
+//!        ▲                                                                  │
+//!        └── standby status (flush = acknowledged checkpoint) ◀── acked ────┘
+//! ```
+//!
+//! Progress rules:
+//! - A transaction's events are followed by `Item::Commit(end LSN)`; the pipeline releases it once
+//!   Kafka acknowledged them all, and only then is it reported to the server as flushed.
+//! - A keepalive between transactions becomes `Item::Commit(wal_end)`: nothing committed before it is
+//!   still unsent, so an idle connector keeps confirming and never pins WAL.
+//! - On (re)connect the server resends from the slot's confirmed position; transactions whose commit
+//!   precedes what was already handed to the pipeline are skipped, so a reconnect adds no duplicates.
+//! - Batches are flushed when the socket has nothing more buffered, so latency stays low when idle and
+//!   batches grow under load; status updates keep flowing while the pipeline applies backpressure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tailgate_core::{
+    ChangeEvent, ColumnSchema, Event, LogicalMessage, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo,
+    TableId, TableSchema, Value,
+};
+use tailgate_pipeline::{Batch, Item, Source, SourceContext};
+use tracing::{debug, info, warn};
+
+use crate::catalog;
+use crate::error::PgError;
+use crate::pgoutput::{self, OldTuple, PgOutput, Relation, TupleValue};
+use crate::replication::{ConnInfo, ReplicationConnection, ReplicationMessage};
+use crate::types::{ColumnKind, PG_EPOCH_OFFSET_MICROS};
+
+#[derive(Debug, Clone)]
+pub struct PostgresSourceConfig {
+    /// The connector's logical name (`source.name` in events).
+    pub name: String,
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    /// Create the publication FOR ALL TABLES when it is missing.
+    pub create_publication: bool,
+    /// Items per batch handed to the pipeline, at most.
+    pub batch_size: usize,
+    /// How often a standby status update is sent.
+    pub status_interval: Duration,
+}
+
+pub struct PostgresSource {
+    config: PostgresSourceConfig,
+    info: ConnInfo,
+}
+
+impl PostgresSource {
+    pub fn new(config: PostgresSourceConfig) -> Result<Self, PgError> {
+        let info = ConnInfo::from_url(&config.url)?;
+        Ok(PostgresSource { config, info })
+    }
+}
+
+impl Source for PostgresSource {
+    type Error = PgError;
+
+    async fn run(self, mut ctx: SourceContext) -> Result<(), PgError> {
+        let resume = ctx.resume_from.as_ref().map(|Position::Postgres { lsn }| *lsn);
+        let mut state = StreamState::new(&self.config, &self.info.dbname, resume);
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let result = self.stream(&mut ctx, &mut state).await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && !ctx.shutdown.is_cancelled() => {
+                    if state.streamed_since_connect {
+                        backoff = Duration::from_millis(500);
+                    }
+                    warn!(error = %e, retry_in = ?backoff, "PostgreSQL connection failed; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = ctx.shutdown.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl PostgresSource {
+    /// Makes sure the slot and publication exist; returns the LSN to start from.
+    async fn prepare(&self, state: &StreamState) -> Result<(), PgError> {
+        let client = catalog::connect(&self.info).await?;
+        let wal_level = catalog::wal_level(&client).await?;
+        if wal_level != "logical" {
+            return Err(PgError::WalLevel { found: wal_level });
+        }
+        if !catalog::publication_exists(&client, &self.config.publication).await? {
+            if !self.config.create_publication {
+                return Err(PgError::PublicationCreate {
+                    publication: self.config.publication.clone(),
+                    reason: "it is missing and `source.create_publication` is false".into(),
+                });
+            }
+            catalog::create_publication(&client, &self.config.publication).await?;
+            info!(publication = %self.config.publication, "publication created FOR ALL TABLES");
+        }
+        match catalog::slot_state(&client, &self.config.slot).await? {
+            Some(slot) => catalog::validate_slot(&self.config.slot, &slot, &self.info.dbname),
+            None => {
+                if let Some(checkpoint) = state.resume_after.or(state.emitted_until) {
+                    return Err(PgError::SlotDropped { slot: self.config.slot.clone(), checkpoint });
+                }
+                let (used, max) = catalog::slot_usage(&client).await?;
+                if used >= max {
+                    return Err(PgError::NoFreeSlot { max });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn stream(&self, ctx: &mut SourceContext, state: &mut StreamState) -> Result<(), PgError> {
+        state.streamed_since_connect = false;
+        self.prepare(state).await?;
+        let mut conn = ReplicationConnection::connect(&self.info).await?;
+        let (_system_id, server_lsn) = conn.identify_system().await?;
+        let catalog_client = catalog::connect(&self.info).await?;
+        if catalog::slot_state(&catalog_client, &self.config.slot).await?.is_none() {
+            let consistent = conn.create_slot(&self.config.slot).await?;
+            info!(slot = %self.config.slot, consistent_point = %consistent, "replication slot created");
+        }
+        let start = state.start_lsn();
+        conn.start_replication(&self.config.slot, &self.config.publication, start).await?;
+        info!(slot = %self.config.slot, publication = %self.config.publication, from = %start, server_wal = %server_lsn, "streaming");
+
+        let mut status_tick = tokio::time::interval(self.config.status_interval);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: Batch = Vec::with_capacity(self.config.batch_size);
+
+        loop {
+            while let Some(msg) = conn.try_next()? {
+                match msg {
+                    ReplicationMessage::XLogData { wal_start, wal_end, data } => {
+                        state.received = state.received.max(wal_end);
+                        let decoded = pgoutput::decode(data)?;
+                        if let PgOutput::Relation(rel) = &decoded {
+                            let pk = if rel.replica_identity == b'f' {
+                                Some(catalog::primary_key(&catalog_client, rel.id).await?)
+                            } else {
+                                None
+                            };
+                            state.add_relation(rel, pk);
+                            continue;
+                        }
+                        state.handle(decoded, wal_start, &mut batch)?;
+                        state.streamed_since_connect = true;
+                    }
+                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                        state.received = state.received.max(wal_end);
+                        state.keepalive(Lsn(wal_end), &mut batch);
+                        if reply_requested {
+                            self.send_status(&mut conn, ctx, state).await?;
+                        }
+                    }
+                }
+                if batch.len() >= self.config.batch_size && !self.hand_over(&mut conn, ctx, state, &mut batch).await? {
+                    return Ok(());
+                }
+            }
+            if !batch.is_empty() && !self.hand_over(&mut conn, ctx, state, &mut batch).await? {
+                return Ok(());
+            }
+            if ctx.shutdown.is_cancelled() && !state.in_transaction {
+                return self.finish(conn, ctx, state).await;
+            }
+            tokio::select! {
+                read = conn.fill() => read?,
+                _ = status_tick.tick() => self.send_status(&mut conn, ctx, state).await?,
+                _ = ctx.shutdown.cancelled(), if !state.in_transaction => {}
+            }
+        }
+    }
+
+    /// Hands a batch to the pipeline, answering the server while waiting for room.
+    /// Returns `false` when the pipeline is gone.
+    async fn hand_over(
+        &self,
+        conn: &mut ReplicationConnection,
+        ctx: &mut SourceContext,
+        state: &StreamState,
+        batch: &mut Batch,
+    ) -> Result<bool, PgError> {
+        let mut status_tick = tokio::time::interval(self.config.status_interval);
+        status_tick.tick().await;
+        loop {
+            tokio::select! {
+                permit = ctx.output.reserve() => {
+                    let Ok(permit) = permit else { return Ok(false) };
+                    permit.send(std::mem::replace(batch, Vec::with_capacity(self.config.batch_size)));
+                    return Ok(true);
+                }
+                _ = status_tick.tick() => self.send_status(conn, ctx, state).await?,
+            }
+        }
+    }
+
+    async fn send_status(
+        &self,
+        conn: &mut ReplicationConnection,
+        ctx: &SourceContext,
+        state: &StreamState,
+    ) -> Result<(), PgError> {
+        let flushed = match &*ctx.acked.borrow() {
+            Some(Position::Postgres { lsn }) => *lsn,
+            None => Lsn::ZERO,
+        };
+        debug!(received = %Lsn(state.received), flushed = %flushed, "standby status");
+        conn.send_status(Lsn(state.received), flushed, false).await
+    }
+
+    /// Graceful stop: wait briefly for the pipeline's final checkpoint, report it, close.
+    async fn finish(
+        &self,
+        mut conn: ReplicationConnection,
+        ctx: &mut SourceContext,
+        state: &StreamState,
+    ) -> Result<(), PgError> {
+        // The pipeline publishes its final acknowledged position after draining; the channel closes
+        // when it is done with us.
+        let deadline = tokio::time::sleep(Duration::from_secs(35));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                changed = ctx.acked.changed() => {
+                    if changed.is_err() { break; }
+                    self.send_status(&mut conn, ctx, state).await?;
+                }
+                _ = ctx.output.closed() => break,
+                _ = &mut deadline => break,
+            }
+        }
+        self.send_status(&mut conn, ctx, state).await?;
+        conn.close().await;
+        info!("replication connection closed");
+        Ok(())
+    }
+}
+
+/// A relation as the stream last described it.
+struct TableState {
+    schema: Arc<TableSchema>,
+    kinds: Vec<ColumnKind>,
+    oids: Vec<u32>,
+}
+
+struct Transaction {
+    xid: u32,
+    commit_ts_us: i64,
+    skip: bool,
+}
+
+/// Decoding state that survives reconnects.
+struct StreamState {
+    name: Arc<str>,
+    db: Arc<str>,
+    relations: HashMap<u32, TableState>,
+    /// The stored checkpoint: transactions committed before it were delivered by an earlier run.
+    resume_after: Option<Lsn>,
+    /// End LSN of the last transaction handed to the pipeline in this run.
+    emitted_until: Option<Lsn>,
+    last_commit_lsn: Option<u64>,
+    txn: Option<Transaction>,
+    in_transaction: bool,
+    received: u64,
+    /// The last position emitted as an `Item::Commit`.
+    last_marker: Lsn,
+    streamed_since_connect: bool,
+}
+
+impl StreamState {
+    fn new(config: &PostgresSourceConfig, db: &str, resume_after: Option<Lsn>) -> Self {
+        StreamState {
+            name: config.name.as_str().into(),
+            db: db.into(),
+            relations: HashMap::new(),
+            resume_after,
+            emitted_until: None,
+            last_commit_lsn: None,
+            txn: None,
+            in_transaction: false,
+            received: 0,
+            last_marker: resume_after.unwrap_or(Lsn::ZERO),
+            streamed_since_connect: false,
+        }
+    }
+
+    /// Where to ask the server to start: after everything already handed over.
+    fn start_lsn(&self) -> Lsn {
+        self.emitted_until.max(self.resume_after).unwrap_or(Lsn::ZERO)
+    }
+
+    fn skip_before(&self) -> Lsn {
+        self.start_lsn()
+    }
+
+    fn add_relation(&mut self, rel: &Relation, primary_key: Option<Vec<String>>) {
+        let columns = rel
+            .columns
+            .iter()
+            .map(|c| ColumnSchema {
+                name: c.name.clone(),
+                key: match &primary_key {
+                    Some(pk) => pk.contains(&c.name),
+                    None => c.key,
+                },
+            })
+            .collect();
+        let schema = Arc::new(TableSchema {
+            id: TableId { schema: rel.namespace.clone(), table: rel.name.clone() },
+            columns,
+        });
+        debug!(table = %schema.id, columns = rel.columns.len(), "relation");
+        let kinds = rel.columns.iter().map(|c| ColumnKind::of(c.type_oid, c.type_modifier)).collect();
+        let oids = rel.columns.iter().map(|c| c.type_oid).collect();
+        self.relations.insert(rel.id, TableState { schema, kinds, oids });
+    }
+
+    fn keepalive(&mut self, wal_end: Lsn, batch: &mut Batch) {
+        if self.in_transaction || wal_end <= self.last_marker {
+            return;
+        }
+        self.last_marker = wal_end;
+        batch.push(Item::Commit(Position::Postgres { lsn: wal_end }));
+    }
+
+    fn source_info(&self, lsn: u64) -> SourceInfo {
+        let txn = self.txn.as_ref();
+        SourceInfo::Postgres(PgSourceInfo {
+            name: self.name.clone(),
+            db: self.db.clone(),
+            commit_ts_us: txn.map_or(0, |t| t.commit_ts_us),
+            txid: txn.map_or(0, |t| t.xid),
+            lsn,
+            last_commit_lsn: self.last_commit_lsn,
+            snapshot: "false",
+        })
+    }
+
+    fn handle(&mut self, msg: PgOutput, wal_start: u64, batch: &mut Batch) -> Result<(), PgError> {
+        match msg {
+            PgOutput::Begin { final_lsn, commit_ts, xid } => {
+                let skip = Lsn(final_lsn) < self.skip_before();
+                if skip {
+                    debug!(xid, final_lsn = %Lsn(final_lsn), "skipping transaction delivered before");
+                }
+                self.in_transaction = true;
+                self.txn = Some(Transaction { xid, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_MICROS, skip });
+            }
+            PgOutput::Commit { commit_lsn, end_lsn, .. } => {
+                let skipped = self.txn.take().is_some_and(|t| t.skip);
+                self.in_transaction = false;
+                if !skipped {
+                    let end = Lsn(end_lsn);
+                    batch.push(Item::Commit(Position::Postgres { lsn: end }));
+                    self.emitted_until = Some(end);
+                    self.last_marker = self.last_marker.max(end);
+                    self.last_commit_lsn = Some(commit_lsn);
+                }
+            }
+            PgOutput::Relation(rel) => self.add_relation(&rel, None),
+            PgOutput::Type { oid, namespace, name } => debug!(oid, %namespace, %name, "type"),
+            PgOutput::Origin { name, .. } => debug!(origin = %name, "origin"),
+            PgOutput::Insert { rel, new } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let table = self.table(rel)?;
+                let after = table.row(&new)?;
+                let event = self.change(Op::Create, rel, None, Some(after), wal_start)?;
+                batch.push(Item::Event(event));
+            }
+            PgOutput::Update { rel, old, new } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let table = self.table(rel)?;
+                let after = table.row(&new)?;
+                let before = match &old {
+                    Some(OldTuple::Key(t) | OldTuple::Full(t)) => Some(table.row(t)?),
+                    None => None,
+                };
+                let key_changed = before.as_ref().is_some_and(|b| table.key_differs(b, &after));
+                if key_changed {
+                    // As Debezium: a delete (and its tombstone) for the old key, a create for the new.
+                    let delete = self.change(Op::Delete, rel, before, None, wal_start)?;
+                    batch.push(Item::Event(delete));
+                    let create = self.change(Op::Create, rel, None, Some(after), wal_start)?;
+                    batch.push(Item::Event(create));
+                } else {
+                    let event = self.change(Op::Update, rel, before, Some(after), wal_start)?;
+                    batch.push(Item::Event(event));
+                }
+            }
+            PgOutput::Delete { rel, old } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let table = self.table(rel)?;
+                let (OldTuple::Key(t) | OldTuple::Full(t)) = &old;
+                let before = table.row(t)?;
+                let event = self.change(Op::Delete, rel, Some(before), None, wal_start)?;
+                batch.push(Item::Event(event));
+            }
+            PgOutput::Truncate { rels, .. } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                for rel in rels {
+                    let event = self.change(Op::Truncate, rel, None, None, wal_start)?;
+                    batch.push(Item::Event(event));
+                }
+            }
+            PgOutput::Message { transactional, lsn, prefix, content } => {
+                let skip = if transactional { self.skipping() } else { Lsn(lsn) < self.skip_before() };
+                if !skip {
+                    batch.push(Item::Event(Event::Message(LogicalMessage {
+                        transactional,
+                        prefix,
+                        content: content.to_vec(),
+                        source: self.source_info(lsn),
+                    })));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn skipping(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| t.skip)
+    }
+
+    fn table(&self, rel: u32) -> Result<&TableState, PgError> {
+        self.relations.get(&rel).ok_or(PgError::UnknownRelation(rel))
+    }
+
+    fn change(&self, op: Op, rel: u32, before: Option<Row>, after: Option<Row>, lsn: u64) -> Result<Event, PgError> {
+        let table = self.table(rel)?.schema.clone();
+        Ok(Event::Change(ChangeEvent { op, table, before, after, source: self.source_info(lsn) }))
+    }
+}
+
+impl TableState {
+    fn row(&self, tuple: &[TupleValue]) -> Result<Row, PgError> {
+        let mut row = Vec::with_capacity(self.kinds.len());
+        for (i, kind) in self.kinds.iter().enumerate() {
+            let value = match tuple.get(i) {
+                None | Some(TupleValue::Null) => Value::Null,
+                Some(TupleValue::Unchanged) => Value::Unavailable { binary: kind.is_binary() },
+                Some(TupleValue::Binary(b)) => Value::Bytes(b.to_vec()),
+                Some(TupleValue::Text(b)) => {
+                    let text = std::str::from_utf8(b).map_err(|_| self.value_error(i, b))?;
+                    kind.convert(text).ok_or_else(|| self.value_error(i, b))?
+                }
+            };
+            row.push(value);
+        }
+        Ok(row)
+    }
+
+    fn value_error(&self, i: usize, raw: &[u8]) -> PgError {
+        PgError::Value {
+            table: self.schema.id.to_string(),
+            column: self.schema.columns[i].name.clone(),
+            oid: self.oids[i],
+            value: String::from_utf8_lossy(raw).into_owned(),
+        }
+    }
+
+    /// Whether the key columns differ between an old image and the new row.
+    fn key_differs(&self, before: &Row, after: &Row) -> bool {
+        self.schema.columns.iter().enumerate().any(|(i, c)| {
+            c.key && !matches!(after[i], Value::Unavailable { .. }) && before.get(i) != after.get(i)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::pgoutput::RelationColumn;
+
+    fn state(resume: Option<Lsn>) -> StreamState {
+        let cfg = PostgresSourceConfig {
+            name: "shop".into(),
+            url: String::new(),
+            slot: "s".into(),
+            publication: "p".into(),
+            create_publication: true,
+            batch_size: 100,
+            status_interval: Duration::from_secs(1),
+        };
+        let mut s = StreamState::new(&cfg, "shop", resume);
+        s.add_relation(
+            &Relation {
+                id: 1,
+                namespace: "public".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: vec![
+                    RelationColumn { key: true, name: "id".into(), type_oid: 23, type_modifier: -1 },
+                    RelationColumn { key: false, name: "v".into(), type_oid: 25, type_modifier: -1 },
+                ],
+            },
+            None,
+        );
+        s
+    }
+
+    fn text(s: &'static str) -> TupleValue {
+        TupleValue::Text(Bytes::from_static(s.as_bytes()))
+    }
+
+    fn ops(batch: &Batch) -> Vec<String> {
+        batch
+            .iter()
+            .map(|i| match i {
+                Item::Event(Event::Change(c)) => c.op.code().to_owned(),
+                Item::Event(Event::Message(_)) => "m".to_owned(),
+                Item::Commit(p) => format!("commit {p}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn primary_key_change_becomes_delete_then_create() {
+        let mut s = state(None);
+        let mut batch = Vec::new();
+        s.handle(PgOutput::Begin { final_lsn: 100, commit_ts: 0, xid: 7 }, 90, &mut batch).unwrap();
+        s.handle(
+            PgOutput::Update {
+                rel: 1,
+                old: Some(OldTuple::Key(vec![text("1"), TupleValue::Null])),
+                new: vec![text("2"), TupleValue::Unchanged],
+            },
+            95,
+            &mut batch,
+        )
+        .unwrap();
+        s.handle(PgOutput::Commit { commit_lsn: 100, end_lsn: 120, commit_ts: 0 }, 100, &mut batch).unwrap();
+        assert_eq!(ops(&batch), ["d", "c", "commit lsn 0/78"]);
+        let Item::Event(Event::Change(create)) = &batch[1] else { panic!() };
+        assert_eq!(create.after.as_ref().unwrap()[1], Value::Unavailable { binary: false });
+    }
+
+    #[test]
+    fn transactions_before_the_checkpoint_are_skipped() {
+        let mut s = state(Some(Lsn(120)));
+        let mut batch = Vec::new();
+        s.handle(PgOutput::Begin { final_lsn: 100, commit_ts: 0, xid: 7 }, 90, &mut batch).unwrap();
+        s.handle(PgOutput::Insert { rel: 1, new: vec![text("1"), text("a")] }, 95, &mut batch).unwrap();
+        s.handle(PgOutput::Commit { commit_lsn: 100, end_lsn: 120, commit_ts: 0 }, 100, &mut batch).unwrap();
+        assert!(batch.is_empty(), "{:?}", ops(&batch));
+        s.handle(PgOutput::Begin { final_lsn: 130, commit_ts: 0, xid: 8 }, 125, &mut batch).unwrap();
+        s.handle(PgOutput::Insert { rel: 1, new: vec![text("2"), text("b")] }, 126, &mut batch).unwrap();
+        s.handle(PgOutput::Commit { commit_lsn: 130, end_lsn: 140, commit_ts: 0 }, 130, &mut batch).unwrap();
+        assert_eq!(ops(&batch), ["c", "commit lsn 0/8C"]);
+    }
+
+    #[test]
+    fn keepalive_confirms_only_between_transactions() {
+        let mut s = state(None);
+        let mut batch = Vec::new();
+        s.keepalive(Lsn(50), &mut batch);
+        s.handle(PgOutput::Begin { final_lsn: 100, commit_ts: 0, xid: 7 }, 90, &mut batch).unwrap();
+        s.keepalive(Lsn(95), &mut batch);
+        s.handle(PgOutput::Commit { commit_lsn: 100, end_lsn: 120, commit_ts: 0 }, 100, &mut batch).unwrap();
+        s.keepalive(Lsn(110), &mut batch);
+        assert_eq!(ops(&batch), ["commit lsn 0/32", "commit lsn 0/78"]);
+    }
+
+    #[test]
+    fn unparseable_value_names_table_and_column() {
+        let mut s = state(None);
+        let mut batch = Vec::new();
+        s.handle(PgOutput::Begin { final_lsn: 100, commit_ts: 0, xid: 7 }, 90, &mut batch).unwrap();
+        let err = s.handle(PgOutput::Insert { rel: 1, new: vec![text("x"), text("a")] }, 95, &mut batch).unwrap_err();
+        assert!(err.to_string().contains("public.t.id"), "{err}");
+    }
+}
