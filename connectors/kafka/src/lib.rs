@@ -1,1 +1,344 @@
-//! placeholder
+//! Kafka sink on librdkafka.
+//!
+//! - Idempotent producer, `acks=all`, `murmur2_random` partitioning (a key lands on the partition the
+//!   Java clients would choose), a bounded producer queue, and no message timeout: while the broker is
+//!   away, records wait in the bounded queue, the queue fills, the pipeline stops reading the log, and
+//!   everything resumes by itself when the broker returns.
+//! - Delivery reports carry each record's sequence number (no allocation per record); they feed the
+//!   pipeline's [`AckTracker`], which releases a commit position only when every record before it is
+//!   acknowledged. A definite delivery failure stops the run without any checkpoint past it.
+//! - Topics are created through the admin API the first time they are seen (brokers such as tansu do
+//!   not create topics on produce).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::message::Message;
+use tailgate_core::Position;
+use tailgate_pipeline::{AckTracker, Batch, Encoder, Item, Sink, SinkError};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct KafkaSinkConfig {
+    pub brokers: String,
+    pub client_id: String,
+    /// Partitions of topics tailgate creates.
+    pub topic_partitions: i32,
+    /// Replication factor of topics tailgate creates.
+    pub topic_replication_factor: i32,
+    /// librdkafka settings, applied over tailgate's defaults.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+/// tailgate's producer defaults; `[sink.librdkafka]` may override any of them.
+pub fn default_producer_settings() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("partitioner", "murmur2_random"),
+        ("compression.type", "lz4"),
+        // Infinite: never give up on a record while the broker is away; backpressure instead.
+        ("message.timeout.ms", "0"),
+        // Bounded queue: librdkafka's 1 GiB default would defeat flat memory.
+        ("queue.buffering.max.kbytes", "16384"),
+        ("queue.buffering.max.messages", "100000"),
+        ("linger.ms", "5"),
+        ("batch.size", "1000000"),
+    ]
+}
+
+pub fn client_config(config: &KafkaSinkConfig) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers);
+    cc.set("client.id", &config.client_id);
+    for (k, v) in default_producer_settings() {
+        cc.set(k, v);
+    }
+    for (k, v) in &config.librdkafka {
+        cc.set(k, v);
+    }
+    cc
+}
+
+/// Delivery reports as librdkafka hands them over, drained by the sink after each poll.
+#[derive(Default)]
+struct Deliveries {
+    acked: Vec<u64>,
+    failure: Option<SinkError>,
+}
+
+/// Only the sink's own thread polls the producer, so this lock is never contended.
+#[derive(Default)]
+pub struct DeliveryContext {
+    deliveries: Mutex<Deliveries>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let mut d = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(_) => d.acked.push(seq as u64),
+            Err((error, message)) => {
+                if d.failure.is_none() {
+                    d.failure = Some(delivery_error(message.topic(), error));
+                }
+            }
+        }
+    }
+}
+
+fn delivery_error(topic: &str, error: &KafkaError) -> SinkError {
+    let code = error.rdkafka_error_code();
+    let fix = match code {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+            "raise the topic's max.message.bytes (and the broker's message.max.bytes), or exclude the large column"
+        }
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "grant this client WRITE on the topic",
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => "create the topic, or let tailgate create it",
+        Some(RDKafkaErrorCode::MessageTimedOut) => {
+            "the broker stayed unreachable longer than message.timeout.ms; remove that override (tailgate waits forever by default)"
+        }
+        _ => "check the broker logs; the run stopped without checkpointing past this record",
+    };
+    SinkError::Delivery { topic: topic.to_owned(), reason: error.to_string(), fix }
+}
+
+pub struct KafkaSink {
+    producer: BaseProducer<DeliveryContext>,
+    admin: AdminClient<DefaultClientContext>,
+    config: KafkaSinkConfig,
+    encoder: Encoder,
+    tracker: AckTracker,
+    known_topics: HashSet<Arc<str>>,
+    /// Cancelled when the run is stopping: waits on an unreachable broker give up after `drain_timeout`.
+    stop: CancellationToken,
+    drain_timeout: Duration,
+    drained: Vec<u64>,
+}
+
+impl KafkaSink {
+    pub fn new(
+        config: KafkaSinkConfig,
+        encoder: Encoder,
+        stop: CancellationToken,
+        drain_timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let cc = client_config(&config);
+        let producer: BaseProducer<DeliveryContext> = cc
+            .create_with_context(DeliveryContext::default())
+            .map_err(|e| SinkError::Config(format!("{e}. Fix: check [sink.librdkafka] settings")))?;
+        let mut admin_cc = ClientConfig::new();
+        admin_cc.set("bootstrap.servers", &config.brokers);
+        admin_cc.set("client.id", &config.client_id);
+        for (k, v) in &config.librdkafka {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                admin_cc.set(k, v);
+            }
+        }
+        let admin: AdminClient<DefaultClientContext> =
+            admin_cc.create().map_err(|e| SinkError::Config(format!("admin client: {e}")))?;
+        Ok(KafkaSink {
+            producer,
+            admin,
+            config,
+            encoder,
+            tracker: AckTracker::new(),
+            known_topics: HashSet::new(),
+            stop,
+            drain_timeout,
+            drained: Vec::new(),
+        })
+    }
+
+    /// Creates `topic` unless it exists; retries with backoff while the broker is unreachable.
+    async fn ensure_topic(&mut self, topic: &Arc<str>) -> Result<(), SinkError> {
+        let new_topic = NewTopic::new(
+            topic,
+            self.config.topic_partitions,
+            TopicReplication::Fixed(self.config.topic_replication_factor),
+        );
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let mut backoff = Duration::from_millis(200);
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            let outcome = self.admin.create_topics([&new_topic], &opts).await;
+            let error = match outcome {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) => {
+                        info!(topic = %topic, partitions = self.config.topic_partitions, "topic created");
+                        break;
+                    }
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => break,
+                    Some(Err((_, code))) if is_definite_admin_error(code) => {
+                        return Err(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            reason: format!("cannot create the topic: {code}"),
+                            fix: "create the topic yourself, or grant this client CREATE on the cluster",
+                        });
+                    }
+                    Some(Err((_, code))) => code.to_string(),
+                    None => "no result".to_owned(),
+                },
+                Err(e) => e.to_string(),
+            };
+            self.check_stop(&mut stopping_since, "creating a topic")?;
+            warn!(topic = %topic, error = %error, retry_in = ?backoff, "cannot create topic yet; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            self.serve_deliveries()?;
+        }
+        self.known_topics.insert(topic.clone());
+        Ok(())
+    }
+
+    fn check_stop(&self, stopping_since: &mut Option<Instant>, doing: &str) -> Result<(), SinkError> {
+        if self.stop.is_cancelled() {
+            let since = stopping_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.drain_timeout {
+                return Err(SinkError::Other(format!(
+                    "stopping while the broker is unreachable ({doing}); {} record(s) unacknowledged stay uncheckpointed and will be sent again on restart",
+                    self.tracker.in_flight()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves delivery reports and moves acknowledgements into the tracker.
+    fn serve_deliveries(&mut self) -> Result<(), SinkError> {
+        self.producer.poll(Duration::ZERO);
+        let mut d = self.producer.context().deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(failure) = d.failure.take() {
+            return Err(failure);
+        }
+        std::mem::swap(&mut d.acked, &mut self.drained);
+        drop(d);
+        for seq in self.drained.drain(..) {
+            self.tracker.ack(seq);
+        }
+        Ok(())
+    }
+}
+
+fn is_definite_admin_error(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::PolicyViolation
+    )
+}
+
+/// Enqueues one record, waiting (and serving acknowledgements) while librdkafka's queue is full.
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    producer: &BaseProducer<DeliveryContext>,
+    tracker: &mut AckTracker,
+    stop: &CancellationToken,
+    drain_timeout: Duration,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<(), SinkError> {
+    let seq = tracker.register();
+    let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, seq as usize);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(v) = value {
+        record = record.payload(v);
+    }
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                // Backpressure: let deliveries drain the queue. Acks are applied by the caller's
+                // next serve_deliveries; they are buffered in the context meanwhile.
+                producer.poll(Duration::ZERO);
+                if stop.is_cancelled() {
+                    let since = stopping_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= drain_timeout {
+                        return Err(SinkError::Other(format!(
+                            "stopping while the broker is unreachable; {} record(s) unacknowledged stay uncheckpointed and will be sent again on restart",
+                            tracker.in_flight()
+                        )));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((error, _)) => return Err(delivery_error(topic, &error)),
+        }
+    }
+}
+
+impl Sink for KafkaSink {
+    async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
+        self.encoder.begin_batch();
+        for item in &batch {
+            match item {
+                Item::Commit(position) => self.tracker.commit(position.clone()),
+                Item::Event(event) => {
+                    let topic = self.encoder.topic_for(event);
+                    if !self.known_topics.contains(&topic) {
+                        self.ensure_topic(&topic).await?;
+                    }
+                    let prepared = self.encoder.prepare(event);
+                    let key = self.encoder.key();
+                    let value = Some(self.encoder.value());
+                    let (producer, tracker) = (&self.producer, &mut self.tracker);
+                    produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, value).await?;
+                    if prepared.tombstone {
+                        produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, None).await?;
+                    }
+                }
+            }
+        }
+        self.serve_deliveries()
+    }
+
+    fn poll_acks(&mut self) -> Result<Option<Position>, SinkError> {
+        self.serve_deliveries()?;
+        Ok(self.tracker.take_checkpoint())
+    }
+
+    async fn flush(&mut self, timeout: Duration) -> Result<Option<Position>, SinkError> {
+        let deadline = Instant::now() + timeout;
+        while self.tracker.in_flight() > 0 && Instant::now() < deadline {
+            self.serve_deliveries()?;
+            if self.tracker.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        self.serve_deliveries()?;
+        Ok(self.tracker.take_checkpoint())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+}
+
+/// Checks that the brokers answer a metadata request (for `tailgate check`).
+pub fn probe_brokers(config: &KafkaSinkConfig, timeout: Duration) -> Result<usize, String> {
+    let producer: BaseProducer = client_config(config).create().map_err(|e| e.to_string())?;
+    let metadata = producer.client().fetch_metadata(None, timeout).map_err(|e| e.to_string())?;
+    Ok(metadata.brokers().len())
+}

@@ -32,6 +32,7 @@ pub struct Encoder {
     message_topic: Arc<str>,
     key: Vec<u8>,
     value: Vec<u8>,
+    has_key: bool,
     now: Now,
 }
 
@@ -44,6 +45,7 @@ impl Encoder {
             message_topic,
             key: Vec::with_capacity(256),
             value: Vec::with_capacity(4096),
+            has_key: false,
             now: Now::system(),
         }
     }
@@ -69,21 +71,47 @@ impl Encoder {
         }
     }
 
-    /// Calls `emit` once per record of `event` (twice for a delete followed by its tombstone).
-    pub fn encode(&mut self, event: &Event, mut emit: impl FnMut(Record<'_>)) {
+    /// Renders `event` into the encoder's buffers; read them with [`Encoder::key`] and
+    /// [`Encoder::value`] until the next call.
+    pub fn prepare(&mut self, event: &Event) -> Prepared {
         let topic = self.topic_for(event);
         self.key.clear();
         self.value.clear();
         let has_key = envelope::write_key(event, &mut self.key);
         envelope::write_envelope(event, &self.opts.format, self.now, &mut self.value);
-        let key = has_key.then_some(self.key.as_slice());
-        emit(Record { topic: &topic, key, value: Some(&self.value) });
+        self.has_key = has_key;
         let is_delete = matches!(event, Event::Change(c) if c.op == Op::Delete);
         // A tombstone without a key would be meaningless to compaction; Debezium skips it too.
-        if is_delete && self.opts.tombstones && has_key {
-            emit(Record { topic: &topic, key, value: None });
+        Prepared { topic, tombstone: is_delete && self.opts.tombstones && has_key }
+    }
+
+    /// The key rendered by the last [`Encoder::prepare`] (`None`: the table has no key).
+    pub fn key(&self) -> Option<&[u8]> {
+        self.has_key.then_some(self.key.as_slice())
+    }
+
+    /// The envelope rendered by the last [`Encoder::prepare`].
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// Calls `emit` once per record of `event` (twice for a delete followed by its tombstone).
+    pub fn encode(&mut self, event: &Event, mut emit: impl FnMut(Record<'_>)) {
+        let prepared = self.prepare(event);
+        let key = self.key();
+        emit(Record { topic: &prepared.topic, key, value: Some(&self.value) });
+        if prepared.tombstone {
+            emit(Record { topic: &prepared.topic, key, value: None });
         }
     }
+}
+
+/// What [`Encoder::prepare`] decided for an event.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub topic: Arc<str>,
+    /// A tombstone (same key, null value) must follow the record.
+    pub tombstone: bool,
 }
 
 #[cfg(test)]

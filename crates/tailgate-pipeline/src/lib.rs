@@ -21,7 +21,7 @@ pub mod source;
 pub mod stdout;
 
 pub use ack::AckTracker;
-pub use encode::{Encoder, EncoderOptions, Record};
+pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunOptions, RunSummary, run};
 pub use sink::{Sink, SinkError};

@@ -1,0 +1,354 @@
+//! Commands: `run`, `check`, `offsets show|reset`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tailgate_core::{FormatOptions, Position};
+use tailgate_kafka::{KafkaSink, KafkaSinkConfig};
+use tailgate_pipeline::{Encoder, EncoderOptions, OffsetStore, PipelineError, RunOptions, StdoutSink};
+use tailgate_postgres::check::{CheckInput, Status};
+use tailgate_postgres::{PgError, PostgresSource, PostgresSourceConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, SinkConfig, SourceConfig};
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_PREREQUISITE: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "tailgate",
+    version,
+    about = "Change data capture from PostgreSQL to Kafka, with Debezium-compatible events.",
+    after_help = "Examples:\n  tailgate check --config shop.toml\n  tailgate run --config shop.toml\n  tailgate offsets show --config shop.toml\n\nExit codes: 0 ok, 1 runtime failure, 2 config error, 3 prerequisite failure."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream changes until SIGINT/SIGTERM, then drain, checkpoint and exit 0.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Verify configuration, connectivity and prerequisites; exit 0 only if all pass.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show or clear the stored position.
+    Offsets {
+        #[command(subcommand)]
+        action: OffsetsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum OffsetsAction {
+    /// Print the stored position of this connector.
+    Show {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Forget the stored position: the next run starts from the slot's confirmed position (or a new
+    /// slot). Use it to accept a gap after a dropped slot.
+    Reset {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = match &cli.command {
+        Command::Run { config } | Command::Check { config } => config,
+        Command::Offsets { action: OffsetsAction::Show { config } | OffsetsAction::Reset { config } } => config,
+    };
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tailgate: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tailgate: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run { .. } => run(config).await,
+            Command::Check { .. } => check(config).await,
+            Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
+            Command::Offsets { action: OffsetsAction::Reset { .. } } => offsets_reset(&config).await,
+        }
+    })
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let level = config.log.level.clone().unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // stdout belongs to the stdout sink: logs go to stderr.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log.format.as_deref() == Some("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn postgres_source(config: &Config) -> Result<PostgresSource, PgError> {
+    let SourceConfig::Postgres(pg) = &config.source;
+    PostgresSource::new(PostgresSourceConfig {
+        name: config.name.clone(),
+        url: pg.url.clone(),
+        slot: config.slot_name(),
+        publication: config.publication_name(),
+        create_publication: pg.create_publication,
+        batch_size: pg.batch_size,
+        status_interval: Duration::from_millis(pg.status_interval_ms.max(100)),
+    })
+}
+
+fn encoder(config: &Config) -> Encoder {
+    Encoder::new(EncoderOptions {
+        topic_prefix: config.topic_prefix(),
+        tombstones: config.format.tombstones,
+        format: FormatOptions {
+            decimal_handling: config.format.decimal_handling,
+            transaction_metadata: config.format.transaction_metadata,
+        },
+    })
+}
+
+fn kafka_config(config: &Config) -> Option<KafkaSinkConfig> {
+    match &config.sink {
+        SinkConfig::Kafka(k) => Some(KafkaSinkConfig {
+            brokers: k.brokers.clone(),
+            client_id: format!("tailgate-{}", config.name),
+            topic_partitions: k.topic_partitions,
+            topic_replication_factor: k.topic_replication_factor,
+            librdkafka: k.librdkafka.clone(),
+        }),
+        SinkConfig::Stdout(_) => None,
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once (nothing is checkpointed
+/// past what Kafka acknowledged, so even that loses nothing).
+fn watch_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            warn!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        info!("stop requested: draining and checkpointing (signal again to exit at once)");
+        token.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn run(config: Config) -> ExitCode {
+    match run_inner(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code_for(&e);
+            error!("{e:#}");
+            eprintln!("tailgate: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run_inner(config: Config) -> anyhow::Result<()> {
+    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+    let stored = store.load()?;
+    let resume = stored.map(|s| s.position);
+    match &resume {
+        Some(p) => info!(connector = %config.name, position = %p, file = %store.path().display(), "resuming from checkpoint"),
+        None => info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored: starting from the slot"),
+    }
+    let source = postgres_source(&config)?;
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone());
+    let opts = RunOptions {
+        flush_interval: Duration::from_millis(config.offsets.flush_interval_ms.unwrap_or(1000)),
+        skip_ops: config.skip_ops()?.into_iter().collect(),
+        ..RunOptions::default()
+    };
+    let summary = match kafka_config(&config) {
+        Some(kc) => {
+            info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
+            let sink = KafkaSink::new(kc, encoder(&config), shutdown.clone(), opts.drain_timeout)?;
+            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown).await?
+        }
+        None => {
+            let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(&config));
+            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown).await?
+        }
+    };
+    info!(
+        events = summary.events,
+        checkpoint = %summary.checkpoint.as_ref().map_or("(none)".to_owned(), ToString::to_string),
+        "stopped cleanly"
+    );
+    Ok(())
+}
+
+fn exit_code_for(e: &anyhow::Error) -> u8 {
+    let pg = e
+        .downcast_ref::<PipelineError>()
+        .and_then(|p| p.source_error())
+        .and_then(|s| s.downcast_ref::<PgError>())
+        .or_else(|| e.downcast_ref::<PgError>());
+    match pg {
+        Some(
+            PgError::WalLevel { .. }
+            | PgError::NoReplicationPrivilege { .. }
+            | PgError::SlotInUse { .. }
+            | PgError::SlotDropped { .. }
+            | PgError::SlotUnusable { .. }
+            | PgError::NoFreeSlot { .. }
+            | PgError::PublicationCreate { .. }
+            | PgError::Auth { .. }
+            | PgError::UnsupportedAuth { .. },
+        ) => EXIT_PREREQUISITE,
+        Some(PgError::Url { .. }) => EXIT_CONFIG,
+        _ => EXIT_RUNTIME,
+    }
+}
+
+async fn check(config: Config) -> ExitCode {
+    println!("ok      config: {} parsed and valid", config.name);
+    let SourceConfig::Postgres(pg) = &config.source;
+    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+    let checkpoint = match store.load() {
+        Ok(stored) => {
+            let lsn = stored.as_ref().map(|s| match &s.position {
+                Position::Postgres { lsn } => *lsn,
+            });
+            match lsn {
+                Some(l) => println!("ok      offsets: checkpoint at {l} in {}", store.path().display()),
+                None => println!("ok      offsets: no checkpoint yet ({})", store.path().display()),
+            }
+            lsn
+        }
+        Err(e) => {
+            println!("FAILED  offsets: {e}");
+            None
+        }
+    };
+    let slot = config.slot_name();
+    let publication = config.publication_name();
+    let results = tailgate_postgres::check::run_checks(&CheckInput {
+        url: &pg.url,
+        slot: &slot,
+        publication: &publication,
+        create_publication: pg.create_publication,
+        checkpoint,
+    })
+    .await;
+    let mut failed = false;
+    for r in &results {
+        let label = match r.status {
+            Status::Ok => "ok     ",
+            Status::Warn => "WARN   ",
+            Status::Failed => {
+                failed = true;
+                "FAILED "
+            }
+        };
+        println!("{label} {}: {}", r.name, r.detail);
+    }
+    if let Some(kc) = kafka_config(&config) {
+        let brokers = kc.brokers.clone();
+        match tokio::task::spawn_blocking(move || tailgate_kafka::probe_brokers(&kc, Duration::from_secs(5))).await {
+            Ok(Ok(n)) => println!("ok      kafka: {brokers} answered ({n} broker(s))"),
+            Ok(Err(e)) => {
+                failed = true;
+                println!("FAILED  kafka: {brokers} did not answer: {e}. Fix: start the broker or correct sink.brokers");
+            }
+            Err(e) => {
+                failed = true;
+                println!("FAILED  kafka: {e}");
+            }
+        }
+    } else {
+        println!("ok      sink: stdout");
+    }
+    if failed { ExitCode::from(EXIT_PREREQUISITE) } else { ExitCode::SUCCESS }
+}
+
+fn offsets_show(config: &Config) -> ExitCode {
+    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+    match store.load() {
+        Ok(Some(stored)) => {
+            println!(
+                "{}",
+                serde_json::json!({"connector": config.name, "file": store.path(), "position": stored.position, "updated_at_ms": stored.updated_at_ms})
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("{}", serde_json::json!({"connector": config.name, "file": store.path(), "position": null}));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn offsets_reset(config: &Config) -> ExitCode {
+    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+    // Refuse while the connector runs: its slot is active.
+    if let Err(e) = ensure_not_running(config).await {
+        eprintln!("tailgate: {e:#}");
+        return ExitCode::from(EXIT_PREREQUISITE);
+    }
+    match store.clear() {
+        Ok(true) => {
+            println!("cleared the checkpoint of {} in {}", config.name, store.path().display());
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("no checkpoint stored for {} in {}", config.name, store.path().display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn ensure_not_running(config: &Config) -> anyhow::Result<()> {
+    let SourceConfig::Postgres(pg) = &config.source;
+    let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
+    let client = tailgate_postgres::catalog::connect(&info).await.context("checking whether the connector runs")?;
+    let slot = config.slot_name();
+    if let Some(state) = tailgate_postgres::catalog::slot_state(&client, &slot).await? {
+        if let Some(pid) = state.active_pid {
+            anyhow::bail!("slot {slot} is in use by pid {pid}: stop the running connector first");
+        }
+    }
+    Ok(())
+}

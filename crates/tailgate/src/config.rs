@@ -1,0 +1,418 @@
+//! The TOML configuration.
+//!
+//! Every field has a documented default (docs/configuration.md); unknown keys are refused by name;
+//! `${VAR}` in any string is replaced by the environment variable (`$${` writes a literal `${`).
+//! Errors name the offending key and the fix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tailgate_core::{DecimalHandling, Op};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_error(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key { key: key.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the connector: defaults below, `source.name` in events, the offsets entry.
+    pub name: String,
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub format: FormatConfig,
+    #[serde(default)]
+    pub filter: FilterConfig,
+    #[serde(default)]
+    pub offsets: OffsetsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Postgres(PostgresConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database`
+    pub url: String,
+    /// Default `tailgate_<name>`; created when missing.
+    pub slot: Option<String>,
+    /// Default `tailgate_<name>`; created FOR ALL TABLES when missing.
+    pub publication: Option<String>,
+    /// Create the publication when it is missing (needs a superuser). Default true.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Only `never` is implemented: stream from the slot's start.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: String,
+    /// Events handed to the pipeline per batch, at most. Default 2048.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Standby status update interval in milliseconds. Default 1000.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    Kafka(KafkaConfig),
+    Stdout(StdoutConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// Default: the connector name. Topics are `<topic_prefix>.<schema>.<table>`.
+    pub topic_prefix: Option<String>,
+    /// Partitions of the topics tailgate creates. Default 1.
+    #[serde(default = "one")]
+    pub topic_partitions: i32,
+    /// Replication factor of the topics tailgate creates. Default 1.
+    #[serde(default = "one")]
+    pub topic_replication_factor: i32,
+    /// librdkafka settings, over tailgate's defaults.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutConfig {
+    /// Default: the connector name.
+    pub topic_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatConfig {
+    #[serde(default)]
+    pub decimal_handling: DecimalHandling,
+    /// A tombstone follows every delete. Default true.
+    #[serde(default = "yes")]
+    pub tombstones: bool,
+    /// Fill the envelope's `transaction` block. Default false.
+    #[serde(default)]
+    pub transaction_metadata: bool,
+}
+
+impl Default for FormatConfig {
+    fn default() -> Self {
+        FormatConfig { decimal_handling: DecimalHandling::Precise, tombstones: true, transaction_metadata: false }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Operations never delivered: any of c, u, d, t. Default ["t"], as Debezium.
+    #[serde(default = "default_skip_operations")]
+    pub skip_operations: Vec<String>,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig { skip_operations: default_skip_operations() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffsetsConfig {
+    /// Default `./<name>.offsets.json`.
+    pub path: Option<PathBuf>,
+    /// How often acknowledged progress is written, in milliseconds. Default 1000.
+    pub flush_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: Option<String>,
+    /// Default `info`; `RUST_LOG` wins when set.
+    pub level: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> i32 {
+    1
+}
+fn default_snapshot() -> String {
+    "never".into()
+}
+fn default_batch_size() -> usize {
+    2048
+}
+fn default_status_interval_ms() -> u64 {
+    1000
+}
+fn default_skip_operations() -> Vec<String> {
+    vec!["t".into()]
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_owned() })?;
+        interpolate(&mut value, &mut String::new(), env)?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            key_error(if key == "." { "(top level)".to_owned() } else { key }, explain(&message))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let valid_name = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if !valid_name(&self.name) {
+            return Err(key_error("name", "use letters, digits, '_', '-' or '.' (it names topics and the slot)"));
+        }
+        let SourceConfig::Postgres(pg) = &self.source;
+        if pg.snapshot != "never" {
+            return Err(key_error(
+                "source.snapshot",
+                format!("{:?} is not implemented yet; use \"never\" (stream changes from the slot's creation on)", pg.snapshot),
+            ));
+        }
+        for (key, value) in [("source.slot", self.slot_name()), ("source.publication", self.publication_name())] {
+            if value.is_empty() || value.len() > 63 || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                return Err(key_error(
+                    key,
+                    format!("{value:?} is not a valid PostgreSQL slot/publication name: use at most 63 lower-case letters, digits and '_'"),
+                ));
+            }
+        }
+        if pg.batch_size == 0 {
+            return Err(key_error("source.batch_size", "must be at least 1"));
+        }
+        if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
+            return Err(key_error("source.url", "must start with postgres:// (e.g. postgres://user:pass@127.0.0.1:5432/db)"));
+        }
+        if let SinkConfig::Kafka(k) = &self.sink {
+            if k.brokers.trim().is_empty() {
+                return Err(key_error("sink.brokers", "name at least one broker, e.g. \"127.0.0.1:9092\""));
+            }
+            if k.topic_partitions < 1 {
+                return Err(key_error("sink.topic_partitions", "must be at least 1"));
+            }
+        }
+        let prefix = self.topic_prefix();
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            return Err(key_error("sink.topic_prefix", "use letters, digits, '.', '_' or '-' (Kafka topic characters)"));
+        }
+        self.skip_ops()?;
+        if let Some(f) = self.log.format.as_deref() {
+            if f != "text" && f != "json" {
+                return Err(key_error("log.format", "use \"text\" or \"json\""));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn slot_name(&self) -> String {
+        let SourceConfig::Postgres(pg) = &self.source;
+        pg.slot.clone().unwrap_or_else(|| default_pg_name(&self.name))
+    }
+
+    pub fn publication_name(&self) -> String {
+        let SourceConfig::Postgres(pg) = &self.source;
+        pg.publication.clone().unwrap_or_else(|| default_pg_name(&self.name))
+    }
+
+    pub fn topic_prefix(&self) -> String {
+        let prefix = match &self.sink {
+            SinkConfig::Kafka(k) => k.topic_prefix.clone(),
+            SinkConfig::Stdout(s) => s.topic_prefix.clone(),
+        };
+        prefix.unwrap_or_else(|| self.name.clone())
+    }
+
+    pub fn offsets_path(&self) -> PathBuf {
+        self.offsets.path.clone().unwrap_or_else(|| PathBuf::from(format!("{}.offsets.json", self.name)))
+    }
+
+    pub fn skip_ops(&self) -> Result<Vec<Op>, ConfigError> {
+        self.filter
+            .skip_operations
+            .iter()
+            .map(|code| match Op::from_code(code) {
+                Some(op @ (Op::Create | Op::Update | Op::Delete | Op::Truncate)) => Ok(op),
+                _ => Err(key_error("filter.skip_operations", format!("{code:?} is not one of \"c\", \"u\", \"d\", \"t\""))),
+            })
+            .collect()
+    }
+}
+
+/// The default slot/publication name: `tailgate_<name>` with characters PostgreSQL refuses replaced.
+fn default_pg_name(name: &str) -> String {
+    let cleaned: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    format!("tailgate_{cleaned}")
+}
+
+/// Turns serde's wording into an instruction.
+fn explain(message: &str) -> String {
+    if message.starts_with("unknown field") {
+        format!("{message}. Fix: remove or rename the key (see docs/configuration.md)")
+    } else if message.starts_with("missing field") {
+        format!("{message}. Fix: add it (see docs/configuration.md)")
+    } else {
+        message.to_owned()
+    }
+}
+
+fn interpolate(value: &mut toml::Value, path: &mut String, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) if s.contains('$') => *s = expand(s, path, env)?,
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                interpolate(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (k, v) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                interpolate(v, path, env)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix("${") {
+            // `$${` is a literal `${`
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let end = tail.find('}').ok_or_else(|| key_error(path, "unterminated ${...}"))?;
+            let name = &tail[..end];
+            let value = env(name).ok_or_else(|| {
+                key_error(path, format!("environment variable {name} is not set. Fix: export {name}=... or remove ${{{name}}}"))
+            })?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "shop"
+[source]
+type = "postgres"
+url = "postgres://cdc:${PGPASS}@127.0.0.1:5432/shop"
+snapshot = "never"
+[sink]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topic_prefix = "shop"
+[sink.librdkafka]
+"compression.type" = "lz4"
+[format]
+decimal_handling = "precise"
+tombstones = true
+[offsets]
+path = "shop.offsets.json"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "PGPASS").then(|| "s3cret".to_owned())
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("t.toml"), &env)
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults_and_interpolation() {
+        let c = parse(MINIMAL).unwrap();
+        let SourceConfig::Postgres(pg) = &c.source;
+        assert_eq!(pg.url, "postgres://cdc:s3cret@127.0.0.1:5432/shop");
+        assert_eq!(c.slot_name(), "tailgate_shop");
+        assert_eq!(c.publication_name(), "tailgate_shop");
+        assert_eq!(c.topic_prefix(), "shop");
+        assert_eq!(c.skip_ops().unwrap(), vec![Op::Truncate]);
+        assert_eq!(c.offsets_path(), PathBuf::from("shop.offsets.json"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = parse(&MINIMAL.replace("tombstones = true", "tombstone = true")).unwrap_err().to_string();
+        assert!(err.contains("format") && err.contains("tombstone"), "{err}");
+        let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"never\"\nslott = \"x\"")).unwrap_err().to_string();
+        assert!(err.contains("slott"), "{err}");
+    }
+
+    #[test]
+    fn missing_env_var_names_key_and_variable() {
+        let err = parse(&MINIMAL.replace("${PGPASS}", "${NOPE}")).unwrap_err().to_string();
+        assert!(err.contains("source.url") && err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = parse(&MINIMAL.replace("decimal_handling = \"precise\"", "decimal_handling = \"exact\"")).unwrap_err();
+        assert!(err.to_string().contains("format.decimal_handling"), "{err}");
+        let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"initial\"")).unwrap_err();
+        assert!(err.to_string().contains("source.snapshot"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[filter]\nskip_operations = [\"x\"]\n")).unwrap_err();
+        assert!(err.to_string().contains("filter.skip_operations"), "{err}");
+    }
+
+    #[test]
+    fn literal_dollar_brace_is_kept() {
+        assert_eq!(expand("a$${b}", "k", &env).unwrap(), "a${b}");
+        assert_eq!(expand("cost $5", "k", &env).unwrap(), "cost $5");
+    }
+}
