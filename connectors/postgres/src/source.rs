@@ -220,30 +220,31 @@ impl PostgresSource {
         conn.send_status(Lsn(state.received), flushed, false).await
     }
 
-    /// Graceful stop: wait briefly for the pipeline's final checkpoint, report it, close.
+    /// Graceful stop: stop emitting, wait for the pipeline's final checkpoint, report it, close.
     async fn finish(
         &self,
         mut conn: ReplicationConnection,
         ctx: &mut SourceContext,
         state: &StreamState,
     ) -> Result<(), PgError> {
-        // The pipeline publishes its final acknowledged position after draining; the channel closes
-        // when it is done with us.
-        let deadline = tokio::time::sleep(Duration::from_secs(35));
+        // Dropping our sender ends the pipeline's input: it drains, checkpoints, publishes the final
+        // acknowledged position and then closes the `acked` channel.
+        let (closed, _) = tokio::sync::mpsc::channel(1);
+        drop(std::mem::replace(&mut ctx.output, closed));
+        let deadline = tokio::time::sleep(Duration::from_secs(60));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                changed = ctx.acked.changed() => {
-                    if changed.is_err() { break; }
-                    self.send_status(&mut conn, ctx, state).await?;
-                }
-                _ = ctx.output.closed() => break,
+                changed = ctx.acked.changed() => match changed {
+                    Ok(()) => self.send_status(&mut conn, ctx, state).await?,
+                    Err(_) => break,
+                },
                 _ = &mut deadline => break,
             }
         }
         self.send_status(&mut conn, ctx, state).await?;
         conn.close().await;
-        info!("replication connection closed");
+        info!(flushed = %ctx.acked.borrow().as_ref().map_or("(none)".to_owned(), ToString::to_string), "replication connection closed");
         Ok(())
     }
 }

@@ -156,6 +156,8 @@ pub async fn run<S: Source, K: Sink>(
     if let Some(p) = &summary.checkpoint {
         acked_tx.send_replace(Some(p.clone()));
     }
+    // Closing the channel tells the source that this was the final checkpoint.
+    drop(acked_tx);
     if result.is_ok() && sink.in_flight() > 0 {
         result = Err(PipelineError::DrainTimeout {
             in_flight: sink.in_flight(),

@@ -24,8 +24,9 @@ pub struct SourceContext {
     /// The newest position whose every preceding event was acknowledged by the sink. A source
     /// reports it upstream (PostgreSQL: the standby status flush LSN) and nothing newer.
     pub acked: watch::Receiver<Option<Position>>,
-    /// Cancelled on SIGINT/SIGTERM or when the sink failed. A source stops at the next transaction
-    /// boundary it can and returns `Ok(())`, which closes `output`.
+    /// Cancelled on SIGINT/SIGTERM or when the sink failed. A source stops emitting at the next
+    /// transaction boundary and drops `output` (returning does that too). It may then wait for the
+    /// final checkpoint on `acked`, which closes once the pipeline has written it.
     pub shutdown: CancellationToken,
     /// The stored checkpoint: skip every transaction that committed before it.
     pub resume_from: Option<Position>,
