@@ -71,7 +71,14 @@ impl Source for PostgresSource {
             let result = self.stream(&mut ctx, &mut state).await;
             match result {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && !ctx.shutdown.is_cancelled() => {
+                // At start-up a failure is reported at once: the operator is watching. Once streaming,
+                // the connector rides out restarts and network trouble by itself.
+                // Our own previous walsender may hold the slot for a moment after a reconnect.
+                Err(e)
+                    if (e.is_transient() || matches!(e, PgError::SlotInUse { .. }))
+                        && state.ever_streamed
+                        && !ctx.shutdown.is_cancelled() =>
+                {
                     if state.streamed_since_connect {
                         backoff = Duration::from_millis(500);
                     }
@@ -134,6 +141,7 @@ impl PostgresSource {
         let start = state.start_lsn();
         conn.start_replication(&self.config.slot, &self.config.publication, start).await?;
         info!(slot = %self.config.slot, publication = %self.config.publication, from = %start, server_wal = %server_lsn, "streaming");
+        state.ever_streamed = true;
 
         let mut status_tick = tokio::time::interval(self.config.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -278,6 +286,8 @@ struct StreamState {
     /// The last position emitted as an `Item::Commit`.
     last_marker: Lsn,
     streamed_since_connect: bool,
+    /// Streaming started at least once in this run.
+    ever_streamed: bool,
 }
 
 impl StreamState {
@@ -294,6 +304,7 @@ impl StreamState {
             received: 0,
             last_marker: resume_after.unwrap_or(Lsn::ZERO),
             streamed_since_connect: false,
+            ever_streamed: false,
         }
     }
 

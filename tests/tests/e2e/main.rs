@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `tailgate` binary against the real PostgreSQL and Kafka broker that
+//! scripts/services.sh sets up. One test binary; each test owns its database, slot and topics.
+
+mod auth;
+mod resilience;
+mod streaming;
+mod types;

@@ -1,0 +1,113 @@
+//! Every row of docs/types.md, against the real server.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tailgate_e2e::*;
+
+async fn capture(test: &str, extra: &str, setup: &str, insert: &str) -> Value {
+    let db = TestDb::new(test).await;
+    db.exec(setup).await;
+    let dir = scratch(test);
+    let name = format!("tg_{test}");
+    let mut tg = Tailgate::start(&dir, &config(&name, &db.url(), &dir, &stdout_sink(), extra));
+    tg.wait_streaming().await;
+    db.exec(insert).await;
+    let records = wait_stdout(&mut tg, 1, Duration::from_secs(20)).await;
+    tg.stop().await;
+    db.drop().await;
+    records[0]["value"]["after"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_type_renders_as_debezium_does() {
+    let after = capture(
+        "types",
+        "",
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE t (
+           id int PRIMARY KEY,
+           c_bool boolean, c_int2 smallint, c_int4 integer, c_int8 bigint, c_oid oid,
+           c_float4 real, c_float8 double precision,
+           c_numeric numeric(10,2), c_numeric_free numeric, c_money money,
+           c_char char(3), c_varchar varchar(10), c_text text,
+           c_bytea bytea,
+           c_date date, c_time time, c_time3 time(3), c_timetz timetz,
+           c_ts timestamp, c_ts3 timestamp(3), c_tstz timestamptz, c_tstz3 timestamptz(3),
+           c_interval interval,
+           c_uuid uuid, c_json json, c_jsonb jsonb, c_enum mood,
+           c_int_array int[], c_text_array text[],
+           c_inet inet, c_cidr cidr, c_macaddr macaddr,
+           c_bit1 bit(1), c_bits bit(10), c_xml xml
+         );",
+        "INSERT INTO t VALUES (
+           1,
+           true, -32768, 2147483647, 9223372036854775807, 4000000000,
+           1.5, 2.25,
+           12345678.91, -0.000123, -1234.56,
+           'ab', 'héllo', 'line1\nline2 \"q\"',
+           '\\x00ff10',
+           '2024-03-01', '10:30:00.123456', '10:30:00.123', '10:30:00+02',
+           '2024-01-15 10:30:00.123456', '2024-01-15 10:30:00.123', '2024-01-15 12:30:00.5+02', '2024-01-15 10:30:00+00',
+           '1 day 2 hours',
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', '{\"b\": true}', 'happy',
+           '{1,2,NULL}', '{\"x y\",z}',
+           '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03',
+           B'1', B'1000000001', '<a>1</a>'
+         )",
+    )
+    .await;
+    let expected = json!({
+        "id": 1,
+        "c_bool": true, "c_int2": -32768, "c_int4": 2147483647, "c_int8": 9223372036854775807i64, "c_oid": 4000000000u64,
+        "c_float4": 1.5, "c_float8": 2.25,
+        // 1234567891 = 0x4996_02D3; -123 (scale 6) = 0x85 (one byte, as BigInteger); -123456 (scale 2) = 0xFE_1DC0
+        "c_numeric": "SZYC0w==", "c_numeric_free": {"scale": 6, "value": "hQ=="}, "c_money": "/h3A",
+        "c_char": "ab ", "c_varchar": "héllo", "c_text": "line1\nline2 \"q\"",
+        "c_bytea": "AP8Q",
+        "c_date": 19783, "c_time": 37800123456i64, "c_time3": 37800123, "c_timetz": "08:30:00Z",
+        "c_ts": 1705314600123456i64, "c_ts3": 1705314600123i64,
+        "c_tstz": "2024-01-15T10:30:00.500000Z", "c_tstz3": "2024-01-15T10:30:00.000Z",
+        "c_interval": 93600000000i64,
+        "c_uuid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "c_json": "{\"a\": [1, 2]}", "c_jsonb": "{\"b\": true}", "c_enum": "happy",
+        "c_int_array": [1, 2, null], "c_text_array": ["x y", "z"],
+        "c_inet": "192.168.0.1/24", "c_cidr": "10.0.0.0/8", "c_macaddr": "08:00:2b:01:02:03",
+        "c_bit1": true, "c_bits": "AQI=", "c_xml": "<a>1</a>"
+    });
+    for (column, want) in expected.as_object().unwrap() {
+        assert_eq!(&after[column], want, "column {column}: got {}, want {want}", after[column]);
+    }
+    assert_eq!(after.as_object().unwrap().len(), expected.as_object().unwrap().len(), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decimal_handling_string_and_double() {
+    let setup = "CREATE TABLE t (id int PRIMARY KEY, n numeric(10,2), f numeric, m money)";
+    let insert = "INSERT INTO t VALUES (1, 1234.50, -0.125, 3.10)";
+    let as_string = capture("dec_string", "[format]\ndecimal_handling = \"string\"\n", setup, insert).await;
+    assert_eq!(as_string["n"], "1234.50");
+    assert_eq!(as_string["f"], "-0.125");
+    assert_eq!(as_string["m"], "3.10");
+    let as_double = capture("dec_double", "[format]\ndecimal_handling = \"double\"\n", setup, insert).await;
+    assert_eq!(as_double["n"], 1234.5);
+    assert_eq!(as_double["f"], -0.125);
+    assert_eq!(as_double["m"], 3.1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn special_values() {
+    let after = capture(
+        "special",
+        "",
+        "CREATE TABLE t (id int PRIMARY KEY, d date, ts timestamp, n numeric, f float8, a int[], bc date)",
+        "INSERT INTO t VALUES (1, 'infinity', '-infinity', 'NaN', 'NaN', '{}', '0044-03-15 BC')",
+    )
+    .await;
+    assert_eq!(after["d"], Value::Null);
+    assert_eq!(after["ts"], Value::Null);
+    assert_eq!(after["n"], Value::Null);
+    assert_eq!(after["f"], "NaN");
+    assert_eq!(after["a"], json!([]));
+    // 44 BC is astronomical year -43; days from 1970-01-01.
+    assert_eq!(after["bc"], -735_160);
+}
