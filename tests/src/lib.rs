@@ -35,9 +35,9 @@ pub fn nonce() -> String {
 }
 
 pub async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| {
-        panic!("cannot connect to {url}: {e}. Did you run scripts/services.sh?")
-    });
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}. Did you run scripts/services.sh?"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -343,12 +343,20 @@ pub fn consume(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let parse = |b: &[u8]| serde_json::from_slice(b).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()));
+                let parse = |b: &[u8]| {
+                    serde_json::from_slice(b)
+                        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
+                };
                 let headers = m
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|x| (x.key.to_owned(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                            .map(|x| {
+                                (
+                                    x.key.to_owned(),
+                                    x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -389,7 +397,12 @@ pub async fn wait_stdout(tg: &mut Tailgate, n: usize, timeout: Duration) -> Vec<
         if let Ok(Some(status)) = tg.child.try_wait() {
             panic!("tailgate exited ({status}) with {} of {n} records:\n{}", records.len(), tg.log_text());
         }
-        assert!(Instant::now() < deadline, "only {} of {n} records within {timeout:?}:\n{}", records.len(), tg.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records within {timeout:?}:\n{}",
+            records.len(),
+            tg.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -41,9 +41,8 @@ pub async fn wal_level(client: &Client) -> Result<String, PgError> {
 
 /// Whether the current user may start replication (REPLICATION attribute or superuser).
 pub async fn can_replicate(client: &Client) -> Result<bool, PgError> {
-    let row = client
-        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
-        .await?;
+    let row =
+        client.query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await?;
     Ok(row.get(0))
 }
 

@@ -80,7 +80,9 @@ pub async fn run_checks(input: &CheckInput<'_>) -> Vec<CheckResult> {
     match ReplicationConnection::connect(&info).await {
         Ok(mut conn) => {
             match conn.identify_system().await {
-                Ok((_, lsn)) => out.push(ok("replication connection", format!("IDENTIFY_SYSTEM ok, server WAL at {lsn}"))),
+                Ok((_, lsn)) => {
+                    out.push(ok("replication connection", format!("IDENTIFY_SYSTEM ok, server WAL at {lsn}")))
+                }
                 Err(e) => out.push(failed("replication connection", e.to_string())),
             }
             let _ = conn.simple_query("SELECT 1", "close").await;
@@ -99,10 +101,9 @@ pub async fn run_checks(input: &CheckInput<'_>) -> Vec<CheckResult> {
             Err(e) => out.push(failed("slot", e.to_string())),
         },
         Ok(None) => match input.checkpoint {
-            Some(checkpoint) => out.push(failed(
-                "slot",
-                PgError::SlotDropped { slot: input.slot.to_owned(), checkpoint }.to_string(),
-            )),
+            Some(checkpoint) => {
+                out.push(failed("slot", PgError::SlotDropped { slot: input.slot.to_owned(), checkpoint }.to_string()))
+            }
             None => match catalog::slot_usage(&client).await {
                 Ok((used, max)) if used < max => {
                     out.push(ok("slot", format!("{} will be created ({used} of {max} slots in use)", input.slot)))
@@ -128,9 +129,10 @@ pub async fn run_checks(input: &CheckInput<'_>) -> Vec<CheckResult> {
                 }
             }
         }
-        Ok(false) if input.create_publication => {
-            out.push(ok("publication", format!("{} will be created FOR ALL TABLES (needs a superuser)", input.publication)))
-        }
+        Ok(false) if input.create_publication => out.push(ok(
+            "publication",
+            format!("{} will be created FOR ALL TABLES (needs a superuser)", input.publication),
+        )),
         Ok(false) => out.push(failed(
             "publication",
             format!(

@@ -5,37 +5,57 @@ use tailgate_core::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("cannot reach PostgreSQL at {addr}: {source}. Fix: check that the server runs and that `source.url` names the right host and port")]
+    #[error(
+        "cannot reach PostgreSQL at {addr}: {source}. Fix: check that the server runs and that `source.url` names the right host and port"
+    )]
     Connect { addr: String, source: std::io::Error },
 
-    #[error("PostgreSQL rejected the login of user {user:?}: {message}. Fix: check the password in `source.url` and the server's pg_hba.conf")]
+    #[error(
+        "PostgreSQL rejected the login of user {user:?}: {message}. Fix: check the password in `source.url` and the server's pg_hba.conf"
+    )]
     Auth { user: String, message: String },
 
-    #[error("PostgreSQL asks for authentication method {method}, which tailgate does not support. Fix: use scram-sha-256, md5, password or trust in pg_hba.conf")]
+    #[error(
+        "PostgreSQL asks for authentication method {method}, which tailgate does not support. Fix: use scram-sha-256, md5, password or trust in pg_hba.conf"
+    )]
     UnsupportedAuth { method: &'static str },
 
     #[error("`source.url` {detail}. Fix: use the form postgres://user:password@host:5432/database")]
     Url { detail: String },
 
-    #[error("wal_level is {found:?}; logical replication needs 'logical'. Fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL")]
+    #[error(
+        "wal_level is {found:?}; logical replication needs 'logical'. Fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
+    )]
     WalLevel { found: String },
 
-    #[error("user {user:?} may not start replication. Fix: ALTER ROLE {user} WITH REPLICATION; (and allow it in pg_hba.conf)")]
+    #[error(
+        "user {user:?} may not start replication. Fix: ALTER ROLE {user} WITH REPLICATION; (and allow it in pg_hba.conf)"
+    )]
     NoReplicationPrivilege { user: String },
 
-    #[error("replication slot {slot:?} is in use by another process (pid {pid}). Fix: stop the other tailgate/consumer of this slot, or give this connector its own `source.slot`")]
+    #[error(
+        "replication slot {slot:?} is in use by another process (pid {pid}). Fix: stop the other tailgate/consumer of this slot, or give this connector its own `source.slot`"
+    )]
     SlotInUse { slot: String, pid: i32 },
 
-    #[error("replication slot {slot:?} does not exist, but the offsets file holds a checkpoint ({checkpoint}) for this connector: the slot was dropped, and changes made since may be lost. Fix: to accept the gap and start from now, run `tailgate offsets reset --config <file>` (it clears the checkpoint), then start again")]
+    #[error(
+        "replication slot {slot:?} does not exist, but the offsets file holds a checkpoint ({checkpoint}) for this connector: the slot was dropped, and changes made since may be lost. Fix: to accept the gap and start from now, run `tailgate offsets reset --config <file>` (it clears the checkpoint), then start again"
+    )]
     SlotDropped { slot: String, checkpoint: Lsn },
 
-    #[error("replication slot {slot:?} {problem}. Fix: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another `source.slot`")]
+    #[error(
+        "replication slot {slot:?} {problem}. Fix: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another `source.slot`"
+    )]
     SlotUnusable { slot: String, problem: String },
 
-    #[error("no free replication slot (max_replication_slots = {max}, all used). Fix: raise max_replication_slots and restart PostgreSQL, or drop an unused slot")]
+    #[error(
+        "no free replication slot (max_replication_slots = {max}, all used). Fix: raise max_replication_slots and restart PostgreSQL, or drop an unused slot"
+    )]
     NoFreeSlot { max: i64 },
 
-    #[error("publication {publication:?} does not exist and could not be created: {reason}. Fix: as a superuser run CREATE PUBLICATION {publication} FOR ALL TABLES; (or for the tables to capture)")]
+    #[error(
+        "publication {publication:?} does not exist and could not be created: {reason}. Fix: as a superuser run CREATE PUBLICATION {publication} FOR ALL TABLES; (or for the tables to capture)"
+    )]
     PublicationCreate { publication: String, reason: String },
 
     #[error("PostgreSQL error {code} during {during}: {message}")]
@@ -47,10 +67,14 @@ pub enum PgError {
     #[error("connection to PostgreSQL lost: {0}")]
     ConnectionLost(std::io::Error),
 
-    #[error("cannot decode the replication stream: {0}. This is a bug in tailgate; please report it with the PostgreSQL version")]
+    #[error(
+        "cannot decode the replication stream: {0}. This is a bug in tailgate; please report it with the PostgreSQL version"
+    )]
     Decode(#[from] crate::pgoutput::DecodeError),
 
-    #[error("column {table}.{column}: value {value:?} does not parse as its type (oid {oid}). This is a bug in tailgate; please report it")]
+    #[error(
+        "column {table}.{column}: value {value:?} does not parse as its type (oid {oid}). This is a bug in tailgate; please report it"
+    )]
     Value { table: String, column: String, oid: u32, value: String },
 
     #[error("change for unknown relation {0}: the server sent no Relation message for it first")]

@@ -71,10 +71,16 @@ pub enum PgOutput {
 pub fn decode(mut buf: Bytes) -> Result<PgOutput, DecodeError> {
     let tag = get_u8(&mut buf)?;
     let msg = match tag {
-        b'B' => PgOutput::Begin { final_lsn: get_u64(&mut buf)?, commit_ts: get_i64(&mut buf)?, xid: get_u32(&mut buf)? },
+        b'B' => {
+            PgOutput::Begin { final_lsn: get_u64(&mut buf)?, commit_ts: get_i64(&mut buf)?, xid: get_u32(&mut buf)? }
+        }
         b'C' => {
             let _flags = get_u8(&mut buf)?;
-            PgOutput::Commit { commit_lsn: get_u64(&mut buf)?, end_lsn: get_u64(&mut buf)?, commit_ts: get_i64(&mut buf)? }
+            PgOutput::Commit {
+                commit_lsn: get_u64(&mut buf)?,
+                end_lsn: get_u64(&mut buf)?,
+                commit_ts: get_i64(&mut buf)?,
+            }
         }
         b'O' => PgOutput::Origin { lsn: get_u64(&mut buf)?, name: get_cstr(&mut buf)? },
         b'R' => {
@@ -229,9 +235,7 @@ mod tests {
     #[test]
     fn decodes_relation_insert_update_delete() {
         // R: rel 16385 "public"."t", identity 'd', 2 columns: id int4 (key), v text.
-        let rel = hex(
-            "52 00004001 7075626c696300 7400 64 0002 01 696400 00000017 ffffffff 00 7600 00000019 ffffffff",
-        );
+        let rel = hex("52 00004001 7075626c696300 7400 64 0002 01 696400 00000017 ffffffff 00 7600 00000019 ffffffff");
         let PgOutput::Relation(r) = decode(rel).unwrap() else { panic!("not a relation") };
         assert_eq!((r.id, r.namespace.as_str(), r.name.as_str()), (16385, "public", "t"));
         assert_eq!(r.columns.len(), 2);
@@ -268,7 +272,12 @@ mod tests {
         );
         assert_eq!(
             decode(hex("4d 01 0000000000000010 6f757400 00000002 7b7d")).unwrap(),
-            PgOutput::Message { transactional: true, lsn: 16, prefix: "out".into(), content: Bytes::from_static(b"{}") }
+            PgOutput::Message {
+                transactional: true,
+                lsn: 16,
+                prefix: "out".into(),
+                content: Bytes::from_static(b"{}")
+            }
         );
         assert_eq!(
             decode(hex("4f 0000000000000020 6e6f646531 00")).unwrap(),

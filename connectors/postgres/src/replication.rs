@@ -66,7 +66,9 @@ impl ConnInfo {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
             Some(tokio_postgres::config::Host::Unix(p)) => {
-                return Err(PgError::Url { detail: format!("names a Unix socket ({}); tailgate connects over TCP", p.display()) });
+                return Err(PgError::Url {
+                    detail: format!("names a Unix socket ({}); tailgate connects over TCP", p.display()),
+                });
             }
             None => "localhost".to_owned(),
         };
@@ -183,13 +185,17 @@ impl ReplicationConnection {
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue before start".into()))?;
-                            s.update(&body).map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
+                            let s =
+                                scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue before start".into()))?;
+                            s.update(&body)
+                                .map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
                             frontend::sasl_response(s.message(), &mut self.out).map_err(protocol)?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL final before start".into()))?;
-                            s.finish(&body).map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
+                            let s =
+                                scram.as_mut().ok_or_else(|| PgError::Protocol("SASL final before start".into()))?;
+                            s.finish(&body)
+                                .map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
                             continue;
                         }
                         2 => return Err(PgError::UnsupportedAuth { method: "Kerberos V5" }),
@@ -200,7 +206,12 @@ impl ReplicationConnection {
                     self.flush_out().await?;
                 }
                 b'E' => return Err(self.login_error(&frame.body)),
-                other => return Err(PgError::Protocol(format!("unexpected message {:?} during authentication", other as char))),
+                other => {
+                    return Err(PgError::Protocol(format!(
+                        "unexpected message {:?} during authentication",
+                        other as char
+                    )));
+                }
             }
         }
     }
@@ -276,7 +287,9 @@ impl ReplicationConnection {
                 b'W' => return Ok(()),
                 b'E' => return Err(ErrorFields::parse(&frame.body).into_error("START_REPLICATION")),
                 b'N' => log_notice(&frame.body),
-                other => return Err(PgError::Protocol(format!("unexpected {:?} after START_REPLICATION", other as char))),
+                other => {
+                    return Err(PgError::Protocol(format!("unexpected {:?} after START_REPLICATION", other as char)));
+                }
             }
         }
     }
@@ -301,7 +314,9 @@ impl ReplicationConnection {
                             let reply_requested = get_u8(&mut body)? == 1;
                             return Ok(Some(ReplicationMessage::Keepalive { wal_end, reply_requested }));
                         }
-                        other => return Err(PgError::Protocol(format!("unknown CopyData message {:?}", other as char))),
+                        other => {
+                            return Err(PgError::Protocol(format!("unknown CopyData message {:?}", other as char)));
+                        }
                     }
                 }
                 b'E' => return Err(ErrorFields::parse(&frame.body).into_error("streaming")),

@@ -329,10 +329,8 @@ impl StreamState {
                 },
             })
             .collect();
-        let schema = Arc::new(TableSchema {
-            id: TableId { schema: rel.namespace.clone(), table: rel.name.clone() },
-            columns,
-        });
+        let schema =
+            Arc::new(TableSchema { id: TableId { schema: rel.namespace.clone(), table: rel.name.clone() }, columns });
         debug!(table = %schema.id, columns = rel.columns.len(), "relation");
         let kinds = rel.columns.iter().map(|c| ColumnKind::of(c.type_oid, c.type_modifier)).collect();
         let oids = rel.columns.iter().map(|c| c.type_oid).collect();
@@ -492,9 +490,11 @@ impl TableState {
 
     /// Whether the key columns differ between an old image and the new row.
     fn key_differs(&self, before: &Row, after: &Row) -> bool {
-        self.schema.columns.iter().enumerate().any(|(i, c)| {
-            c.key && !matches!(after[i], Value::Unavailable { .. }) && before.get(i) != after.get(i)
-        })
+        self.schema
+            .columns
+            .iter()
+            .enumerate()
+            .any(|(i, c)| c.key && !matches!(after[i], Value::Unavailable { .. }) && before.get(i) != after.get(i))
     }
 }
 

@@ -21,24 +21,34 @@ pub enum ColumnKind {
     Int,
     Float,
     /// `scale`: the declared scale, `None` for unconstrained `numeric`.
-    Numeric { scale: Option<u32> },
+    Numeric {
+        scale: Option<u32>,
+    },
     Money,
     Text,
     Bytea,
     /// Days since the epoch.
     Date,
     /// Since midnight: millis when `millis` (precision ≤ 3), else micros.
-    Time { millis: bool },
+    Time {
+        millis: bool,
+    },
     /// ISO-8601 time in UTC (`ZonedTime`).
     TimeTz,
     /// Since the epoch: millis when `millis` (precision ≤ 3), else micros.
-    Timestamp { millis: bool },
+    Timestamp {
+        millis: bool,
+    },
     /// ISO-8601 UTC string with `fraction` digits (`ZonedTimestamp`).
-    TimestampTz { fraction: u32 },
+    TimestampTz {
+        fraction: u32,
+    },
     /// Approximate micros (`MicroDuration`).
     Interval,
     /// `bit(1)` is a boolean; longer bit strings are little-endian bytes (`io.debezium.data.Bits`).
-    Bit { single: bool },
+    Bit {
+        single: bool,
+    },
     Array(Box<ColumnKind>),
 }
 
@@ -496,7 +506,10 @@ mod tests {
         );
         assert_eq!(conv(1700, -1, "1.5"), Value::Decimal(Decimal { text: "1.5".into(), declared_scale: None }));
         assert_eq!(conv(1700, -1, "NaN"), Value::Null);
-        assert_eq!(conv(790, -1, "-$1,234.56"), Value::Decimal(Decimal { text: "-1234.56".into(), declared_scale: Some(2) }));
+        assert_eq!(
+            conv(790, -1, "-$1,234.56"),
+            Value::Decimal(Decimal { text: "-1234.56".into(), declared_scale: Some(2) })
+        );
         assert_eq!(conv(17, -1, "\\x00ff10"), Value::Bytes(vec![0, 255, 16]));
         assert_eq!(conv(1560, 1, "1"), Value::Bool(true));
         assert_eq!(conv(1560, 10, "1000000001"), Value::Bytes(vec![0x01, 0x02]));

@@ -104,7 +104,8 @@ fn write_change(change: &ChangeEvent, opts: &FormatOptions, now: Now, out: &mut 
     out.extend_from_slice(b",\"transaction\":");
     if opts.transaction_metadata {
         let SourceInfo::Postgres(pg) = &change.source;
-        let _ = write!(out, "{{\"id\":\"{}:{}\",\"total_order\":null,\"data_collection_order\":null}}", pg.txid, pg.lsn);
+        let _ =
+            write!(out, "{{\"id\":\"{}:{}\",\"total_order\":null,\"data_collection_order\":null}}", pg.txid, pg.lsn);
     } else {
         out.extend_from_slice(b"null");
     }
@@ -171,12 +172,7 @@ fn write_source(out: &mut Vec<u8>, source: &SourceInfo, table: Option<&crate::Ta
                     let _ = write!(out, "\"[null,\\\"{}\\\"]\"", pg.lsn);
                 }
             }
-            let _ = write!(
-                out,
-                ",\"ts_us\":{},\"ts_ns\":{}",
-                pg.commit_ts_us,
-                i128::from(pg.commit_ts_us) * 1000
-            );
+            let _ = write!(out, ",\"ts_us\":{},\"ts_ns\":{}", pg.commit_ts_us, i128::from(pg.commit_ts_us) * 1000);
             out.extend_from_slice(b",\"schema\":");
             match table {
                 Some(t) => write_str(out, &t.schema),
@@ -226,7 +222,13 @@ fn write_float(out: &mut Vec<u8>, f: f64) {
         let _ = serde_json::to_writer(&mut *out, &f);
     } else {
         // NaN and infinities have no JSON form: written as strings (documented in docs/types.md).
-        let s = if f.is_nan() { "NaN" } else if f > 0.0 { "Infinity" } else { "-Infinity" };
+        let s = if f.is_nan() {
+            "NaN"
+        } else if f > 0.0 {
+            "Infinity"
+        } else {
+            "-Infinity"
+        };
         write_str(out, s);
     }
 }

@@ -22,7 +22,9 @@ pub enum Value {
     Array(Vec<Value>),
     /// A value the log did not carry (PostgreSQL unchanged TOAST). Rendered as Debezium's
     /// `__debezium_unavailable_value` placeholder: as a string, or as its bytes for binary columns.
-    Unavailable { binary: bool },
+    Unavailable {
+        binary: bool,
+    },
 }
 
 /// An exact decimal number in its canonical text form (`-123.4500`: optional sign, digits, optional

@@ -142,11 +142,8 @@ mod tests {
     }
 
     fn records(tombstones: bool) -> Vec<(String, Option<Vec<u8>>, bool)> {
-        let mut enc = Encoder::new(EncoderOptions {
-            topic_prefix: "shop".into(),
-            tombstones,
-            format: FormatOptions::default(),
-        });
+        let mut enc =
+            Encoder::new(EncoderOptions { topic_prefix: "shop".into(), tombstones, format: FormatOptions::default() });
         let mut out = Vec::new();
         enc.encode(&delete_event(), |r| out.push((r.topic.to_owned(), r.key.map(<[u8]>::to_vec), r.value.is_some())));
         out

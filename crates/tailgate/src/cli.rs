@@ -182,8 +182,12 @@ async fn run_inner(config: Config) -> anyhow::Result<()> {
     let stored = store.load()?;
     let resume = stored.map(|s| s.position);
     match &resume {
-        Some(p) => info!(connector = %config.name, position = %p, file = %store.path().display(), "resuming from checkpoint"),
-        None => info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored: starting from the slot"),
+        Some(p) => {
+            info!(connector = %config.name, position = %p, file = %store.path().display(), "resuming from checkpoint")
+        }
+        None => {
+            info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored: starting from the slot")
+        }
     }
     let source = postgres_source(&config)?;
     let shutdown = CancellationToken::new();

@@ -199,14 +199,22 @@ impl Config {
         if pg.snapshot != "never" {
             return Err(key_error(
                 "source.snapshot",
-                format!("{:?} is not implemented yet; use \"never\" (stream changes from the slot's creation on)", pg.snapshot),
+                format!(
+                    "{:?} is not implemented yet; use \"never\" (stream changes from the slot's creation on)",
+                    pg.snapshot
+                ),
             ));
         }
         for (key, value) in [("source.slot", self.slot_name()), ("source.publication", self.publication_name())] {
-            if value.is_empty() || value.len() > 63 || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            if value.is_empty()
+                || value.len() > 63
+                || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
                 return Err(key_error(
                     key,
-                    format!("{value:?} is not a valid PostgreSQL slot/publication name: use at most 63 lower-case letters, digits and '_'"),
+                    format!(
+                        "{value:?} is not a valid PostgreSQL slot/publication name: use at most 63 lower-case letters, digits and '_'"
+                    ),
                 ));
             }
         }
@@ -214,7 +222,10 @@ impl Config {
             return Err(key_error("source.batch_size", "must be at least 1"));
         }
         if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
-            return Err(key_error("source.url", "must start with postgres:// (e.g. postgres://user:pass@127.0.0.1:5432/db)"));
+            return Err(key_error(
+                "source.url",
+                "must start with postgres:// (e.g. postgres://user:pass@127.0.0.1:5432/db)",
+            ));
         }
         if let SinkConfig::Kafka(k) = &self.sink {
             if k.brokers.trim().is_empty() {
@@ -226,7 +237,10 @@ impl Config {
         }
         let prefix = self.topic_prefix();
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return Err(key_error("sink.topic_prefix", "use letters, digits, '.', '_' or '-' (Kafka topic characters)"));
+            return Err(key_error(
+                "sink.topic_prefix",
+                "use letters, digits, '.', '_' or '-' (Kafka topic characters)",
+            ));
         }
         self.skip_ops()?;
         if let Some(f) = self.log.format.as_deref() {
@@ -265,7 +279,10 @@ impl Config {
             .iter()
             .map(|code| match Op::from_code(code) {
                 Some(op @ (Op::Create | Op::Update | Op::Delete | Op::Truncate)) => Ok(op),
-                _ => Err(key_error("filter.skip_operations", format!("{code:?} is not one of \"c\", \"u\", \"d\", \"t\""))),
+                _ => Err(key_error(
+                    "filter.skip_operations",
+                    format!("{code:?} is not one of \"c\", \"u\", \"d\", \"t\""),
+                )),
             })
             .collect()
     }
@@ -289,7 +306,11 @@ fn explain(message: &str) -> String {
     }
 }
 
-fn interpolate(value: &mut toml::Value, path: &mut String, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+fn interpolate(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
     match value {
         toml::Value::String(s) if s.contains('$') => *s = expand(s, path, env)?,
         toml::Value::Array(items) => {
@@ -330,7 +351,10 @@ fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
             let end = tail.find('}').ok_or_else(|| key_error(path, "unterminated ${...}"))?;
             let name = &tail[..end];
             let value = env(name).ok_or_else(|| {
-                key_error(path, format!("environment variable {name} is not set. Fix: export {name}=... or remove ${{{name}}}"))
+                key_error(
+                    path,
+                    format!("environment variable {name} is not set. Fix: export {name}=... or remove ${{{name}}}"),
+                )
             })?;
             out.push_str(&value);
             rest = &tail[end + 1..];
@@ -390,7 +414,9 @@ path = "shop.offsets.json"
     fn unknown_keys_are_refused_by_name() {
         let err = parse(&MINIMAL.replace("tombstones = true", "tombstone = true")).unwrap_err().to_string();
         assert!(err.contains("format") && err.contains("tombstone"), "{err}");
-        let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"never\"\nslott = \"x\"")).unwrap_err().to_string();
+        let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"never\"\nslott = \"x\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("slott"), "{err}");
     }
 
@@ -402,7 +428,8 @@ path = "shop.offsets.json"
 
     #[test]
     fn bad_values_name_the_key() {
-        let err = parse(&MINIMAL.replace("decimal_handling = \"precise\"", "decimal_handling = \"exact\"")).unwrap_err();
+        let err =
+            parse(&MINIMAL.replace("decimal_handling = \"precise\"", "decimal_handling = \"exact\"")).unwrap_err();
         assert!(err.to_string().contains("format.decimal_handling"), "{err}");
         let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"initial\"")).unwrap_err();
         assert!(err.to_string().contains("source.snapshot"), "{err}");

@@ -59,7 +59,12 @@ async fn kill_9_at_any_moment_then_restart_loses_nothing() {
     let records = consume(&topic, 3000, Duration::from_secs(60));
     let ids = created_ids(&records);
     let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
-    assert!(missing.is_empty(), "{} rows missing after kill -9, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} rows missing after kill -9, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let duplicates = ids.values().filter(|n| **n > 1).count();
     eprintln!("kill -9 x2: 3000 rows delivered, {duplicates} delivered twice (in flight at the kill)");
     // Per key, commit order: every key was written once, so each duplicate is an exact repeat.

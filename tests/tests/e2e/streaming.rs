@@ -56,7 +56,10 @@ async fn every_operation_arrives_in_commit_order_with_debezium_envelope() {
         assert!(create.get(field).is_some(), "{field} missing");
     }
     // The update of the two-table transaction shares its txId with the order insert.
-    assert_eq!(customers[1].value.as_ref().unwrap()["source"]["txId"], orders[0].value.as_ref().unwrap()["source"]["txId"]);
+    assert_eq!(
+        customers[1].value.as_ref().unwrap()["source"]["txId"],
+        orders[0].value.as_ref().unwrap()["source"]["txId"]
+    );
     assert_eq!(customers[1].after()["name"], "ada l.");
     // Key change: delete of the old key, its tombstone, create of the new key.
     assert_eq!(customers[2].key, Some(serde_json::json!({"id": 1})));
@@ -74,7 +77,8 @@ async fn every_operation_arrives_in_commit_order_with_debezium_envelope() {
     assert_eq!(nokey[0].after()["v"], "x");
 
     // Commit order across transactions: LSNs only grow.
-    let lsns: Vec<u64> = customers.iter().filter_map(|r| r.value.as_ref()).map(|v| v["source"]["lsn"].as_u64().unwrap()).collect();
+    let lsns: Vec<u64> =
+        customers.iter().filter_map(|r| r.value.as_ref()).map(|v| v["source"]["lsn"].as_u64().unwrap()).collect();
     assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "{lsns:?}");
 
     let (status, log) = tg.stop().await;
@@ -124,7 +128,10 @@ async fn unchanged_toast_is_the_debezium_placeholder_not_a_value() {
     let after = &records[1]["value"]["after"];
     assert_eq!(after["title"], "t2");
     assert_eq!(after["body"], "__debezium_unavailable_value");
-    assert_eq!(after["blob"], "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==", "bytea placeholder is base64 of the placeholder bytes");
+    assert_eq!(
+        after["blob"], "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==",
+        "bytea placeholder is base64 of the placeholder bytes"
+    );
     assert_eq!(records[2]["value"]["after"]["body"], "short");
     tg.stop().await;
     db.drop().await;
