@@ -170,8 +170,9 @@ async fn run(config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code_for(&e);
-            error!("{e:#}");
-            eprintln!("tailgate: {e:#}");
+            // Messages embed their causes already; `{e}` avoids printing each cause twice.
+            error!("{e}");
+            eprintln!("tailgate: {e}");
             ExitCode::from(code)
         }
     }
