@@ -46,6 +46,9 @@ pub struct PostgresSourceConfig {
     pub batch_size: usize,
     /// How often a standby status update is sent.
     pub status_interval: Duration,
+    /// Stop (drain, checkpoint, exit) once everything committed before this LSN was emitted, as
+    /// `pg_recvlogical --endpos` does. For benchmarks and controlled catch-up runs.
+    pub stop_at: Option<Lsn>,
 }
 
 pub struct PostgresSource {
@@ -180,7 +183,11 @@ impl PostgresSource {
             if !batch.is_empty() && !self.hand_over(&mut conn, ctx, state, &mut batch).await? {
                 return Ok(());
             }
-            if ctx.shutdown.is_cancelled() && !state.in_transaction {
+            let reached_end = self.config.stop_at.is_some_and(|end| state.last_marker >= end);
+            if (ctx.shutdown.is_cancelled() || reached_end) && !state.in_transaction {
+                if reached_end {
+                    info!(stop_at = %self.config.stop_at.unwrap_or_default(), "reached the requested end position");
+                }
                 return self.finish(conn, ctx, state).await;
             }
             tokio::select! {
@@ -514,6 +521,7 @@ mod tests {
             create_publication: true,
             batch_size: 100,
             status_interval: Duration::from_secs(1),
+            stop_at: None,
         };
         let mut s = StreamState::new(&cfg, "shop", resume);
         s.add_relation(

@@ -38,6 +38,10 @@ enum Command {
     Run {
         #[arg(short, long)]
         config: PathBuf,
+        /// Stop by itself once everything committed before this LSN (e.g. 0/16B3748) is delivered
+        /// and checkpointed, like pg_recvlogical --endpos.
+        #[arg(long, value_name = "LSN")]
+        stop_at_lsn: Option<tailgate_core::Lsn>,
     },
     /// Verify configuration, connectivity and prerequisites; exit 0 only if all pass.
     Check {
@@ -69,7 +73,7 @@ enum OffsetsAction {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Check { config } => config,
+        Command::Run { config, .. } | Command::Check { config } => config,
         Command::Offsets { action: OffsetsAction::Show { config } | OffsetsAction::Reset { config } } => config,
     };
     let config = match Config::load(config_path) {
@@ -89,7 +93,7 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { .. } => run(config).await,
+            Command::Run { stop_at_lsn, .. } => run(config, stop_at_lsn).await,
             Command::Check { .. } => check(config).await,
             Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
             Command::Offsets { action: OffsetsAction::Reset { .. } } => offsets_reset(&config).await,
@@ -110,7 +114,7 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn postgres_source(config: &Config) -> Result<PostgresSource, PgError> {
+fn postgres_source(config: &Config, stop_at: Option<tailgate_core::Lsn>) -> Result<PostgresSource, PgError> {
     let SourceConfig::Postgres(pg) = &config.source;
     PostgresSource::new(PostgresSourceConfig {
         name: config.name.clone(),
@@ -120,6 +124,7 @@ fn postgres_source(config: &Config) -> Result<PostgresSource, PgError> {
         create_publication: pg.create_publication,
         batch_size: pg.batch_size,
         status_interval: Duration::from_millis(pg.status_interval_ms.max(100)),
+        stop_at,
     })
 }
 
@@ -165,8 +170,8 @@ fn watch_signals(token: CancellationToken) {
     });
 }
 
-async fn run(config: Config) -> ExitCode {
-    match run_inner(config).await {
+async fn run(config: Config, stop_at: Option<tailgate_core::Lsn>) -> ExitCode {
+    match run_inner(config, stop_at).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code_for(&e);
@@ -178,7 +183,7 @@ async fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn run_inner(config: Config) -> anyhow::Result<()> {
+async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyhow::Result<()> {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let stored = store.load()?;
     let resume = stored.map(|s| s.position);
@@ -190,7 +195,7 @@ async fn run_inner(config: Config) -> anyhow::Result<()> {
             info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored: starting from the slot")
         }
     }
-    let source = postgres_source(&config)?;
+    let source = postgres_source(&config, stop_at)?;
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     let opts = RunOptions {

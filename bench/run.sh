@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Foundation benchmark: drain a backlog of 200,000 inserts from a slot, in one transaction and in
+# 1,000-row transactions. In the same run, pg_recvlogical drains an identical slot to /dev/null (the
+# raw limit: the server's decoding speed), and tailgate drains its own slot to the stdout sink
+# (/dev/null) and to Kafka. All slots are created before the inserts, so each reader faces the same
+# backlog; an unreported warm-up drain first puts that WAL in the page cache for all of them. Reports wall time, events/s, ratio to pg_recvlogical, CPU seconds per million events and
+# peak RSS, and writes bench/results/<date>.md.
+#
+#   bench/run.sh              # ROWS=200000 TXN_ROWS=1000 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS="${ROWS:-200000}"
+TXN_ROWS="${TXN_ROWS:-1000}"
+DB=tailgate_bench
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -Atq)
+WORK="${TMPDIR:-/tmp}/tailgate-bench"
+OUT="bench/results/$(date -u +%Y-%m-%d).md"
+mkdir -p "$WORK"
+
+bash scripts/services.sh all >&2
+cargo build --release --quiet -p tailgate --bin tailgate
+BIN=./target/release/tailgate
+
+# measure <label> <events> <command...>: prints a result row; /usr/bin/time gives CPU and peak RSS.
+RESULTS=()
+measure() {
+  local label=$1 events=$2; shift 2
+  local stats
+  /usr/bin/time -f '%e %U %S %M' -o "$WORK/time" "$@" >/dev/null 2>"$WORK/stderr" || {
+    echo "FAILED: $label" >&2; cat "$WORK/stderr" >&2; exit 1; }
+  read -r wall user sys rss <"$WORK/time"
+  stats=$(python3 - "$wall" "$user" "$sys" "$rss" "$events" <<'PY'
+import sys
+wall, user, sys_, rss, events = map(float, sys.argv[1:])
+cpu = user + sys_
+print(f"{wall:.2f}|{events / wall:,.0f}|{cpu / events * 1e6:.2f}|{rss / 1024:.1f}")
+PY
+)
+  echo "$label|$stats"
+}
+
+setup() { # fresh table, publication and the three slots, created before the backlog
+  "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
+  "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
+  "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
+    -c "CREATE PUBLICATION bench FOR TABLE orders"
+  for slot in bench_warmup bench_recv bench_stdout bench_kafka; do
+    "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
+  done
+  rm -f "$WORK"/*.offsets.json
+}
+
+config() { # config <slot> <sink section>
+  cat <<TOML
+name = "$1"
+[source]
+type = "postgres"
+url = "postgres://postgres@127.0.0.1:5432/$DB"
+slot = "$1"
+publication = "bench"
+create_publication = false
+$2
+[offsets]
+path = "$WORK/$1.offsets.json"
+TOML
+}
+
+run_workload() { # run_workload <title> <insert SQL>
+  local title=$1 sql=$2 endpos prefix
+  setup
+  "${PSQL[@]}" -d "$DB" -c "$sql"
+  endpos=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_current_wal_lsn()")
+  prefix="bench$(date +%s%N | tail -c 9)"
+  config bench_stdout $'[sink]\ntype = "stdout"' >"$WORK/stdout.toml"
+  config bench_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/kafka.toml"
+  echo "### $title" >&2
+  # Unreported warm-up drain: every measured reader then finds the WAL in the page cache.
+  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_warmup --start -o proto_version=1 \
+    -o publication_names=bench --endpos="$endpos" -f /dev/null
+  RESULTS+=("**$title**||||")
+  RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_recv --start \
+    -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
+  RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
+  RESULTS+=("$(measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
+  printf '%s\n' "${RESULTS[@]: -3}" >&2
+}
+
+run_workload "$ROWS inserts, one transaction" \
+  "INSERT INTO orders SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(1, $ROWS) g"
+run_workload "$ROWS inserts, $TXN_ROWS-row transactions" \
+  "DO \$\$ BEGIN FOR b IN 0..$((ROWS / TXN_ROWS - 1)) LOOP
+     INSERT INTO orders SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(b * $TXN_ROWS + 1, (b + 1) * $TXN_ROWS) g;
+     COMMIT; END LOOP; END \$\$"
+
+{
+  echo "# Foundation benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); PostgreSQL $("${PSQL[@]}" -d postgres -c 'show server_version'); tansu 0.6.0 (memory storage); tailgate release build."
+  echo "Command: \`bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
+  echo
+  echo "| reader | wall s | events/s | CPU s per 1M events | peak RSS MB |"
+  echo "|---|---:|---:|---:|---:|"
+  for row in "${RESULTS[@]}"; do echo "| ${row//|/ | } |"; done
+} >"$OUT"
+cat "$OUT"
