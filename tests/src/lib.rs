@@ -31,7 +31,7 @@ pub fn kafka_brokers() -> String {
 /// A short unique suffix, so that re-runs against a long-lived broker never see old topics.
 pub fn nonce() -> String {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    format!("{:x}{:x}", t.as_secs() % 0x10_0000, t.subsec_nanos() / 1000)
+    format!("{:x}{:x}", t.as_secs() % 0x10_0000, t.subsec_micros())
 }
 
 pub async fn connect(url: &str) -> Client {
@@ -314,12 +314,12 @@ pub fn consume(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
     // The topic may not exist yet (tailgate creates it on first use).
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
-        if let Ok(md) = md {
-            if let Some(t) = md.topics().iter().find(|t| t.name() == topic) {
-                if t.error().is_none() && !t.partitions().is_empty() {
-                    break t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>();
-                }
-            }
+        if let Ok(md) = md
+            && let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+            && t.error().is_none()
+            && !t.partitions().is_empty()
+        {
+            break t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>();
         }
         if Instant::now() > deadline {
             return Vec::new();

@@ -145,3 +145,20 @@ pub async fn primary_key(client: &Client, rel_oid: u32) -> Result<Vec<String>, P
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
+
+/// User tables the publication does not cover: their changes never reach tailgate.
+pub async fn tables_outside_publication(client: &Client, publication: &str) -> Result<Vec<String>, PgError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+               AND NOT EXISTS (SELECT 1 FROM pg_publication_tables p \
+                               WHERE p.pubname = $1 AND p.schemaname = n.nspname AND p.tablename = c.relname) \
+             ORDER BY 1",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

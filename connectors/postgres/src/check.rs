@@ -117,6 +117,18 @@ pub async fn run_checks(input: &CheckInput<'_>) -> Vec<CheckResult> {
     match catalog::publication_exists(&client, input.publication).await {
         Ok(true) => {
             out.push(ok("publication", format!("{} exists", input.publication)));
+            if let Ok(tables) = catalog::tables_outside_publication(&client, input.publication).await {
+                if !tables.is_empty() {
+                    out.push(warn(
+                        "tables outside the publication",
+                        format!(
+                            "{}: their changes are not captured. Fix, if they should be: ALTER PUBLICATION {} ADD TABLE ...;",
+                            tables.join(", "),
+                            input.publication
+                        ),
+                    ));
+                }
+            }
             if let Ok(tables) = catalog::published_tables_without_key(&client, input.publication).await {
                 if !tables.is_empty() {
                     out.push(warn(

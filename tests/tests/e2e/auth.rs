@@ -99,3 +99,22 @@ async fn malformed_config_exits_2_naming_the_key() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not valid TOML"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_about_tables_outside_the_publication_and_without_key() {
+    let db = TestDb::new("pubcheck").await;
+    db.exec(
+        "CREATE TABLE covered (id int PRIMARY KEY); CREATE TABLE forgotten (id int PRIMARY KEY);
+         CREATE TABLE keyless (v text); CREATE PUBLICATION tg_pubcheck FOR TABLE covered, keyless;",
+    )
+    .await;
+    let dir = scratch("pubcheck");
+    let cfg = config("tg_pubcheck", &db.url(), &dir, &stdout_sink(), "");
+    std::fs::write(dir.join("config.toml"), &cfg).unwrap();
+    let (code, out, _) = tailgate_cmd(&["check", "--config", dir.join("config.toml").to_str().unwrap()]);
+    assert_eq!(code, 0, "warnings do not fail the check: {out}");
+    assert!(out.contains("WARN    tables outside the publication: public.forgotten"), "{out}");
+    assert!(out.contains("ALTER PUBLICATION tg_pubcheck ADD TABLE"), "{out}");
+    assert!(out.contains("WARN    tables without primary key: public.keyless"), "{out}");
+    db.drop().await;
+}
