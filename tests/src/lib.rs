@@ -440,3 +440,36 @@ pub fn broker_lock() -> &'static tokio::sync::RwLock<()> {
     static LOCK: OnceLock<tokio::sync::RwLock<()>> = OnceLock::new();
     LOCK.get_or_init(|| tokio::sync::RwLock::new(()))
 }
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET `path` from 127.0.0.1:`port`; returns (status code, body). Status 0: connection refused.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of a metric series in Prometheus text (`name{labels}` exactly as written).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+/// Pid of the tansu broker started by scripts/services.sh (tests freeze it with SIGSTOP).
+pub fn tansu_pid() -> u32 {
+    let out = Command::new("pgrep").args(["-f", "tansu broker"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("tansu is not running (scripts/services.sh)")
+}

@@ -126,6 +126,8 @@ pub struct KafkaSink {
     stop: CancellationToken,
     drain_timeout: Duration,
     drained: Vec<u64>,
+    delivered: u64,
+    produced_bytes: u64,
 }
 
 impl KafkaSink {
@@ -159,6 +161,8 @@ impl KafkaSink {
             stop,
             drain_timeout,
             drained: Vec::new(),
+            delivered: 0,
+            produced_bytes: 0,
         })
     }
 
@@ -225,6 +229,7 @@ impl KafkaSink {
         }
         std::mem::swap(&mut d.acked, &mut self.drained);
         drop(d);
+        self.delivered += self.drained.len() as u64;
         for seq in self.drained.drain(..) {
             self.tracker.ack(seq);
         }
@@ -303,6 +308,9 @@ impl Sink for KafkaSink {
                     let prepared = self.encoder.prepare(event);
                     let key = self.encoder.key();
                     let value = Some(self.encoder.value());
+                    let key_len = key.map_or(0, <[u8]>::len) as u64;
+                    self.produced_bytes +=
+                        key_len * (1 + u64::from(prepared.tombstone)) + self.encoder.value().len() as u64;
                     let (producer, tracker) = (&self.producer, &mut self.tracker);
                     produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, value).await?;
                     if prepared.tombstone {
@@ -333,6 +341,10 @@ impl Sink for KafkaSink {
 
     fn in_flight(&self) -> usize {
         self.tracker.in_flight()
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (self.delivered, self.produced_bytes)
     }
 }
 

@@ -162,3 +162,14 @@ pub async fn tables_outside_publication(client: &Client, publication: &str) -> R
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
+
+/// WAL bytes written by the server that the slot has not confirmed.
+pub async fn slot_lag_bytes(client: &Client, slot: &str) -> Result<Option<i64>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
+}

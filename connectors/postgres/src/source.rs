@@ -85,6 +85,9 @@ impl Source for PostgresSource {
                     if state.streamed_since_connect {
                         backoff = Duration::from_millis(500);
                     }
+                    ctx.metrics.source_connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    ctx.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ctx.metrics.error("source_transient");
                     warn!(error = %e, retry_in = ?backoff, "PostgreSQL connection failed; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -149,6 +152,8 @@ impl PostgresSource {
         conn.start_replication(&self.config.slot, &self.config.publication, start).await?;
         info!(slot = %self.config.slot, publication = %self.config.publication, from = %start, server_wal = %server_lsn, "streaming");
         state.ever_streamed = true;
+        ctx.metrics.source_connected.store(true, std::sync::atomic::Ordering::Relaxed);
+        ctx.metrics.source_active();
 
         let mut status_tick = tokio::time::interval(self.config.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -176,7 +181,7 @@ impl PostgresSource {
                         state.received = state.received.max(wal_end);
                         state.keepalive(Lsn(wal_end), &mut batch);
                         if reply_requested {
-                            self.send_status(&mut conn, ctx, state).await?;
+                            self.send_status(&mut conn, ctx, state, false).await?;
                         }
                     }
                 }
@@ -195,8 +200,12 @@ impl PostgresSource {
                 return self.finish(conn, ctx, state).await;
             }
             tokio::select! {
-                read = conn.fill() => read?,
-                _ = status_tick.tick() => self.send_status(&mut conn, ctx, state).await?,
+                read = conn.fill() => {
+                    read?;
+                    ctx.metrics.source_active();
+                }
+                // Asking for a reply makes an idle server answer with a keepalive: proof of life for /ready.
+                _ = status_tick.tick() => self.send_status(&mut conn, ctx, state, true).await?,
                 _ = ctx.shutdown.cancelled(), if !state.in_transaction => {}
             }
         }
@@ -220,7 +229,7 @@ impl PostgresSource {
                     permit.send(std::mem::replace(batch, Vec::with_capacity(self.config.batch_size)));
                     return Ok(true);
                 }
-                _ = status_tick.tick() => self.send_status(conn, ctx, state).await?,
+                _ = status_tick.tick() => self.send_status(conn, ctx, state, false).await?,
             }
         }
     }
@@ -230,13 +239,14 @@ impl PostgresSource {
         conn: &mut ReplicationConnection,
         ctx: &SourceContext,
         state: &StreamState,
+        request_reply: bool,
     ) -> Result<(), PgError> {
         let flushed = match &*ctx.acked.borrow() {
             Some(Position::Postgres { lsn }) => *lsn,
             None => Lsn::ZERO,
         };
         debug!(received = %Lsn(state.received), flushed = %flushed, "standby status");
-        conn.send_status(Lsn(state.received), flushed, false).await
+        conn.send_status(Lsn(state.received), flushed, request_reply).await
     }
 
     /// Graceful stop: stop emitting, wait for the pipeline's final checkpoint, report it, close.
@@ -255,13 +265,13 @@ impl PostgresSource {
         loop {
             tokio::select! {
                 changed = ctx.acked.changed() => match changed {
-                    Ok(()) => self.send_status(&mut conn, ctx, state).await?,
+                    Ok(()) => self.send_status(&mut conn, ctx, state, false).await?,
                     Err(_) => break,
                 },
                 _ = &mut deadline => break,
             }
         }
-        self.send_status(&mut conn, ctx, state).await?;
+        self.send_status(&mut conn, ctx, state, false).await?;
         conn.close().await;
         info!(flushed = %ctx.acked.borrow().as_ref().map_or("(none)".to_owned(), ToString::to_string), "replication connection closed");
         Ok(())

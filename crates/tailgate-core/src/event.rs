@@ -81,6 +81,15 @@ pub enum SourceInfo {
     Postgres(PgSource),
 }
 
+impl SourceInfo {
+    /// Commit time of the event's transaction, microseconds since the Unix epoch.
+    pub fn commit_ts_us(&self) -> i64 {
+        match self {
+            SourceInfo::Postgres(pg) => pg.commit_ts_us,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PgSource {
     /// The connector's logical name (`name` in the config).
@@ -130,4 +139,13 @@ pub struct LogicalMessage {
 pub enum Event {
     Change(ChangeEvent),
     Message(LogicalMessage),
+}
+
+impl Event {
+    pub fn source(&self) -> &SourceInfo {
+        match self {
+            Event::Change(c) => &c.source,
+            Event::Message(m) => &m.source,
+        }
+    }
 }

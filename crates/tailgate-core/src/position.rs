@@ -57,12 +57,21 @@ impl<'de> Deserialize<'de> for Lsn {
 
 /// A resumable position in one source's log. Checkpoints hold the position *after* a fully
 /// acknowledged transaction.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Position {
     /// PostgreSQL: everything that committed before `lsn` (a commit's end LSN, or a keepalive's
     /// WAL end while nothing was in flight) has been delivered.
     Postgres { lsn: Lsn },
+}
+
+impl Position {
+    /// The position as one number, for metrics (PostgreSQL: the LSN).
+    pub fn as_number(&self) -> u64 {
+        match self {
+            Position::Postgres { lsn } => lsn.0,
+        }
+    }
 }
 
 impl fmt::Display for Position {

@@ -14,6 +14,7 @@
 
 pub mod ack;
 pub mod encode;
+pub mod metrics;
 pub mod offsets;
 pub mod runtime;
 pub mod sink;
@@ -22,6 +23,7 @@ pub mod stdout;
 
 pub use ack::AckTracker;
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
+pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunOptions, RunSummary, run};
 pub use sink::{Sink, SinkError};

@@ -1,6 +1,9 @@
 //! The run loop: source task → bounded channel → sink, with ordered checkpoints.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use tailgate_core::{Event, Op, Position};
@@ -8,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{BatchCounts, Metrics, now_ms};
 use crate::offsets::{OffsetStore, OffsetsError};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Batch, Item, Source, SourceContext};
@@ -23,6 +27,8 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Operations never delivered (Debezium `skipped.operations`; default: truncate).
     pub skip_ops: HashSet<Op>,
+    /// How often a progress line is logged.
+    pub progress_log_interval: Duration,
 }
 
 impl Default for RunOptions {
@@ -32,6 +38,7 @@ impl Default for RunOptions {
             flush_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             skip_ops: HashSet::from([Op::Truncate]),
+            progress_log_interval: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +86,7 @@ pub async fn run<S: Source, K: Sink>(
     resume_from: Option<Position>,
     opts: RunOptions,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> Result<RunSummary, PipelineError> {
     let (tx, mut rx) = mpsc::channel::<Batch>(opts.channel_batches.max(1));
     let (acked_tx, acked_rx) = watch::channel(resume_from.clone());
@@ -88,12 +96,19 @@ pub async fn run<S: Source, K: Sink>(
         acked: acked_rx,
         shutdown: source_shutdown.clone(),
         resume_from: resume_from.clone(),
+        metrics: metrics.clone(),
     };
     let mut source_task = tokio::spawn(source.run(ctx));
 
     let mut summary = RunSummary { events: 0, checkpoint: resume_from.clone() };
+    if let Some(p) = &resume_from {
+        metrics.checkpoint_position.store(p.as_number(), Relaxed);
+    }
     let mut persisted = resume_from;
     let mut last_persist = Instant::now();
+    // Commits handed to the sink and their commit time, for the delivery-lag histogram.
+    let mut pending_commits: VecDeque<(Position, i64)> = VecDeque::new();
+    let mut last_progress_log = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -103,10 +118,9 @@ pub async fn run<S: Source, K: Sink>(
                 biased;
                 batch = rx.recv() => match batch {
                     Some(mut batch) => {
-                        if !opts.skip_ops.is_empty() {
-                            batch.retain(|item| !matches!(item, Item::Event(Event::Change(c)) if opts.skip_ops.contains(&c.op)));
-                        }
-                        summary.events += batch.iter().filter(|i| matches!(i, Item::Event(_))).count() as u64;
+                        let counts = count_and_filter(&mut batch, &opts.skip_ops, &mut pending_commits);
+                        summary.events += counts.read - counts.filtered;
+                        metrics.apply_batch(&counts);
                         sink.send(batch).await?;
                     }
                     None => return Ok(()),
@@ -114,8 +128,23 @@ pub async fn run<S: Source, K: Sink>(
                 _ = tick.tick() => {}
             }
             if let Some(position) = sink.poll_acks()? {
+                record_progress(&metrics, &position, &mut pending_commits);
                 summary.checkpoint = Some(position.clone());
                 acked_tx.send_replace(Some(position));
+            }
+            let (delivered, bytes) = sink.totals();
+            metrics.records_delivered.store(delivered, Relaxed);
+            metrics.produced_bytes.store(bytes, Relaxed);
+            metrics.in_flight_records.store(sink.in_flight() as u64, Relaxed);
+            if last_progress_log.elapsed() >= opts.progress_log_interval {
+                last_progress_log = Instant::now();
+                info!(
+                    events_read = metrics.events_read.load(Relaxed),
+                    records_delivered = delivered,
+                    in_flight = sink.in_flight(),
+                    checkpoint = %summary.checkpoint.as_ref().map_or("(none)".to_owned(), ToString::to_string),
+                    "progress"
+                );
             }
             if summary.checkpoint != persisted && last_persist.elapsed() >= opts.flush_interval {
                 if let Some(p) = &summary.checkpoint {
@@ -139,7 +168,10 @@ pub async fn run<S: Source, K: Sink>(
     };
     let mut result = outcome;
     match drained {
-        Ok(Some(position)) => summary.checkpoint = Some(position),
+        Ok(Some(position)) => {
+            record_progress(&metrics, &position, &mut pending_commits);
+            summary.checkpoint = Some(position);
+        }
         Ok(None) => {}
         Err(e) => {
             if result.is_ok() {
@@ -176,10 +208,74 @@ pub async fn run<S: Source, K: Sink>(
             Ok(())
         }
     };
+    let (delivered, bytes) = sink.totals();
+    metrics.records_delivered.store(delivered, Relaxed);
+    metrics.produced_bytes.store(bytes, Relaxed);
+    metrics.in_flight_records.store(sink.in_flight() as u64, Relaxed);
+    metrics.source_connected.store(false, Relaxed);
     // A source error is the root cause when both failed (the sink saw a closed channel).
-    match (source_result, result) {
+    let outcome = match (source_result, result) {
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(())) => Ok(summary),
+    };
+    if let Err(e) = &outcome {
+        metrics.error(match e {
+            PipelineError::Source(_) => "source",
+            PipelineError::Sink(_) => "sink",
+            PipelineError::Offsets(_) => "offsets",
+            PipelineError::DrainTimeout { .. } => "drain_timeout",
+        });
+        metrics.set_fatal(e.to_string());
     }
+    outcome
+}
+
+/// Drops skipped operations and counts the batch, remembering each commit's time for the lag
+/// histogram. One pass, no allocation beyond the per-table map.
+fn count_and_filter(batch: &mut Batch, skip_ops: &HashSet<Op>, pending: &mut VecDeque<(Position, i64)>) -> BatchCounts {
+    let mut counts = BatchCounts::default();
+    let mut last_commit_ts = None;
+    let mut table_key = String::new();
+    batch.retain(|item| match item {
+        Item::Event(event) => {
+            counts.read += 1;
+            last_commit_ts = Some(event.source().commit_ts_us());
+            if let Event::Change(c) = event {
+                if skip_ops.contains(&c.op) {
+                    counts.filtered += 1;
+                    return false;
+                }
+                // A reused buffer: no allocation per event, one per table per batch.
+                table_key.clear();
+                let _ = write!(table_key, "{}", c.table.id);
+                match counts.per_table.get_mut(table_key.as_str()) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.per_table.insert(table_key.clone(), 1);
+                    }
+                }
+            }
+            true
+        }
+        Item::Commit(position) => {
+            if let Some(ts) = last_commit_ts.take() {
+                counts.transactions += 1;
+                pending.push_back((position.clone(), ts));
+            }
+            true
+        }
+    });
+    counts
+}
+
+fn record_progress(metrics: &Metrics, position: &Position, pending: &mut VecDeque<(Position, i64)>) {
+    let now_us = now_ms() as i64 * 1000;
+    while pending.front().is_some_and(|(p, _)| p <= position) {
+        if let Some((_, ts)) = pending.pop_front() {
+            metrics.delivery_lag.observe((now_us - ts) as f64 / 1e6);
+        }
+    }
+    metrics.checkpoint_position.store(position.as_number(), Relaxed);
+    metrics.last_progress_ms.store(now_ms(), Relaxed);
 }

@@ -43,4 +43,7 @@ pub trait Sink: Send {
 
     /// Records handed over and not yet acknowledged.
     fn in_flight(&self) -> usize;
+
+    /// Totals since start: (records acknowledged, key and value bytes handed over).
+    fn totals(&self) -> (u64, u64);
 }

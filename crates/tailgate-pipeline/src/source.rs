@@ -1,10 +1,13 @@
 //! The source contract.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tailgate_core::{Event, Position};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
 
 /// One element of the ordered stream a source emits.
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// The stored checkpoint: skip every transaction that committed before it.
     pub resume_from: Option<Position>,
+    /// The source reports connection state, activity and reconnects here.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A change source, e.g. PostgreSQL logical replication.

@@ -17,11 +17,13 @@ pub struct StdoutSink {
     out: BufWriter<Box<dyn Write + Send>>,
     encoder: Encoder,
     acked: Option<Position>,
+    records: u64,
+    bytes: u64,
 }
 
 impl StdoutSink {
     pub fn new(out: Box<dyn Write + Send>, encoder: Encoder) -> Self {
-        StdoutSink { out: BufWriter::with_capacity(256 * 1024, out), encoder, acked: None }
+        StdoutSink { out: BufWriter::with_capacity(256 * 1024, out), encoder, acked: None, records: 0, bytes: 0 }
     }
 
     fn write_batch(&mut self, batch: &Batch) -> std::io::Result<Option<Position>> {
@@ -33,7 +35,10 @@ impl StdoutSink {
             match item {
                 Item::Event(event) => {
                     let out = &mut self.out;
+                    let (records, bytes) = (&mut self.records, &mut self.bytes);
                     self.encoder.encode(event, |record| {
+                        *records += 1;
+                        *bytes += (record.key.map_or(0, <[u8]>::len) + record.value.map_or(0, <[u8]>::len)) as u64;
                         line.clear();
                         line.extend_from_slice(b"{\"topic\":");
                         write_str(&mut line, record.topic);
@@ -76,5 +81,9 @@ impl Sink for StdoutSink {
 
     fn in_flight(&self) -> usize {
         0
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (self.records, self.bytes)
     }
 }

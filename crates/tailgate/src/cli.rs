@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tailgate_core::{FormatOptions, Position};
 use tailgate_kafka::{KafkaSink, KafkaSinkConfig};
-use tailgate_pipeline::{Encoder, EncoderOptions, OffsetStore, PipelineError, RunOptions, StdoutSink};
+use tailgate_pipeline::{Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, RunOptions, StdoutSink};
 use tailgate_postgres::check::{CheckInput, Status};
 use tailgate_postgres::{PgError, PostgresSource, PostgresSourceConfig};
 use tokio_util::sync::CancellationToken;
@@ -48,10 +50,28 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Show or clear the stored position.
+    /// Show or reset the stored position.
     Offsets {
         #[command(subcommand)]
         action: OffsetsAction,
+    },
+    /// Manage the PostgreSQL replication slot.
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotAction {
+    /// Drop this connector's slot and publication (the database then stops keeping WAL for it).
+    /// Refused while the connector runs. The checkpoint is cleared too: a new slot starts from now.
+    Drop {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Confirm: changes made until the connector runs again will not be captured.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -62,11 +82,20 @@ enum OffsetsAction {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Forget the stored position: the next run starts from the slot's confirmed position (or a new
-    /// slot). Use it to accept a gap after a dropped slot.
+    /// Reset the stored position; refused while the connector runs.
+    ///
+    /// Without options: forget it, so the next run starts from the slot's confirmed position (or a
+    /// new slot); use it to accept a gap after a dropped slot. `--to-end` skips everything up to the
+    /// server's current WAL position; `--to-lsn` sets a position.
     Reset {
         #[arg(short, long)]
         config: PathBuf,
+        /// Skip to the current end of the WAL.
+        #[arg(long, conflicts_with = "to_lsn")]
+        to_end: bool,
+        /// Resume after this LSN (e.g. 0/16B3748).
+        #[arg(long, value_name = "LSN")]
+        to_lsn: Option<tailgate_core::Lsn>,
     },
 }
 
@@ -74,7 +103,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
         Command::Run { config, .. } | Command::Check { config } => config,
-        Command::Offsets { action: OffsetsAction::Show { config } | OffsetsAction::Reset { config } } => config,
+        Command::Offsets { action: OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. } } => config,
+        Command::Slot { action: SlotAction::Drop { config, .. } } => config,
     };
     let config = match Config::load(config_path) {
         Ok(c) => c,
@@ -96,7 +126,10 @@ pub fn main() -> ExitCode {
             Command::Run { stop_at_lsn, .. } => run(config, stop_at_lsn).await,
             Command::Check { .. } => check(config).await,
             Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
-            Command::Offsets { action: OffsetsAction::Reset { .. } } => offsets_reset(&config).await,
+            Command::Offsets { action: OffsetsAction::Reset { to_end, to_lsn, .. } } => {
+                offsets_reset(&config, to_end, to_lsn).await
+            }
+            Command::Slot { action: SlotAction::Drop { yes, .. } } => slot_drop(&config, yes).await,
         }
     })
 }
@@ -196,6 +229,14 @@ async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyho
         }
     }
     let source = postgres_source(&config, stop_at)?;
+    let metrics = Arc::new(Metrics::new(config.name.clone()));
+    if let Some(http) = &config.http {
+        let listen = http.listen.parse().context("http.listen")?;
+        crate::http::serve(listen, metrics.clone(), Duration::from_secs(http.ready_window_s))
+            .await
+            .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
+        spawn_lag_poller(&config, metrics.clone(), Duration::from_secs(http.lag_poll_s.max(1)));
+    }
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     let opts = RunOptions {
@@ -207,11 +248,11 @@ async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyho
         Some(kc) => {
             info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
             let sink = KafkaSink::new(kc, encoder(&config), shutdown.clone(), opts.drain_timeout)?;
-            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown).await?
+            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics).await?
         }
         None => {
             let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(&config));
-            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown).await?
+            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics).await?
         }
     };
     info!(
@@ -220,6 +261,29 @@ async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyho
         "stopped cleanly"
     );
     Ok(())
+}
+
+/// Measures, every `every`, how many WAL bytes the slot has not confirmed (`tailgate_source_lag_bytes`).
+fn spawn_lag_poller(config: &Config, metrics: Arc<Metrics>, every: Duration) {
+    let SourceConfig::Postgres(pg) = &config.source;
+    let Ok(info) = tailgate_postgres::replication::ConnInfo::from_url(&pg.url) else { return };
+    let slot = config.slot_name();
+    tokio::spawn(async move {
+        let mut client = None;
+        loop {
+            if client.is_none() {
+                client = tailgate_postgres::catalog::connect(&info).await.ok();
+            }
+            if let Some(c) = &client {
+                match tailgate_postgres::catalog::slot_lag_bytes(c, &slot).await {
+                    Ok(Some(bytes)) => metrics.source_lag_bytes.store(bytes, Relaxed),
+                    Ok(None) => metrics.source_lag_bytes.store(-1, Relaxed),
+                    Err(_) => client = None,
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
 }
 
 fn exit_code_for(e: &anyhow::Error) -> u8 {
@@ -327,12 +391,35 @@ fn offsets_show(config: &Config) -> ExitCode {
     }
 }
 
-async fn offsets_reset(config: &Config) -> ExitCode {
+async fn offsets_reset(config: &Config, to_end: bool, to_lsn: Option<tailgate_core::Lsn>) -> ExitCode {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     // Refuse while the connector runs: its slot is active.
     if let Err(e) = ensure_not_running(config).await {
         eprintln!("tailgate: {e:#}");
         return ExitCode::from(EXIT_PREREQUISITE);
+    }
+    let target = if to_end {
+        match current_wal_end(config).await {
+            Ok(lsn) => Some(lsn),
+            Err(e) => {
+                eprintln!("tailgate: {e:#}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    } else {
+        to_lsn
+    };
+    if let Some(lsn) = target {
+        return match store.save(&Position::Postgres { lsn }) {
+            Ok(()) => {
+                println!("checkpoint of {} set to {lsn} in {}", config.name, store.path().display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tailgate: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        };
     }
     match store.clear() {
         Ok(true) => {
@@ -345,6 +432,54 @@ async fn offsets_reset(config: &Config) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tailgate: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn current_wal_end(config: &Config) -> anyhow::Result<tailgate_core::Lsn> {
+    let SourceConfig::Postgres(pg) = &config.source;
+    let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
+    let client = tailgate_postgres::catalog::connect(&info).await?;
+    let text: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    Ok(text.parse()?)
+}
+
+async fn slot_drop(config: &Config, yes: bool) -> ExitCode {
+    let slot = config.slot_name();
+    let publication = config.publication_name();
+    if !yes {
+        eprintln!(
+            "tailgate: this drops slot {slot} and publication {publication}: changes made until the connector runs again will not be captured. Add --yes to confirm."
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let result: anyhow::Result<()> = async {
+        ensure_not_running(config).await?;
+        let SourceConfig::Postgres(pg) = &config.source;
+        let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
+        let client = tailgate_postgres::catalog::connect(&info).await?;
+        let dropped = client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        println!("{}", if dropped > 0 { format!("dropped slot {slot}") } else { format!("no slot {slot}") });
+        let quoted = tailgate_postgres::replication::quote_ident(&publication);
+        client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {quoted}")).await?;
+        println!("dropped publication {publication} (if it existed)");
+        let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+        if store.clear()? {
+            println!("cleared the checkpoint in {}", store.path().display());
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tailgate: {e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

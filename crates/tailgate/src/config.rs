@@ -1,7 +1,8 @@
 //! The TOML configuration.
 //!
 //! Every field has a documented default (docs/configuration.md); unknown keys are refused by name;
-//! `${VAR}` in any string is replaced by the environment variable (`$${` writes a literal `${`).
+//! `${VAR}` in any string is replaced by the environment variable, `${VAR:-default}` falls back to
+//! `default` when it is unset or empty, and `$${` writes a literal `${`.
 //! Errors name the offending key and the fix.
 
 use std::collections::BTreeMap;
@@ -39,6 +40,21 @@ pub struct Config {
     pub offsets: OffsetsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Off when absent.
+    pub http: Option<HttpConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address for /metrics, /health and /ready, e.g. "127.0.0.1:8080".
+    pub listen: String,
+    /// /ready turns red when the source was silent, or records stayed unacknowledged, this long. Default 60.
+    #[serde(default = "default_ready_window_s")]
+    pub ready_window_s: u64,
+    /// How often the source's unconfirmed log bytes are measured. Default 10.
+    #[serde(default = "default_lag_poll_s")]
+    pub lag_poll_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +183,12 @@ fn default_batch_size() -> usize {
 fn default_status_interval_ms() -> u64 {
     1000
 }
+fn default_ready_window_s() -> u64 {
+    60
+}
+fn default_lag_poll_s() -> u64 {
+    10
+}
 fn default_skip_operations() -> Vec<String> {
     vec!["t".into()]
 }
@@ -243,6 +265,17 @@ impl Config {
             ));
         }
         self.skip_ops()?;
+        if let Some(http) = &self.http {
+            if http.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(key_error(
+                    "http.listen",
+                    format!("{:?} is not an address like \"127.0.0.1:8080\"", http.listen),
+                ));
+            }
+            if http.ready_window_s == 0 {
+                return Err(key_error("http.ready_window_s", "must be at least 1"));
+            }
+        }
         if let Some(f) = self.log.format.as_deref() {
             if f != "text" && f != "json" {
                 return Err(key_error("log.format", "use \"text\" or \"json\""));
@@ -349,13 +382,24 @@ fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
             let end = tail.find('}').ok_or_else(|| key_error(path, "unterminated ${...}"))?;
-            let name = &tail[..end];
-            let value = env(name).ok_or_else(|| {
-                key_error(
-                    path,
-                    format!("environment variable {name} is not set. Fix: export {name}=... or remove ${{{name}}}"),
-                )
-            })?;
+            let spec = &tail[..end];
+            // `${VAR:-default}` falls back to `default` when VAR is unset or empty, as in a shell.
+            let (name, default) = match spec.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (spec, None),
+            };
+            let value = match (env(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+                (Some(v), _) => v,
+                (None, Some(d)) => d.to_owned(),
+                (None, None) => {
+                    return Err(key_error(
+                        path,
+                        format!(
+                            "environment variable {name} is not set. Fix: export {name}=..., or write ${{{name}:-default}}"
+                        ),
+                    ));
+                }
+            };
             out.push_str(&value);
             rest = &tail[end + 1..];
         } else {
@@ -441,5 +485,7 @@ path = "shop.offsets.json"
     fn literal_dollar_brace_is_kept() {
         assert_eq!(expand("a$${b}", "k", &env).unwrap(), "a${b}");
         assert_eq!(expand("cost $5", "k", &env).unwrap(), "cost $5");
+        assert_eq!(expand("${NOPE:-fallback}", "k", &env).unwrap(), "fallback");
+        assert_eq!(expand("${PGPASS:-fallback}", "k", &env).unwrap(), "s3cret");
     }
 }

@@ -5,6 +5,7 @@
 
 mod cli;
 mod config;
+mod http;
 
 use std::process::ExitCode;
 

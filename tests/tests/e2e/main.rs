@@ -2,6 +2,7 @@
 //! scripts/services.sh sets up. One test binary; each test owns its database, slot and topics.
 
 mod auth;
+mod operations;
 mod resilience;
 mod streaming;
 mod types;

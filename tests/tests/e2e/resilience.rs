@@ -159,12 +159,6 @@ async fn wait_checkpoint_stable(db: &TestDb) -> u64 {
     }
 }
 
-fn tansu_pid() -> u32 {
-    let out = std::process::Command::new("pgrep").args(["-f", "tansu broker"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().next().and_then(|l| l.trim().parse().ok()).expect("tansu is not running (scripts/services.sh)")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connector_keeps_confirming_so_wal_is_not_pinned() {
     let db = TestDb::new("idle").await;
