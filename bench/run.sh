@@ -7,6 +7,8 @@
 # peak RSS, and writes bench/results/<date>.md.
 #
 #   bench/run.sh              # ROWS=200000 TXN_ROWS=1000 by default
+#   HTTP=1 bench/run.sh       # also serve /metrics and scrape it every second during the runs
+#   BASELINE_BIN=path bench/run.sh   # also drain extra slots with another tailgate build (paired comparison)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-200000}"
@@ -14,7 +16,7 @@ TXN_ROWS="${TXN_ROWS:-1000}"
 DB=tailgate_bench
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -Atq)
 WORK="${TMPDIR:-/tmp}/tailgate-bench"
-OUT="bench/results/$(date -u +%Y-%m-%d).md"
+OUT="bench/results/$(date -u +%Y-%m-%d)${OUT_SUFFIX:-}.md"
 mkdir -p "$WORK"
 
 bash scripts/services.sh all >&2
@@ -44,13 +46,16 @@ setup() { # fresh table, publication and the three slots, created before the bac
   "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
   "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
     -c "CREATE PUBLICATION bench FOR TABLE orders"
-  for slot in bench_warmup bench_recv bench_stdout bench_kafka; do
+  for slot in bench_warmup bench_recv bench_stdout bench_kafka ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
 }
 
-config() { # config <slot> <sink section>
+HTTP="${HTTP:-0}"
+config() { # config <slot> <sink section> [no-http]
+  local http=""
+  [[ "$HTTP" == 1 && -z "${3:-}" ]] && http=$'[http]\nlisten = "127.0.0.1:18080"'
   cat <<TOML
 name = "$1"
 [source]
@@ -62,8 +67,26 @@ create_publication = false
 $2
 [offsets]
 path = "$WORK/$1.offsets.json"
+$http
 TOML
 }
+
+if [[ "$HTTP" == 1 ]]; then # a Prometheus-like scraper for the whole run
+  python3 -c '
+import socket, time
+while True:
+    time.sleep(1)
+    try:
+        s = socket.create_connection(("127.0.0.1", 18080), timeout=2)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        while s.recv(65536): pass
+        s.close()
+    except OSError:
+        pass
+' &
+  SCRAPER=$!
+  trap 'kill $SCRAPER 2>/dev/null || true' EXIT
+fi
 
 run_workload() { # run_workload <title> <insert SQL>
   local title=$1 sql=$2 endpos prefix
@@ -82,7 +105,13 @@ run_workload() { # run_workload <title> <insert SQL>
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
   RESULTS+=("$(measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
-  printf '%s\n' "${RESULTS[@]: -3}" >&2
+  if [[ -n "${BASELINE_BIN:-}" ]]; then
+    config bench_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
+    config bench_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
+    RESULTS+=("$(measure "baseline → stdout (/dev/null)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_stdout.toml" --stop-at-lsn "$endpos")")
+    RESULTS+=("$(measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
+  fi
+  printf '%s\n' "${RESULTS[@]: -5}" >&2
 }
 
 run_workload "$ROWS inserts, one transaction" \
@@ -96,7 +125,7 @@ run_workload "$ROWS inserts, $TXN_ROWS-row transactions" \
   echo "# Foundation benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); PostgreSQL $("${PSQL[@]}" -d postgres -c 'show server_version'); tansu 0.6.0 (memory storage); tailgate release build."
-  echo "Command: \`bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
+  echo "Command: \`HTTP=$HTTP bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
   echo
   echo "| reader | wall s | events/s | CPU s per 1M events | peak RSS MB |"
   echo "|---|---:|---:|---:|---:|"

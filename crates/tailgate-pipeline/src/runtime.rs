@@ -1,12 +1,11 @@
 //! The run loop: source task → bounded channel → sink, with ordered checkpoints.
 
 use std::collections::{HashSet, VecDeque};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use tailgate_core::{Event, Op, Position};
+use tailgate_core::{Event, Op, Position, TableSchema};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -232,11 +231,21 @@ pub async fn run<S: Source, K: Sink>(
 }
 
 /// Drops skipped operations and counts the batch, remembering each commit's time for the lag
-/// histogram. One pass, no allocation beyond the per-table map.
-fn count_and_filter(batch: &mut Batch, skip_ops: &HashSet<Op>, pending: &mut VecDeque<(Position, i64)>) -> BatchCounts {
+/// histogram (public for `benches/accounting.rs`). One pass; per-table counts are kept per run of consecutive events of one table, so the
+/// table name is formatted once per run, not once per event.
+pub fn count_and_filter(
+    batch: &mut Batch,
+    skip_ops: &HashSet<Op>,
+    pending: &mut VecDeque<(Position, i64)>,
+) -> BatchCounts {
     let mut counts = BatchCounts::default();
     let mut last_commit_ts = None;
-    let mut table_key = String::new();
+    let mut run: Option<(Arc<TableSchema>, u64)> = None;
+    let flush = |counts: &mut BatchCounts, run: Option<(Arc<TableSchema>, u64)>| {
+        if let Some((table, n)) = run {
+            *counts.per_table.entry(table.id.to_string()).or_insert(0) += n;
+        }
+    };
     batch.retain(|item| match item {
         Item::Event(event) => {
             counts.read += 1;
@@ -246,13 +255,11 @@ fn count_and_filter(batch: &mut Batch, skip_ops: &HashSet<Op>, pending: &mut Vec
                     counts.filtered += 1;
                     return false;
                 }
-                // A reused buffer: no allocation per event, one per table per batch.
-                table_key.clear();
-                let _ = write!(table_key, "{}", c.table.id);
-                match counts.per_table.get_mut(table_key.as_str()) {
-                    Some(n) => *n += 1,
-                    None => {
-                        counts.per_table.insert(table_key.clone(), 1);
+                match &mut run {
+                    Some((table, n)) if Arc::ptr_eq(table, &c.table) => *n += 1,
+                    _ => {
+                        let previous = run.replace((c.table.clone(), 1));
+                        flush(&mut counts, previous);
                     }
                 }
             }
@@ -266,6 +273,7 @@ fn count_and_filter(batch: &mut Batch, skip_ops: &HashSet<Op>, pending: &mut Vec
             true
         }
     });
+    flush(&mut counts, run);
     counts
 }
 
