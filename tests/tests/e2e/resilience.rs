@@ -228,3 +228,36 @@ async fn slot_in_use_and_slot_dropped_are_refused_with_the_fix() {
     assert!(status.success());
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_down_at_start_then_up_delivers_everything() {
+    let _broker = broker_lock().write().await;
+    let db = TestDb::new("downstart").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let dir = scratch("downstart");
+    let prefix = format!("downstart{}", nonce());
+    let cfg = config("tg_downstart", &db.url(), &dir, &kafka_sink(&prefix), "");
+    let tansu = tansu_pid();
+    signal(tansu, "STOP");
+    let mut tg = Tailgate::start(&dir, &cfg);
+    let outcome = async {
+        tg.wait_streaming().await;
+        db.exec("INSERT INTO t SELECT generate_series(1, 50)").await;
+        // The topic cannot even be created: tailgate waits and retries, it does not give up.
+        tg.wait_for_log("cannot create topic yet; retrying", Duration::from_secs(40)).await;
+        db.confirmed_flush("tg_downstart").await.unwrap()
+    }
+    .await;
+    signal(tansu, "CONT");
+    let flushed_while_down = outcome;
+    let records = consume(&format!("{prefix}.public.t"), 50, Duration::from_secs(60));
+    assert_eq!(created_ids(&records).len(), 50, "all rows arrive once the broker is up");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.confirmed_flush("tg_downstart").await.unwrap() <= flushed_while_down {
+        assert!(Instant::now() < deadline, "checkpoint did not move after the broker came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    db.drop().await;
+}
