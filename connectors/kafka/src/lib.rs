@@ -19,10 +19,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use tailgate_core::Position;
-use tailgate_pipeline::{AckTracker, Batch, Encoder, Item, Sink, SinkError};
+use tailgate_pipeline::{AckTracker, Encoder, Sink, SinkError, SinkItem, SinkTotals};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -126,8 +126,7 @@ pub struct KafkaSink {
     stop: CancellationToken,
     drain_timeout: Duration,
     drained: Vec<u64>,
-    delivered: u64,
-    produced_bytes: u64,
+    totals: SinkTotals,
 }
 
 impl KafkaSink {
@@ -161,8 +160,7 @@ impl KafkaSink {
             stop,
             drain_timeout,
             drained: Vec::new(),
-            delivered: 0,
-            produced_bytes: 0,
+            totals: SinkTotals::default(),
         })
     }
 
@@ -229,7 +227,7 @@ impl KafkaSink {
         }
         std::mem::swap(&mut d.acked, &mut self.drained);
         drop(d);
-        self.delivered += self.drained.len() as u64;
+        self.totals.delivered += self.drained.len() as u64;
         for seq in self.drained.drain(..) {
             self.tracker.ack(seq);
         }
@@ -260,6 +258,7 @@ async fn produce(
     topic: &str,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
 ) -> Result<(), SinkError> {
     let seq = tracker.register();
     let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, seq as usize);
@@ -268,6 +267,12 @@ async fn produce(
     }
     if let Some(v) = value {
         record = record.payload(v);
+    }
+    if !headers.is_empty() {
+        let owned = headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
+            h.insert(Header { key: k, value: Some(v) })
+        });
+        record = record.headers(owned);
     }
     let mut stopping_since: Option<Instant> = None;
     loop {
@@ -295,28 +300,27 @@ async fn produce(
 }
 
 impl Sink for KafkaSink {
-    async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
+    async fn send(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
         self.encoder.begin_batch();
         for item in &batch {
-            match item {
-                Item::Commit(position) => self.tracker.commit(position.clone()),
-                Item::Event(event) => {
-                    let topic = self.encoder.topic_for(event);
-                    if !self.known_topics.contains(&topic) {
-                        self.ensure_topic(&topic).await?;
-                    }
-                    let prepared = self.encoder.prepare(event);
-                    let key = self.encoder.key();
-                    let value = Some(self.encoder.value());
-                    let key_len = key.map_or(0, <[u8]>::len) as u64;
-                    self.produced_bytes +=
-                        key_len * (1 + u64::from(prepared.tombstone)) + self.encoder.value().len() as u64;
-                    let (producer, tracker) = (&self.producer, &mut self.tracker);
-                    produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, value).await?;
-                    if prepared.tombstone {
-                        produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, None).await?;
-                    }
-                }
+            if let SinkItem::Commit(position) = item {
+                self.tracker.commit(position.clone());
+                continue;
+            }
+            let Some(prepared) = self.encoder.prepare(item) else { continue };
+            if !self.known_topics.contains(&prepared.topic) {
+                self.ensure_topic(&prepared.topic).await?;
+            }
+            let key = self.encoder.key();
+            let value = self.encoder.value();
+            let headers = self.encoder.headers();
+            let size = (key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len)) as u64;
+            self.totals.bytes += size + if prepared.tombstone { key.map_or(0, <[u8]>::len) as u64 } else { 0 };
+            self.totals.dead_lettered += u64::from(prepared.dead_letter);
+            let (producer, tracker) = (&self.producer, &mut self.tracker);
+            produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, value, headers).await?;
+            if prepared.tombstone {
+                produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, None, &[]).await?;
             }
         }
         self.serve_deliveries()
@@ -343,8 +347,8 @@ impl Sink for KafkaSink {
         self.tracker.in_flight()
     }
 
-    fn totals(&self) -> (u64, u64) {
-        (self.delivered, self.produced_bytes)
+    fn totals(&self) -> SinkTotals {
+        self.totals
     }
 }
 

@@ -173,3 +173,116 @@ pub async fn slot_lag_bytes(client: &Client, slot: &str) -> Result<Option<i64>, 
         .await?;
     Ok(row.and_then(|r| r.get(0)))
 }
+
+/// The comment that marks a publication as tailgate's own: only those are ever altered.
+pub const MANAGED_COMMENT: &str = "managed by tailgate";
+
+/// Which tables a publication should cover: every table, or those the predicate accepts
+/// (`schema.table`).
+pub type TablePredicate = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PublicationSync {
+    Created,
+    Updated {
+        tables: usize,
+    },
+    Unchanged,
+    /// Created by someone else: left alone; filters still apply to the events.
+    NotManaged,
+}
+
+/// Creates the publication when missing, or brings a tailgate-managed one in line with `tables`
+/// (`None`: FOR ALL TABLES). The change is atomic: DROP and CREATE in one transaction, which the
+/// walsender sees from that commit on.
+pub async fn sync_publication(
+    client: &mut Client,
+    publication: &str,
+    tables: Option<&TablePredicate>,
+    create: bool,
+) -> Result<PublicationSync, PgError> {
+    let existing = client
+        .query_opt(
+            "SELECT p.puballtables, coalesce(obj_description(p.oid, 'pg_publication'), '') FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    let desired: Option<Vec<String>> = match tables {
+        None => None,
+        Some(accept) => {
+            let rows = client
+                .query(
+                    "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+                       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+                     ORDER BY 1, 2",
+                    &[],
+                )
+                .await?;
+            Some(
+                rows.iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .filter(|(s, t)| accept(&format!("{s}.{t}")))
+                    .map(|(s, t)| format!("{}.{}", quote_ident(&s), quote_ident(&t)))
+                    .collect(),
+            )
+        }
+    };
+    let outcome = match existing {
+        None if !create => {
+            return Err(PgError::PublicationCreate {
+                publication: publication.to_owned(),
+                reason: "it is missing and `source.create_publication` is false".into(),
+            });
+        }
+        None => PublicationSync::Created,
+        Some(row) => {
+            let all_tables: bool = row.get(0);
+            let comment: String = row.get(1);
+            if comment != MANAGED_COMMENT {
+                return Ok(PublicationSync::NotManaged);
+            }
+            let current: Vec<String> = client
+                .query(
+                    "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_publication_tables \
+                     WHERE pubname = $1 ORDER BY 1",
+                    &[&publication],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let same = match &desired {
+                None => all_tables,
+                Some(want) => {
+                    !all_tables && {
+                        let mut want = want.clone();
+                        want.sort();
+                        want == current
+                    }
+                }
+            };
+            if same {
+                return Ok(PublicationSync::Unchanged);
+            }
+            PublicationSync::Updated { tables: desired.as_ref().map_or(0, Vec::len) }
+        }
+    };
+    let name = quote_ident(publication);
+    let target = match &desired {
+        None => " FOR ALL TABLES".to_owned(),
+        Some(list) if list.is_empty() => String::new(),
+        Some(list) => format!(" FOR TABLE {}", list.join(", ")),
+    };
+    let tx = client.transaction().await?;
+    if outcome != PublicationSync::Created {
+        tx.batch_execute(&format!("DROP PUBLICATION {name}")).await?;
+    }
+    let create_sql = format!("CREATE PUBLICATION {name}{target}; COMMENT ON PUBLICATION {name} IS '{MANAGED_COMMENT}'");
+    tx.batch_execute(&create_sql).await.map_err(|e| PgError::PublicationCreate {
+        publication: publication.to_owned(),
+        reason: e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+    })?;
+    tx.commit().await?;
+    Ok(outcome)
+}

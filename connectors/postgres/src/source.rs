@@ -33,15 +33,17 @@ use crate::pgoutput::{self, OldTuple, PgOutput, Relation, TupleValue};
 use crate::replication::{ConnInfo, ReplicationConnection, ReplicationMessage};
 use crate::types::{ColumnKind, PG_EPOCH_OFFSET_MICROS};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresSourceConfig {
     /// The connector's logical name (`source.name` in events).
     pub name: String,
     pub url: String,
     pub slot: String,
     pub publication: String,
-    /// Create the publication FOR ALL TABLES when it is missing.
+    /// Create the publication when it is missing.
     pub create_publication: bool,
+    /// The tables to capture (`None`: all). A publication tailgate manages covers exactly these.
+    pub tables: Option<catalog::TablePredicate>,
     /// Items per batch handed to the pipeline, at most.
     pub batch_size: usize,
     /// How often a standby status update is sent.
@@ -49,6 +51,17 @@ pub struct PostgresSourceConfig {
     /// Stop (drain, checkpoint, exit) once everything committed before this LSN was emitted, as
     /// `pg_recvlogical --endpos` does. For benchmarks and controlled catch-up runs.
     pub stop_at: Option<Lsn>,
+}
+
+impl std::fmt::Debug for PostgresSourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSourceConfig")
+            .field("name", &self.name)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("filtered", &self.tables.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct PostgresSource {
@@ -104,23 +117,24 @@ impl Source for PostgresSource {
 impl PostgresSource {
     /// Makes sure the slot and publication exist; returns the LSN to start from.
     async fn prepare(&self, state: &StreamState) -> Result<(), PgError> {
-        let client = catalog::connect(&self.info).await?;
+        let mut client = catalog::connect(&self.info).await?;
         let wal_level = catalog::wal_level(&client).await?;
         if wal_level != "logical" {
             return Err(PgError::WalLevel { found: wal_level });
         }
-        if !catalog::publication_exists(&client, &self.config.publication).await? {
-            if !self.config.create_publication {
-                return Err(PgError::PublicationCreate {
-                    publication: self.config.publication.clone(),
-                    reason: "it is missing and `source.create_publication` is false".into(),
-                });
+        let publication = &self.config.publication;
+        let tables = self.config.tables.as_ref();
+        match catalog::sync_publication(&mut client, publication, tables, self.config.create_publication).await? {
+            catalog::PublicationSync::Created => {
+                info!(publication = %publication, filtered = tables.is_some(), "publication created")
             }
-            catalog::create_publication(&client, &self.config.publication).await?;
-            info!(publication = %self.config.publication, "publication created FOR ALL TABLES");
+            catalog::PublicationSync::Updated { tables } => {
+                info!(publication = %publication, tables, "publication brought in line with the table rules")
+            }
+            catalog::PublicationSync::Unchanged | catalog::PublicationSync::NotManaged => {}
         }
         let outside = catalog::tables_outside_publication(&client, &self.config.publication).await?;
-        if !outside.is_empty() {
+        if !outside.is_empty() && self.config.tables.is_none() {
             warn!(publication = %self.config.publication, tables = %outside.join(", "), "tables outside the publication are not captured");
         }
         match catalog::slot_state(&client, &self.config.slot).await? {
@@ -533,6 +547,7 @@ mod tests {
             slot: "s".into(),
             publication: "p".into(),
             create_publication: true,
+            tables: None,
             batch_size: 100,
             status_interval: Duration::from_secs(1),
             stop_at: None,

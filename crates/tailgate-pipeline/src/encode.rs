@@ -1,20 +1,25 @@
-//! From events to Kafka records: topic naming, keys, envelopes and tombstones.
+//! From sink items to record bytes: Debezium envelopes, keys, tombstones, and dead letters for
+//! records too large to deliver.
 //!
-//! Topics are named as Debezium names them: `<topic_prefix>.<schema>.<table>` for row changes and
-//! `<topic_prefix>.message` for logical decoding messages. A delete is followed by a tombstone
-//! (same key, null value) when `tombstones` is on, so that compacted topics drop the row.
+//! Topics are decided upstream by the transform stage. A delete is followed by a tombstone (same
+//! key, null value) when `tombstones` is on, so that compacted topics drop the row. Rendering writes
+//! into buffers reused from record to record.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tailgate_core::envelope::{self, Now};
-use tailgate_core::{Event, FormatOptions, Op, TableId};
+use tailgate_core::{Event, FormatOptions, Op};
+
+use crate::transform::{SinkItem, dead_letter};
 
 #[derive(Debug, Clone)]
 pub struct EncoderOptions {
-    pub topic_prefix: String,
     pub tombstones: bool,
     pub format: FormatOptions,
+    /// Records whose key and value exceed this go to `dead_letter_topic` instead (Kafka would refuse
+    /// them for good). `None`: no limit.
+    pub max_record_bytes: Option<usize>,
+    pub dead_letter_topic: Arc<str>,
 }
 
 /// A record ready for a sink. Borrowed from the encoder's reusable buffers.
@@ -24,28 +29,40 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// `None` is a tombstone.
     pub value: Option<&'a [u8]>,
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
+/// What [`Encoder::prepare`] decided for an item.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub topic: Arc<str>,
+    /// A tombstone (same key, null value) must follow the record.
+    pub tombstone: bool,
+    /// The record is a dead letter (counted by the sink).
+    pub dead_letter: bool,
+    /// Key and value were produced upstream (outbox, dead letters): not necessarily JSON.
+    pub raw: bool,
 }
 
 pub struct Encoder {
     opts: EncoderOptions,
-    topics: HashMap<TableId, Arc<str>>,
-    message_topic: Arc<str>,
     key: Vec<u8>,
     value: Vec<u8>,
     has_key: bool,
+    has_value: bool,
+    headers: Vec<(String, Vec<u8>)>,
     now: Now,
 }
 
 impl Encoder {
     pub fn new(opts: EncoderOptions) -> Self {
-        let message_topic = format!("{}.message", opts.topic_prefix).into();
         Encoder {
             opts,
-            topics: HashMap::new(),
-            message_topic,
             key: Vec::with_capacity(256),
             value: Vec::with_capacity(4096),
             has_key: false,
+            has_value: true,
+            headers: Vec::new(),
             now: Now::system(),
         }
     }
@@ -55,103 +72,169 @@ impl Encoder {
         self.now = Now::system();
     }
 
-    /// The topic an event goes to.
-    pub fn topic_for(&mut self, event: &Event) -> Arc<str> {
-        match event {
-            Event::Change(change) => {
-                if let Some(t) = self.topics.get(&change.table.id) {
-                    return t.clone();
-                }
-                let topic: Arc<str> =
-                    format!("{}.{}.{}", self.opts.topic_prefix, change.table.id.schema, change.table.id.table).into();
-                self.topics.insert(change.table.id.clone(), topic.clone());
-                topic
-            }
-            Event::Message(_) => self.message_topic.clone(),
-        }
-    }
-
-    /// Renders `event` into the encoder's buffers; read them with [`Encoder::key`] and
-    /// [`Encoder::value`] until the next call.
-    pub fn prepare(&mut self, event: &Event) -> Prepared {
-        let topic = self.topic_for(event);
+    /// Renders a `Change` or `Raw` item into the encoder's buffers; read them with [`Encoder::key`],
+    /// [`Encoder::value`] and [`Encoder::headers`] until the next call. `None` for commits.
+    pub fn prepare(&mut self, item: &SinkItem) -> Option<Prepared> {
         self.key.clear();
         self.value.clear();
-        let has_key = envelope::write_key(event, &mut self.key);
-        envelope::write_envelope(event, &self.opts.format, self.now, &mut self.value);
-        self.has_key = has_key;
-        let is_delete = matches!(event, Event::Change(c) if c.op == Op::Delete);
-        // A tombstone without a key would be meaningless to compaction; Debezium skips it too.
-        Prepared { topic, tombstone: is_delete && self.opts.tombstones && has_key }
+        self.headers.clear();
+        let prepared = match item {
+            SinkItem::Commit(_) => return None,
+            SinkItem::Change { topic, event } => {
+                self.has_key = envelope::write_key(event, &mut self.key);
+                envelope::write_envelope(event, &self.opts.format, self.now, &mut self.value);
+                self.has_value = true;
+                let is_delete = matches!(event, Event::Change(c) if c.op == Op::Delete);
+                // A tombstone without a key would be meaningless to compaction; Debezium skips it too.
+                let tombstone = is_delete && self.opts.tombstones && self.has_key;
+                if self.oversized() {
+                    return Some(self.oversized_dead_letter(topic, event));
+                }
+                Prepared { topic: topic.clone(), tombstone, dead_letter: false, raw: false }
+            }
+            SinkItem::Raw(record) => {
+                self.has_key = record.key.is_some();
+                self.key.extend_from_slice(record.key.as_deref().unwrap_or_default());
+                self.has_value = record.value.is_some();
+                self.value.extend_from_slice(record.value.as_deref().unwrap_or_default());
+                self.headers.extend(record.headers.iter().cloned());
+                if !record.dead_letter && self.oversized() {
+                    self.value.clear();
+                    let size = self.key.len() + record.value.as_ref().map_or(0, Vec::len);
+                    self.value.extend_from_slice(self.oversize_description(&record.topic, size).as_bytes());
+                    self.has_value = true;
+                    self.headers.push(("tailgate.error.cause".into(), b"record too large".to_vec()));
+                    self.headers.push(("tailgate.error.topic".into(), record.topic.as_bytes().to_vec()));
+                    return Some(Prepared {
+                        topic: self.opts.dead_letter_topic.clone(),
+                        tombstone: false,
+                        dead_letter: true,
+                        raw: true,
+                    });
+                }
+                Prepared { topic: record.topic.clone(), tombstone: false, dead_letter: record.dead_letter, raw: true }
+            }
+        };
+        Some(prepared)
     }
 
-    /// The key rendered by the last [`Encoder::prepare`] (`None`: the table has no key).
+    fn oversized(&self) -> bool {
+        self.opts.max_record_bytes.is_some_and(|max| self.key.len() + self.value.len() > max)
+    }
+
+    fn oversize_description(&self, topic: &str, size: usize) -> String {
+        serde_json::json!({
+            "cause": "record too large",
+            "topic": topic,
+            "size": size,
+            "limit": self.opts.max_record_bytes,
+        })
+        .to_string()
+    }
+
+    /// Replaces an oversized envelope by a small dead letter describing it (the original cannot be
+    /// delivered anywhere); the key and the source position identify the row.
+    fn oversized_dead_letter(&mut self, topic: &Arc<str>, event: &Event) -> Prepared {
+        let size = self.key.len() + self.value.len();
+        let description = self.oversize_description(topic, size);
+        let letter = dead_letter(
+            &self.opts.dead_letter_topic,
+            None,
+            Some(description.into_bytes()),
+            "record too large",
+            topic,
+            event.source(),
+        );
+        self.value.clear();
+        self.value.extend_from_slice(letter.value.as_deref().unwrap_or_default());
+        self.has_value = true;
+        self.headers = letter.headers;
+        Prepared { topic: letter.topic, tombstone: false, dead_letter: true, raw: true }
+    }
+
+    /// The key rendered by the last [`Encoder::prepare`] (`None`: no key).
     pub fn key(&self) -> Option<&[u8]> {
         self.has_key.then_some(self.key.as_slice())
     }
 
-    /// The envelope rendered by the last [`Encoder::prepare`].
-    pub fn value(&self) -> &[u8] {
-        &self.value
+    /// The value rendered by the last [`Encoder::prepare`] (`None`: a null value).
+    pub fn value(&self) -> Option<&[u8]> {
+        self.has_value.then_some(self.value.as_slice())
     }
 
-    /// Calls `emit` once per record of `event` (twice for a delete followed by its tombstone).
-    pub fn encode(&mut self, event: &Event, mut emit: impl FnMut(Record<'_>)) {
-        let prepared = self.prepare(event);
+    pub fn headers(&self) -> &[(String, Vec<u8>)] {
+        &self.headers
+    }
+
+    /// Calls `emit` once per record of `item` (twice for a delete followed by its tombstone).
+    pub fn encode(&mut self, item: &SinkItem, mut emit: impl FnMut(Record<'_>, &Prepared)) {
+        let Some(prepared) = self.prepare(item) else { return };
         let key = self.key();
-        emit(Record { topic: &prepared.topic, key, value: Some(&self.value) });
+        emit(Record { topic: &prepared.topic, key, value: self.value(), headers: &self.headers }, &prepared);
         if prepared.tombstone {
-            emit(Record { topic: &prepared.topic, key, value: None });
+            emit(Record { topic: &prepared.topic, key, value: None, headers: &[] }, &prepared);
         }
     }
 }
 
-/// What [`Encoder::prepare`] decided for an event.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    pub topic: Arc<str>,
-    /// A tombstone (same key, null value) must follow the record.
-    pub tombstone: bool,
-}
-
 #[cfg(test)]
 mod tests {
-    use tailgate_core::{ChangeEvent, ColumnSchema, PgSource, SourceInfo, TableSchema, Value};
+    use tailgate_core::{ChangeEvent, ColumnSchema, PgSource, SourceInfo, TableId, TableSchema, Value};
 
     use super::*;
 
-    fn delete_event() -> Event {
-        Event::Change(ChangeEvent {
-            op: Op::Delete,
-            table: Arc::new(TableSchema {
-                id: TableId { schema: "public".into(), table: "t".into() },
-                columns: vec![ColumnSchema { name: "id".into(), key: true }],
+    fn delete_event(note: &str) -> SinkItem {
+        SinkItem::Change {
+            topic: "shop.public.t".into(),
+            event: Event::Change(ChangeEvent {
+                op: Op::Delete,
+                table: Arc::new(TableSchema {
+                    id: TableId { schema: "public".into(), table: "t".into() },
+                    columns: vec![
+                        ColumnSchema { name: "id".into(), key: true },
+                        ColumnSchema { name: "note".into(), key: false },
+                    ],
+                }),
+                before: Some(vec![Value::Int(7), Value::String(note.into())]),
+                after: None,
+                source: SourceInfo::Postgres(PgSource {
+                    name: "n".into(),
+                    db: "d".into(),
+                    commit_ts_us: 0,
+                    txid: 1,
+                    lsn: 1,
+                    last_commit_lsn: None,
+                    snapshot: "false",
+                }),
             }),
-            before: Some(vec![Value::Int(7)]),
-            after: None,
-            source: SourceInfo::Postgres(PgSource {
-                name: "n".into(),
-                db: "d".into(),
-                commit_ts_us: 0,
-                txid: 1,
-                lsn: 1,
-                last_commit_lsn: None,
-                snapshot: "false",
-            }),
+        }
+    }
+
+    fn encoder(tombstones: bool, max: Option<usize>) -> Encoder {
+        Encoder::new(EncoderOptions {
+            tombstones,
+            format: FormatOptions::default(),
+            max_record_bytes: max,
+            dead_letter_topic: "shop.dlq".into(),
         })
     }
 
-    fn records(tombstones: bool) -> Vec<(String, Option<Vec<u8>>, bool)> {
-        let mut enc =
-            Encoder::new(EncoderOptions { topic_prefix: "shop".into(), tombstones, format: FormatOptions::default() });
+    fn records(enc: &mut Encoder, item: &SinkItem) -> Vec<(String, Option<Vec<u8>>, bool, Vec<String>)> {
         let mut out = Vec::new();
-        enc.encode(&delete_event(), |r| out.push((r.topic.to_owned(), r.key.map(<[u8]>::to_vec), r.value.is_some())));
+        enc.encode(item, |r, _| {
+            out.push((
+                r.topic.to_owned(),
+                r.key.map(<[u8]>::to_vec),
+                r.value.is_some(),
+                r.headers.iter().map(|(k, _)| k.clone()).collect(),
+            ))
+        });
         out
     }
 
     #[test]
     fn delete_is_followed_by_tombstone_with_same_key() {
-        let out = records(true);
+        let out = records(&mut encoder(true, None), &delete_event("x"));
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0, "shop.public.t");
         assert!(out[0].2);
@@ -161,6 +244,20 @@ mod tests {
 
     #[test]
     fn tombstones_can_be_turned_off() {
-        assert_eq!(records(false).len(), 1);
+        assert_eq!(records(&mut encoder(false, None), &delete_event("x")).len(), 1);
+    }
+
+    #[test]
+    fn oversized_record_becomes_a_dead_letter_with_cause_and_position() {
+        let mut enc = encoder(true, Some(600));
+        let out = records(&mut enc, &delete_event(&"x".repeat(1000)));
+        assert_eq!(out.len(), 1, "no tombstone for a dead letter");
+        assert_eq!(out[0].0, "shop.dlq");
+        for h in ["tailgate.error.cause", "tailgate.error.topic", "tailgate.source.lsn"] {
+            assert!(out[0].3.iter().any(|k| k == h), "missing header {h}: {:?}", out[0].3);
+        }
+        assert!(enc.value().unwrap().len() < 600);
+        // Small records pass.
+        assert_eq!(records(&mut enc, &delete_event("x"))[0].0, "shop.public.t");
     }
 }

@@ -20,12 +20,16 @@ pub mod runtime;
 pub mod sink;
 pub mod source;
 pub mod stdout;
+pub mod transform;
 
 pub use ack::AckTracker;
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunOptions, RunSummary, run};
-pub use sink::{Sink, SinkError};
+pub use sink::{Sink, SinkError, SinkTotals};
 pub use source::{Batch, Item, Source, SourceContext};
 pub use stdout::StdoutSink;
+pub use transform::{
+    FilterSpec, OutboxSpec, RawRecord, RouteSpec, RuleError, Rules, SinkItem, TransformSpec, Transformer,
+};

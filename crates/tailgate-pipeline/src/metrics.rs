@@ -45,6 +45,7 @@ pub struct BatchCounts {
     pub read: u64,
     pub filtered: u64,
     pub transactions: u64,
+    pub dead_lettered: u64,
     pub per_table: BTreeMap<String, u64>,
 }
 
@@ -146,7 +147,7 @@ impl Metrics {
         counter("tailgate_events_read_total", "Change events read from the source.", self.events_read.load(Relaxed));
         counter(
             "tailgate_events_filtered_total",
-            "Change events dropped by filters (skipped operations).",
+            "Change events dropped by filters (excluded tables, skipped operations).",
             self.events_filtered.load(Relaxed),
         );
         counter(

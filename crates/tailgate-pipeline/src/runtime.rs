@@ -1,19 +1,20 @@
 //! The run loop: source task → bounded channel → sink, with ordered checkpoints.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use tailgate_core::{Event, Op, Position, TableSchema};
+use tailgate_core::{Event, Position, TableSchema};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{BatchCounts, Metrics, now_ms};
 use crate::offsets::{OffsetStore, OffsetsError};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Sink, SinkError, SinkTotals};
 use crate::source::{Batch, Item, Source, SourceContext};
+use crate::transform::{Rules, SinkItem, TransformCounts, TransformError, Transformer};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -24,8 +25,6 @@ pub struct RunOptions {
     pub flush_interval: Duration,
     /// How long a graceful stop waits for outstanding acknowledgements.
     pub drain_timeout: Duration,
-    /// Operations never delivered (Debezium `skipped.operations`; default: truncate).
-    pub skip_ops: HashSet<Op>,
     /// How often a progress line is logged.
     pub progress_log_interval: Duration,
 }
@@ -36,7 +35,6 @@ impl Default for RunOptions {
             channel_batches: 4,
             flush_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
-            skip_ops: HashSet::from([Op::Truncate]),
             progress_log_interval: Duration::from_secs(30),
         }
     }
@@ -56,6 +54,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Offsets(#[from] OffsetsError),
+    #[error(transparent)]
+    Transform(#[from] TransformError),
     #[error(
         "stopped with {in_flight} record(s) still unacknowledged after {timeout:?}; the checkpoint stays \
          at {checkpoint}, so they will be sent again on restart"
@@ -86,6 +86,7 @@ pub async fn run<S: Source, K: Sink>(
     opts: RunOptions,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    rules: watch::Receiver<Arc<Rules>>,
 ) -> Result<RunSummary, PipelineError> {
     let (tx, mut rx) = mpsc::channel::<Batch>(opts.channel_batches.max(1));
     let (acked_tx, acked_rx) = watch::channel(resume_from.clone());
@@ -105,8 +106,8 @@ pub async fn run<S: Source, K: Sink>(
     }
     let mut persisted = resume_from;
     let mut last_persist = Instant::now();
-    // Commits handed to the sink and their commit time, for the delivery-lag histogram.
-    let mut pending_commits: VecDeque<(Position, i64)> = VecDeque::new();
+    let mut stage = Stage::new(rules);
+    let mut dead_letters_transformed = 0;
     let mut last_progress_log = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -116,30 +117,29 @@ pub async fn run<S: Source, K: Sink>(
             tokio::select! {
                 biased;
                 batch = rx.recv() => match batch {
-                    Some(mut batch) => {
-                        let counts = count_and_filter(&mut batch, &opts.skip_ops, &mut pending_commits);
+                    Some(batch) => {
+                        let (items, counts) = stage.process(batch)?;
                         summary.events += counts.read - counts.filtered;
+                        dead_letters_transformed += counts.dead_lettered;
                         metrics.apply_batch(&counts);
-                        sink.send(batch).await?;
+                        sink.send(items).await?;
                     }
                     None => return Ok(()),
                 },
                 _ = tick.tick() => {}
             }
             if let Some(position) = sink.poll_acks()? {
-                record_progress(&metrics, &position, &mut pending_commits);
+                record_progress(&metrics, &position, &mut stage.pending_commits);
                 summary.checkpoint = Some(position.clone());
                 acked_tx.send_replace(Some(position));
             }
-            let (delivered, bytes) = sink.totals();
-            metrics.records_delivered.store(delivered, Relaxed);
-            metrics.produced_bytes.store(bytes, Relaxed);
-            metrics.in_flight_records.store(sink.in_flight() as u64, Relaxed);
+            let totals = sink.totals();
+            publish_totals(&metrics, totals, dead_letters_transformed, sink.in_flight());
             if last_progress_log.elapsed() >= opts.progress_log_interval {
                 last_progress_log = Instant::now();
                 info!(
                     events_read = metrics.events_read.load(Relaxed),
-                    records_delivered = delivered,
+                    records_delivered = totals.delivered,
                     in_flight = sink.in_flight(),
                     checkpoint = %summary.checkpoint.as_ref().map_or("(none)".to_owned(), ToString::to_string),
                     "progress"
@@ -168,7 +168,7 @@ pub async fn run<S: Source, K: Sink>(
     let mut result = outcome;
     match drained {
         Ok(Some(position)) => {
-            record_progress(&metrics, &position, &mut pending_commits);
+            record_progress(&metrics, &position, &mut stage.pending_commits);
             summary.checkpoint = Some(position);
         }
         Ok(None) => {}
@@ -207,10 +207,7 @@ pub async fn run<S: Source, K: Sink>(
             Ok(())
         }
     };
-    let (delivered, bytes) = sink.totals();
-    metrics.records_delivered.store(delivered, Relaxed);
-    metrics.produced_bytes.store(bytes, Relaxed);
-    metrics.in_flight_records.store(sink.in_flight() as u64, Relaxed);
+    publish_totals(&metrics, sink.totals(), dead_letters_transformed, sink.in_flight());
     metrics.source_connected.store(false, Relaxed);
     // A source error is the root cause when both failed (the sink saw a closed channel).
     let outcome = match (source_result, result) {
@@ -223,6 +220,7 @@ pub async fn run<S: Source, K: Sink>(
             PipelineError::Source(_) => "source",
             PipelineError::Sink(_) => "sink",
             PipelineError::Offsets(_) => "offsets",
+            PipelineError::Transform(_) => "transform",
             PipelineError::DrainTimeout { .. } => "drain_timeout",
         });
         metrics.set_fatal(e.to_string());
@@ -230,51 +228,78 @@ pub async fn run<S: Source, K: Sink>(
     outcome
 }
 
-/// Drops skipped operations and counts the batch, remembering each commit's time for the lag
-/// histogram (public for `benches/accounting.rs`). One pass; per-table counts are kept per run of consecutive events of one table, so the
-/// table name is formatted once per run, not once per event.
-pub fn count_and_filter(
-    batch: &mut Batch,
-    skip_ops: &HashSet<Op>,
-    pending: &mut VecDeque<(Position, i64)>,
-) -> BatchCounts {
-    let mut counts = BatchCounts::default();
-    let mut last_commit_ts = None;
-    let mut run: Option<(Arc<TableSchema>, u64)> = None;
-    let flush = |counts: &mut BatchCounts, run: Option<(Arc<TableSchema>, u64)>| {
-        if let Some((table, n)) = run {
-            *counts.per_table.entry(table.id.to_string()).or_insert(0) += n;
-        }
-    };
-    batch.retain(|item| match item {
-        Item::Event(event) => {
-            counts.read += 1;
-            last_commit_ts = Some(event.source().commit_ts_us());
-            if let Event::Change(c) = event {
-                if skip_ops.contains(&c.op) {
-                    counts.filtered += 1;
-                    return false;
+fn publish_totals(metrics: &Metrics, totals: SinkTotals, dead_letters_transformed: u64, in_flight: usize) {
+    metrics.records_delivered.store(totals.delivered, Relaxed);
+    metrics.produced_bytes.store(totals.bytes, Relaxed);
+    metrics.records_dead_lettered.store(totals.dead_lettered + dead_letters_transformed, Relaxed);
+    metrics.in_flight_records.store(in_flight as u64, Relaxed);
+}
+
+/// The transform stage of the run loop: source items in, sink items out, with the batch's counts.
+///
+/// New rules (SIGHUP reload) take effect at the next transaction boundary, so a transaction is never
+/// split between two rule sets, and no position is lost or repeated by a reload.
+pub struct Stage {
+    transformer: Transformer,
+    rules: watch::Receiver<Arc<Rules>>,
+    /// Commits handed to the sink and their commit time, for the delivery-lag histogram.
+    pub pending_commits: VecDeque<(Position, i64)>,
+}
+
+impl Stage {
+    pub fn new(mut rules: watch::Receiver<Arc<Rules>>) -> Self {
+        let current = rules.borrow_and_update().clone();
+        Stage { transformer: Transformer::new(current), rules, pending_commits: VecDeque::new() }
+    }
+
+    /// Transforms and counts one batch. Per-table counts are kept per run of consecutive events of
+    /// one table, so the table name is formatted once per run, not once per event.
+    pub fn process(&mut self, batch: Batch) -> Result<(Vec<SinkItem>, BatchCounts), TransformError> {
+        let mut counts = BatchCounts::default();
+        let mut transform_counts = TransformCounts::default();
+        let mut out = Vec::with_capacity(batch.len() + batch.len() / 8);
+        let mut last_commit_ts = None;
+        let mut run: Option<(Arc<TableSchema>, u64)> = None;
+        let flush = |counts: &mut BatchCounts, run: Option<(Arc<TableSchema>, u64)>| {
+            if let Some((table, n)) = run {
+                *counts.per_table.entry(table.id.to_string()).or_insert(0) += n;
+            }
+        };
+        for item in batch {
+            match item {
+                Item::Event(event) => {
+                    counts.read += 1;
+                    last_commit_ts = Some(event.source().commit_ts_us());
+                    if let Event::Change(c) = &event {
+                        match &mut run {
+                            Some((table, n)) if Arc::ptr_eq(table, &c.table) => *n += 1,
+                            _ => {
+                                let previous = run.replace((c.table.clone(), 1));
+                                flush(&mut counts, previous);
+                            }
+                        }
+                    }
+                    self.transformer.apply(event, &mut out, &mut transform_counts)?;
                 }
-                match &mut run {
-                    Some((table, n)) if Arc::ptr_eq(table, &c.table) => *n += 1,
-                    _ => {
-                        let previous = run.replace((c.table.clone(), 1));
-                        flush(&mut counts, previous);
+                Item::Commit(position) => {
+                    if let Some(ts) = last_commit_ts.take() {
+                        counts.transactions += 1;
+                        self.pending_commits.push_back((position.clone(), ts));
+                    }
+                    out.push(SinkItem::Commit(position));
+                    if self.rules.has_changed().unwrap_or(false) {
+                        let rules = self.rules.borrow_and_update().clone();
+                        info!("new filter, route and outbox rules in effect from the next transaction");
+                        self.transformer = Transformer::new(rules);
                     }
                 }
             }
-            true
         }
-        Item::Commit(position) => {
-            if let Some(ts) = last_commit_ts.take() {
-                counts.transactions += 1;
-                pending.push_back((position.clone(), ts));
-            }
-            true
-        }
-    });
-    flush(&mut counts, run);
-    counts
+        flush(&mut counts, run);
+        counts.filtered = transform_counts.filtered;
+        counts.dead_lettered = transform_counts.dead_lettered;
+        Ok((out, counts))
+    }
 }
 
 fn record_progress(metrics: &Metrics, position: &Position, pending: &mut VecDeque<(Position, i64)>) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tailgate_core::Position;
 
-use crate::source::Batch;
+use crate::transform::SinkItem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -32,7 +32,7 @@ pub enum SinkError {
 
 pub trait Sink: Send {
     /// Hands over a batch. May wait while the sink's bounded queue is full (backpressure).
-    fn send(&mut self, batch: Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn send(&mut self, batch: Vec<SinkItem>) -> impl Future<Output = Result<(), SinkError>> + Send;
 
     /// Serves pending acknowledgements; returns the newest fully acknowledged position, if it moved.
     fn poll_acks(&mut self) -> Result<Option<Position>, SinkError>;
@@ -44,6 +44,16 @@ pub trait Sink: Send {
     /// Records handed over and not yet acknowledged.
     fn in_flight(&self) -> usize;
 
-    /// Totals since start: (records acknowledged, key and value bytes handed over).
-    fn totals(&self) -> (u64, u64);
+    /// Totals since start.
+    fn totals(&self) -> SinkTotals;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SinkTotals {
+    /// Records acknowledged (events, tombstones, outbox records, dead letters).
+    pub delivered: u64,
+    /// Key and value bytes handed over.
+    pub bytes: u64,
+    /// Dead letters the sink itself decided (records too large).
+    pub dead_lettered: u64,
 }

@@ -10,59 +10,85 @@ use tailgate_core::Position;
 use tailgate_core::envelope::write_str;
 
 use crate::encode::Encoder;
-use crate::sink::{Sink, SinkError};
-use crate::source::{Batch, Item};
+use crate::sink::{Sink, SinkError, SinkTotals};
+use crate::transform::SinkItem;
 
 pub struct StdoutSink {
     out: BufWriter<Box<dyn Write + Send>>,
     encoder: Encoder,
     acked: Option<Position>,
-    records: u64,
-    bytes: u64,
+    totals: SinkTotals,
 }
 
 impl StdoutSink {
     pub fn new(out: Box<dyn Write + Send>, encoder: Encoder) -> Self {
-        StdoutSink { out: BufWriter::with_capacity(256 * 1024, out), encoder, acked: None, records: 0, bytes: 0 }
+        StdoutSink {
+            out: BufWriter::with_capacity(256 * 1024, out),
+            encoder,
+            acked: None,
+            totals: SinkTotals::default(),
+        }
     }
 
-    fn write_batch(&mut self, batch: &Batch) -> std::io::Result<Option<Position>> {
+    fn write_batch(&mut self, batch: &[SinkItem]) -> std::io::Result<Option<Position>> {
         self.encoder.begin_batch();
         let mut last_commit = None;
         let mut line = Vec::with_capacity(4096);
         let mut result = Ok(());
         for item in batch {
-            match item {
-                Item::Event(event) => {
-                    let out = &mut self.out;
-                    let (records, bytes) = (&mut self.records, &mut self.bytes);
-                    self.encoder.encode(event, |record| {
-                        *records += 1;
-                        *bytes += (record.key.map_or(0, <[u8]>::len) + record.value.map_or(0, <[u8]>::len)) as u64;
-                        line.clear();
-                        line.extend_from_slice(b"{\"topic\":");
-                        write_str(&mut line, record.topic);
-                        line.extend_from_slice(b",\"key\":");
-                        line.extend_from_slice(record.key.unwrap_or(b"null"));
-                        line.extend_from_slice(b",\"value\":");
-                        line.extend_from_slice(record.value.unwrap_or(b"null"));
-                        line.extend_from_slice(b"}\n");
-                        if result.is_ok() {
-                            result = out.write_all(&line);
-                        }
-                    });
-                    result.as_ref().map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                }
-                Item::Commit(position) => last_commit = Some(position.clone()),
+            if let SinkItem::Commit(position) = item {
+                last_commit = Some(position.clone());
+                continue;
             }
+            let out = &mut self.out;
+            let totals = &mut self.totals;
+            self.encoder.encode(item, |record, prepared| {
+                totals.delivered += 1;
+                totals.dead_lettered += u64::from(prepared.dead_letter);
+                totals.bytes += (record.key.map_or(0, <[u8]>::len) + record.value.map_or(0, <[u8]>::len)) as u64;
+                line.clear();
+                line.extend_from_slice(b"{\"topic\":");
+                write_str(&mut line, record.topic);
+                line.extend_from_slice(b",\"key\":");
+                push_json_or_string(&mut line, record.key, prepared.raw);
+                line.extend_from_slice(b",\"value\":");
+                push_json_or_string(&mut line, record.value, prepared.raw);
+                if !record.headers.is_empty() {
+                    line.extend_from_slice(b",\"headers\":{");
+                    for (i, (k, v)) in record.headers.iter().enumerate() {
+                        if i > 0 {
+                            line.push(b',');
+                        }
+                        write_str(&mut line, k);
+                        line.push(b':');
+                        write_str(&mut line, &String::from_utf8_lossy(v));
+                    }
+                    line.push(b'}');
+                }
+                line.extend_from_slice(b"}\n");
+                if result.is_ok() {
+                    result = out.write_all(&line);
+                }
+            });
+            result.as_ref().map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
         }
         self.out.flush()?;
         Ok(last_commit)
     }
 }
 
+/// Envelopes are JSON by construction; raw keys and values (outbox, dead letters) are embedded as
+/// JSON when they are, else as a JSON string (an aggregate id, a text payload).
+fn push_json_or_string(line: &mut Vec<u8>, bytes: Option<&[u8]>, raw: bool) {
+    match bytes {
+        None => line.extend_from_slice(b"null"),
+        Some(b) if !raw || serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok() => line.extend_from_slice(b),
+        Some(b) => write_str(line, &String::from_utf8_lossy(b)),
+    }
+}
+
 impl Sink for StdoutSink {
-    async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
+    async fn send(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
         let committed = self.write_batch(&batch).map_err(|source| SinkError::Io { what: "stdout", source })?;
         if committed.is_some() {
             self.acked = committed;
@@ -83,7 +109,7 @@ impl Sink for StdoutSink {
         0
     }
 
-    fn totals(&self) -> (u64, u64) {
-        (self.records, self.bytes)
+    fn totals(&self) -> SinkTotals {
+        self.totals
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tailgate_core::{FormatOptions, Position};
 use tailgate_kafka::{KafkaSink, KafkaSinkConfig};
-use tailgate_pipeline::{Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, RunOptions, StdoutSink};
+use tailgate_pipeline::{Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, Rules, RunOptions, StdoutSink};
 use tailgate_postgres::check::{CheckInput, Status};
 use tailgate_postgres::{PgError, PostgresSource, PostgresSourceConfig};
 use tokio_util::sync::CancellationToken;
@@ -106,7 +106,7 @@ pub fn main() -> ExitCode {
         Command::Offsets { action: OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. } } => config,
         Command::Slot { action: SlotAction::Drop { config, .. } } => config,
     };
-    let config = match Config::load(config_path) {
+    let config = match Config::load(&config_path.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tailgate: configuration error: {e}");
@@ -123,7 +123,7 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { stop_at_lsn, .. } => run(config, stop_at_lsn).await,
+            Command::Run { stop_at_lsn, config: path } => run(path, config, stop_at_lsn).await,
             Command::Check { .. } => check(config).await,
             Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
             Command::Offsets { action: OffsetsAction::Reset { to_end, to_lsn, .. } } => {
@@ -147,9 +147,23 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn postgres_source(config: &Config, stop_at: Option<tailgate_core::Lsn>) -> Result<PostgresSource, PgError> {
+/// The table predicate for the publication: `None` when the rules select no tables (all captured).
+fn table_predicate(rules: &Arc<Rules>) -> Option<tailgate_postgres::catalog::TablePredicate> {
+    if !rules.filters_tables() {
+        return None;
+    }
+    let rules = rules.clone();
+    Some(Arc::new(move |table: &str| rules.table_included(table)))
+}
+
+fn postgres_source(
+    config: &Config,
+    stop_at: Option<tailgate_core::Lsn>,
+    rules: &Arc<Rules>,
+) -> Result<PostgresSource, PgError> {
     let SourceConfig::Postgres(pg) = &config.source;
     PostgresSource::new(PostgresSourceConfig {
+        tables: table_predicate(rules),
         name: config.name.clone(),
         url: pg.url.clone(),
         slot: config.slot_name(),
@@ -161,14 +175,15 @@ fn postgres_source(config: &Config, stop_at: Option<tailgate_core::Lsn>) -> Resu
     })
 }
 
-fn encoder(config: &Config) -> Encoder {
+fn encoder(config: &Config, rules: &Rules) -> Encoder {
     Encoder::new(EncoderOptions {
-        topic_prefix: config.topic_prefix(),
         tombstones: config.format.tombstones,
         format: FormatOptions {
             decimal_handling: config.format.decimal_handling,
             transaction_metadata: config.format.transaction_metadata,
         },
+        max_record_bytes: config.max_record_bytes(),
+        dead_letter_topic: rules.dead_letter_topic.clone(),
     })
 }
 
@@ -203,8 +218,8 @@ fn watch_signals(token: CancellationToken) {
     });
 }
 
-async fn run(config: Config, stop_at: Option<tailgate_core::Lsn>) -> ExitCode {
-    match run_inner(config, stop_at).await {
+async fn run(config_path: PathBuf, config: Config, stop_at: Option<tailgate_core::Lsn>) -> ExitCode {
+    match run_inner(config_path, config, stop_at).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code_for(&e);
@@ -216,7 +231,7 @@ async fn run(config: Config, stop_at: Option<tailgate_core::Lsn>) -> ExitCode {
     }
 }
 
-async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyhow::Result<()> {
+async fn run_inner(config_path: PathBuf, config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyhow::Result<()> {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let stored = store.load()?;
     let resume = stored.map(|s| s.position);
@@ -228,7 +243,9 @@ async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyho
             info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored: starting from the slot")
         }
     }
-    let source = postgres_source(&config, stop_at)?;
+    let rules = Arc::new(config.rules()?);
+    let (rules_tx, rules_rx) = tokio::sync::watch::channel(rules.clone());
+    let source = postgres_source(&config, stop_at, &rules)?;
     let metrics = Arc::new(Metrics::new(config.name.clone()));
     if let Some(http) = &config.http {
         let listen = http.listen.parse().context("http.listen")?;
@@ -239,20 +256,20 @@ async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyho
     }
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
+    watch_reloads(config_path.clone(), config.clone(), rules_tx);
     let opts = RunOptions {
         flush_interval: Duration::from_millis(config.offsets.flush_interval_ms.unwrap_or(1000)),
-        skip_ops: config.skip_ops()?.into_iter().collect(),
         ..RunOptions::default()
     };
     let summary = match kafka_config(&config) {
         Some(kc) => {
             info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
-            let sink = KafkaSink::new(kc, encoder(&config), shutdown.clone(), opts.drain_timeout)?;
-            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics).await?
+            let sink = KafkaSink::new(kc, encoder(&config, &rules), shutdown.clone(), opts.drain_timeout)?;
+            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics, rules_rx).await?
         }
         None => {
-            let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(&config));
-            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics).await?
+            let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(&config, &rules));
+            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics, rules_rx).await?
         }
     };
     info!(
@@ -261,6 +278,51 @@ async fn run_inner(config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyho
         "stopped cleanly"
     );
     Ok(())
+}
+
+/// SIGHUP re-reads the config file and applies its `[filter]`, `[[route]]` and `[[outbox]]` rules from
+/// the next transaction on (and brings a tailgate-managed publication in line). A broken file is
+/// refused and the running rules kept.
+fn watch_reloads(path: PathBuf, running: Config, rules_tx: tokio::sync::watch::Sender<Arc<Rules>>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot install the SIGHUP handler: reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reload(&path, &running).await {
+                Ok(rules) => {
+                    rules_tx.send_replace(Arc::new(rules));
+                    info!(config = %path.display(), "reloaded: new rules apply from the next transaction");
+                }
+                Err(e) => error!(config = %path.display(), "reload refused, the running rules stay: {e:#}"),
+            }
+        }
+    });
+}
+
+async fn reload(path: &std::path::Path, running: &Config) -> anyhow::Result<Rules> {
+    let new = Config::load(path)?;
+    let rules = new.rules()?;
+    if new.source_and_sink_differ(running) {
+        warn!("only [filter], [[route]], [[outbox]] and [dead_letter] are reloaded; restart to apply other changes");
+    }
+    let SourceConfig::Postgres(pg) = &running.source;
+    if pg.create_publication {
+        let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
+        let mut client = tailgate_postgres::catalog::connect(&info).await?;
+        let shared = Arc::new(rules.clone());
+        let outcome = tailgate_postgres::catalog::sync_publication(
+            &mut client,
+            &running.publication_name(),
+            table_predicate(&shared).as_ref(),
+            true,
+        )
+        .await?;
+        info!(publication = %running.publication_name(), ?outcome, "publication checked against the new rules");
+    }
+    Ok(rules)
 }
 
 /// Measures, every `every`, how many WAL bytes the slot has not confirmed (`tailgate_source_lag_bytes`).

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tailgate_core::{DecimalHandling, Op};
+use tailgate_core::DecimalHandling;
+use tailgate_pipeline::{FilterSpec, OutboxSpec, RouteSpec, Rules, TransformSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,7 +36,15 @@ pub struct Config {
     #[serde(default)]
     pub format: FormatConfig,
     #[serde(default)]
-    pub filter: FilterConfig,
+    pub filter: FilterSpec,
+    /// `[[route]]` tables: topic routing, first match wins.
+    #[serde(default)]
+    pub route: Vec<RouteSpec>,
+    /// `[[outbox]]` tables: the outbox event router.
+    #[serde(default)]
+    pub outbox: Vec<OutboxSpec>,
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
     #[serde(default)]
     pub offsets: OffsetsConfig,
     #[serde(default)]
@@ -136,18 +145,12 @@ impl Default for FormatConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[dead_letter]`
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FilterConfig {
-    /// Operations never delivered: any of c, u, d, t. Default ["t"], as Debezium.
-    #[serde(default = "default_skip_operations")]
-    pub skip_operations: Vec<String>,
-}
-
-impl Default for FilterConfig {
-    fn default() -> Self {
-        FilterConfig { skip_operations: default_skip_operations() }
-    }
+pub struct DeadLetterConfig {
+    /// Default `<topic_prefix>.dlq`.
+    pub topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -188,9 +191,6 @@ fn default_ready_window_s() -> u64 {
 }
 fn default_lag_poll_s() -> u64 {
     10
-}
-fn default_skip_operations() -> Vec<String> {
-    vec!["t".into()]
 }
 
 impl Config {
@@ -264,7 +264,7 @@ impl Config {
                 "use letters, digits, '.', '_' or '-' (Kafka topic characters)",
             ));
         }
-        self.skip_ops()?;
+        self.rules()?;
         if let Some(http) = &self.http {
             if http.listen.parse::<std::net::SocketAddr>().is_err() {
                 return Err(key_error(
@@ -306,18 +306,40 @@ impl Config {
         self.offsets.path.clone().unwrap_or_else(|| PathBuf::from(format!("{}.offsets.json", self.name)))
     }
 
-    pub fn skip_ops(&self) -> Result<Vec<Op>, ConfigError> {
-        self.filter
-            .skip_operations
-            .iter()
-            .map(|code| match Op::from_code(code) {
-                Some(op @ (Op::Create | Op::Update | Op::Delete | Op::Truncate)) => Ok(op),
-                _ => Err(key_error(
-                    "filter.skip_operations",
-                    format!("{code:?} is not one of \"c\", \"u\", \"d\", \"t\""),
-                )),
-            })
-            .collect()
+    /// Whether anything outside the reloadable sections changed.
+    pub fn source_and_sink_differ(&self, other: &Config) -> bool {
+        let fixed = |c: &Config| format!("{:?}", (&c.name, &c.source, &c.sink, &c.format, &c.offsets, &c.http, &c.log));
+        fixed(self) != fixed(other)
+    }
+
+    /// The transform rules: `[filter]`, `[[route]]`, `[[outbox]]`, `[dead_letter]`.
+    pub fn transform_spec(&self) -> TransformSpec {
+        TransformSpec {
+            filter: self.filter.clone(),
+            routes: self.route.clone(),
+            outboxes: self.outbox.clone(),
+            topic_prefix: self.topic_prefix(),
+            dead_letter_topic: self.dead_letter.topic.clone(),
+        }
+    }
+
+    pub fn rules(&self) -> Result<Rules, ConfigError> {
+        let rules = Rules::compile(&self.transform_spec()).map_err(|e| key_error(e.key, e.message))?;
+        if !tailgate_pipeline::transform::valid_topic(&rules.dead_letter_topic) {
+            return Err(key_error("dead_letter.topic", "not a valid Kafka topic name"));
+        }
+        Ok(rules)
+    }
+
+    /// Records larger than this go to the dead-letter topic: librdkafka's `message.max.bytes`
+    /// (1,000,000 unless set in `[sink.librdkafka]`).
+    pub fn max_record_bytes(&self) -> Option<usize> {
+        match &self.sink {
+            SinkConfig::Kafka(k) => {
+                Some(k.librdkafka.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(1_000_000))
+            }
+            SinkConfig::Stdout(_) => None,
+        }
     }
 }
 
@@ -450,7 +472,7 @@ path = "shop.offsets.json"
         assert_eq!(c.slot_name(), "tailgate_shop");
         assert_eq!(c.publication_name(), "tailgate_shop");
         assert_eq!(c.topic_prefix(), "shop");
-        assert_eq!(c.skip_ops().unwrap(), vec![Op::Truncate]);
+        assert!(c.rules().unwrap().skip_ops.contains(&tailgate_core::Op::Truncate));
         assert_eq!(c.offsets_path(), PathBuf::from("shop.offsets.json"));
     }
 
@@ -479,6 +501,13 @@ path = "shop.offsets.json"
         assert!(err.to_string().contains("source.snapshot"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[filter]\nskip_operations = [\"x\"]\n")).unwrap_err();
         assert!(err.to_string().contains("filter.skip_operations"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[filter]\ninclude_tables = [\"public\\\\.(\"]\n")).unwrap_err();
+        assert!(err.to_string().contains("filter.include_tables[0]"), "{err}");
+        let err =
+            parse(&format!("{MINIMAL}\n[[outbox]]\ntable = \"public.outbox\"\non_update = \"explode\"\n")).unwrap_err();
+        assert!(err.to_string().contains("outbox[0].on_update"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[[outbox]]\ntable = \"public.outbox\"\nidd = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("idd"), "{err}");
     }
 
     #[test]
