@@ -219,7 +219,10 @@ mod tests {
         })
     }
 
-    fn records(enc: &mut Encoder, item: &SinkItem) -> Vec<(String, Option<Vec<u8>>, bool, Vec<String>)> {
+    /// (topic, key, has value, header names)
+    type Rendered = (String, Option<Vec<u8>>, bool, Vec<String>);
+
+    fn records(enc: &mut Encoder, item: &SinkItem) -> Vec<Rendered> {
         let mut out = Vec::new();
         enc.encode(item, |r, _| {
             out.push((

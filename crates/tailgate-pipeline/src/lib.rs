@@ -26,7 +26,7 @@ pub use ack::AckTracker;
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
-pub use runtime::{PipelineError, RunOptions, RunSummary, run};
+pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
 pub use sink::{Sink, SinkError, SinkTotals};
 pub use source::{Batch, Item, Source, SourceContext};
 pub use stdout::StdoutSink;

@@ -45,7 +45,6 @@ pub struct BatchCounts {
     pub read: u64,
     pub filtered: u64,
     pub transactions: u64,
-    pub dead_lettered: u64,
     pub per_table: BTreeMap<String, u64>,
 }
 

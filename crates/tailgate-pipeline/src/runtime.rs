@@ -40,6 +40,18 @@ impl Default for RunOptions {
     }
 }
 
+/// What a run is wired to.
+pub struct RunContext {
+    pub store: OffsetStore,
+    /// The stored checkpoint, if any.
+    pub resume_from: Option<Position>,
+    /// Cancelled on SIGINT/SIGTERM: drain, checkpoint, stop.
+    pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    /// Transform rules; a new value (reload) applies from the next transaction.
+    pub rules: watch::Receiver<Arc<Rules>>,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct RunSummary {
     pub events: u64,
@@ -81,13 +93,10 @@ impl PipelineError {
 pub async fn run<S: Source, K: Sink>(
     source: S,
     mut sink: K,
-    store: OffsetStore,
-    resume_from: Option<Position>,
+    context: RunContext,
     opts: RunOptions,
-    shutdown: CancellationToken,
-    metrics: Arc<Metrics>,
-    rules: watch::Receiver<Arc<Rules>>,
 ) -> Result<RunSummary, PipelineError> {
+    let RunContext { store, resume_from, shutdown, metrics, rules } = context;
     let (tx, mut rx) = mpsc::channel::<Batch>(opts.channel_batches.max(1));
     let (acked_tx, acked_rx) = watch::channel(resume_from.clone());
     let source_shutdown = shutdown.child_token();
@@ -107,7 +116,6 @@ pub async fn run<S: Source, K: Sink>(
     let mut persisted = resume_from;
     let mut last_persist = Instant::now();
     let mut stage = Stage::new(rules);
-    let mut dead_letters_transformed = 0;
     let mut last_progress_log = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,7 +128,6 @@ pub async fn run<S: Source, K: Sink>(
                     Some(batch) => {
                         let (items, counts) = stage.process(batch)?;
                         summary.events += counts.read - counts.filtered;
-                        dead_letters_transformed += counts.dead_lettered;
                         metrics.apply_batch(&counts);
                         sink.send(items).await?;
                     }
@@ -134,7 +141,7 @@ pub async fn run<S: Source, K: Sink>(
                 acked_tx.send_replace(Some(position));
             }
             let totals = sink.totals();
-            publish_totals(&metrics, totals, dead_letters_transformed, sink.in_flight());
+            publish_totals(&metrics, totals, sink.in_flight());
             if last_progress_log.elapsed() >= opts.progress_log_interval {
                 last_progress_log = Instant::now();
                 info!(
@@ -207,7 +214,7 @@ pub async fn run<S: Source, K: Sink>(
             Ok(())
         }
     };
-    publish_totals(&metrics, sink.totals(), dead_letters_transformed, sink.in_flight());
+    publish_totals(&metrics, sink.totals(), sink.in_flight());
     metrics.source_connected.store(false, Relaxed);
     // A source error is the root cause when both failed (the sink saw a closed channel).
     let outcome = match (source_result, result) {
@@ -228,10 +235,10 @@ pub async fn run<S: Source, K: Sink>(
     outcome
 }
 
-fn publish_totals(metrics: &Metrics, totals: SinkTotals, dead_letters_transformed: u64, in_flight: usize) {
+fn publish_totals(metrics: &Metrics, totals: SinkTotals, in_flight: usize) {
     metrics.records_delivered.store(totals.delivered, Relaxed);
     metrics.produced_bytes.store(totals.bytes, Relaxed);
-    metrics.records_dead_lettered.store(totals.dead_lettered + dead_letters_transformed, Relaxed);
+    metrics.records_dead_lettered.store(totals.dead_lettered, Relaxed);
     metrics.in_flight_records.store(in_flight as u64, Relaxed);
 }
 
@@ -297,7 +304,6 @@ impl Stage {
         }
         flush(&mut counts, run);
         counts.filtered = transform_counts.filtered;
-        counts.dead_lettered = transform_counts.dead_lettered;
         Ok((out, counts))
     }
 }

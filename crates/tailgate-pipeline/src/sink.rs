@@ -54,6 +54,6 @@ pub struct SinkTotals {
     pub delivered: u64,
     /// Key and value bytes handed over.
     pub bytes: u64,
-    /// Dead letters the sink itself decided (records too large).
+    /// Records handed to the dead-letter topic (decided upstream, or here for records too large).
     pub dead_lettered: u64,
 }

@@ -844,3 +844,275 @@ fn payload_bytes(value: &Value) -> Option<Vec<u8>> {
         other => value_json(other).map(|j| j.to_string().into_bytes()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tailgate_core::{PgSource, TableId};
+
+    use super::*;
+
+    fn table(schema: &str, name: &str, columns: &[(&str, bool)]) -> Arc<TableSchema> {
+        Arc::new(TableSchema {
+            id: TableId { schema: schema.into(), table: name.into() },
+            columns: columns.iter().map(|(n, k)| ColumnSchema { name: (*n).into(), key: *k }).collect(),
+        })
+    }
+
+    fn source() -> SourceInfo {
+        SourceInfo::Postgres(PgSource {
+            name: "shop".into(),
+            db: "shop".into(),
+            commit_ts_us: 0,
+            txid: 9,
+            lsn: 0x10,
+            last_commit_lsn: None,
+            snapshot: "false",
+        })
+    }
+
+    fn insert(table: &Arc<TableSchema>, row: Vec<Value>) -> Event {
+        Event::Change(ChangeEvent {
+            op: Op::Create,
+            table: table.clone(),
+            before: None,
+            after: Some(row),
+            source: source(),
+        })
+    }
+
+    fn transformer(toml_like: impl FnOnce(&mut TransformSpec)) -> Transformer {
+        let mut spec = TransformSpec { topic_prefix: "shop".into(), ..Default::default() };
+        toml_like(&mut spec);
+        Transformer::new(Arc::new(Rules::compile(&spec).unwrap()))
+    }
+
+    fn run(t: &mut Transformer, event: Event) -> (Vec<SinkItem>, TransformCounts) {
+        let mut out = Vec::new();
+        let mut counts = TransformCounts::default();
+        t.apply(event, &mut out, &mut counts).unwrap();
+        (out, counts)
+    }
+
+    #[test]
+    fn include_and_exclude_are_anchored() {
+        let rules = Rules::compile(&TransformSpec {
+            filter: FilterSpec {
+                include_tables: vec!["public\\.(orders|outbox)".into(), "audit\\..*".into()],
+                exclude_tables: vec!["audit\\.secret".into()],
+                ..Default::default()
+            },
+            topic_prefix: "shop".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(rules.table_included("public.orders"));
+        assert!(!rules.table_included("public.orders_archive"), "anchored: no partial matches");
+        assert!(!rules.table_included("xpublic.orders"));
+        assert!(rules.table_included("audit.log"));
+        assert!(!rules.table_included("audit.secret"));
+    }
+
+    #[test]
+    fn columns_are_excluded_masked_and_the_key_overridden() {
+        let customers = table(
+            "public",
+            "customers",
+            &[("id", true), ("email", false), ("ssn", false), ("name", false), ("no", false)],
+        );
+        let mut t = transformer(|s| {
+            s.filter.exclude_columns = vec!["public\\.customers\\.ssn".into()];
+            s.filter.mask_columns.insert("public\\.customers\\.email".into(), "hash:pepper".into());
+            s.filter.mask_columns.insert("public\\.customers\\.name".into(), "mask".into());
+            s.filter.mask_columns.insert("public\\.customers\\.no".into(), "truncate:3".into());
+            s.filter.key_columns.insert("public.customers".into(), vec!["no".into()]);
+        });
+        let row = vec![
+            Value::Int(1),
+            Value::String("a@b.c".into()),
+            Value::String("123-45".into()),
+            Value::String("Ada".into()),
+            Value::String("ABCDEF".into()),
+        ];
+        let (out, _) = run(&mut t, insert(&customers, row));
+        let SinkItem::Change { topic, event: Event::Change(c) } = &out[0] else { panic!() };
+        assert_eq!(&**topic, "shop.public.customers");
+        let names: Vec<_> = c.table.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "email", "name", "no"]);
+        let after = c.after.as_ref().unwrap();
+        // sha256("pepper" + "a@b.c")
+        let mut h = Sha256::new();
+        h.update(b"peppera@b.c");
+        let expected: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(after[1], Value::String(expected));
+        assert_eq!(after[2], Value::String("***".into()));
+        assert_eq!(after[3], Value::String("ABC".into()));
+        let keys: Vec<_> = c.table.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect();
+        assert_eq!(keys, ["no"], "key override replaces the primary key");
+    }
+
+    #[test]
+    fn routes_rewrite_topics_with_captures_first_match_wins() {
+        let shard = table("public", "orders_7", &[("id", true)]);
+        let mut t = transformer(|s| {
+            s.routes = vec![
+                RouteSpec { pattern: "shop\\.public\\.orders_(\\d+)".into(), topic: "shop.orders.shard$1".into() },
+                RouteSpec { pattern: "shop\\..*".into(), topic: "everything".into() },
+            ];
+        });
+        let (out, _) = run(&mut t, insert(&shard, vec![Value::Int(1)]));
+        let SinkItem::Change { topic, .. } = &out[0] else { panic!() };
+        assert_eq!(&**topic, "shop.orders.shard7");
+    }
+
+    #[test]
+    fn skipped_operations_and_excluded_tables_are_counted_as_filtered() {
+        let t1 = table("public", "audit_log", &[("id", true)]);
+        let mut t = transformer(|s| s.filter.exclude_tables = vec!["public\\.audit_.*".into()]);
+        let (out, counts) = run(&mut t, insert(&t1, vec![Value::Int(1)]));
+        assert!(out.is_empty());
+        assert_eq!(counts.filtered, 1);
+    }
+
+    fn outbox_table() -> Arc<TableSchema> {
+        table(
+            "public",
+            "outbox",
+            &[("id", true), ("aggregatetype", false), ("aggregateid", false), ("type", false), ("payload", false)],
+        )
+    }
+
+    fn outbox_row(payload: &str) -> Vec<Value> {
+        vec![
+            Value::String("e-1".into()),
+            Value::String("order".into()),
+            Value::String("42".into()),
+            Value::String("OrderCreated".into()),
+            Value::String(payload.into()),
+        ]
+    }
+
+    fn outbox_spec() -> OutboxSpec {
+        toml_outbox("table = \"public.outbox\"\nadditional_fields = [\"type:header:eventType\"]")
+    }
+
+    /// An `[[outbox]]` entry as a user writes it.
+    fn toml_outbox(text: &str) -> OutboxSpec {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn outbox_insert_becomes_one_routed_record_keyed_by_aggregate() {
+        let outbox = outbox_table();
+        let mut t = transformer(|s| s.outboxes = vec![outbox_spec()]);
+        let (out, counts) = run(&mut t, insert(&outbox, outbox_row(r#"{"total": 9.5}"#)));
+        assert_eq!(counts.outbox, 1);
+        let SinkItem::Raw(r) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(&*r.topic, "outbox.event.order");
+        assert_eq!(r.key.as_deref(), Some(&b"42"[..]));
+        assert_eq!(r.value.as_deref(), Some(&br#"{"total": 9.5}"#[..]));
+        assert!(r.headers.contains(&("id".into(), b"e-1".to_vec())));
+        assert!(r.headers.contains(&("eventType".into(), b"OrderCreated".to_vec())));
+        // Deletes of outbox rows are ignored; its table events are never emitted.
+        let delete = Event::Change(ChangeEvent {
+            op: Op::Delete,
+            table: outbox.clone(),
+            before: Some(outbox_row("{}")),
+            after: None,
+            source: source(),
+        });
+        assert!(run(&mut t, delete).0.is_empty());
+    }
+
+    #[test]
+    fn outbox_envelope_fields_wrap_the_payload() {
+        let outbox = outbox_table();
+        let spec = toml_outbox("table = \"public.outbox\"\nadditional_fields = [\"type:envelope:eventType\"]");
+        let mut t = transformer(|s| s.outboxes = vec![spec]);
+        let (out, _) = run(&mut t, insert(&outbox, outbox_row(r#"{"a":1}"#)));
+        let SinkItem::Raw(r) = &out[0] else { panic!() };
+        let v: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        assert_eq!(v, serde_json::json!({"eventType": "OrderCreated", "payload": {"a": 1}}));
+    }
+
+    #[test]
+    fn invalid_outbox_payload_and_topic_become_dead_letters() {
+        let outbox = outbox_table();
+        let spec = toml_outbox("table = \"public.outbox\"\nrequire_json = true");
+        let mut t = transformer(|s| s.outboxes = vec![spec]);
+        let (out, counts) = run(&mut t, insert(&outbox, outbox_row("not json")));
+        let SinkItem::Raw(r) = &out[0] else { panic!() };
+        assert_eq!(&*r.topic, "shop.dlq");
+        assert!(r.dead_letter);
+        assert_eq!(counts.dead_lettered, 1);
+        assert!(
+            r.headers.iter().any(|(k, v)| k == "tailgate.error.cause" && String::from_utf8_lossy(v).contains("JSON"))
+        );
+        assert!(r.headers.iter().any(|(k, _)| k == "tailgate.source.lsn"));
+
+        let mut row = outbox_row("{}");
+        row[1] = Value::String("bad topic/name".into());
+        let mut t = transformer(|s| s.outboxes = vec![outbox_spec()]);
+        let (out, _) = run(&mut t, insert(&outbox, row));
+        let SinkItem::Raw(r) = &out[0] else { panic!() };
+        assert_eq!(&*r.topic, "shop.dlq");
+    }
+
+    #[test]
+    fn outbox_update_follows_on_update() {
+        let outbox = outbox_table();
+        let update = || {
+            Event::Change(ChangeEvent {
+                op: Op::Update,
+                table: outbox.clone(),
+                before: None,
+                after: Some(outbox_row("{}")),
+                source: source(),
+            })
+        };
+        let mut warn = transformer(|s| s.outboxes = vec![outbox_spec()]);
+        assert!(run(&mut warn, update()).0.is_empty());
+        let fatal_spec = toml_outbox("table = \"public.outbox\"\non_update = \"fatal\"");
+        let mut fatal = transformer(|s| s.outboxes = vec![fatal_spec]);
+        let mut out = Vec::new();
+        assert!(fatal.apply(update(), &mut out, &mut TransformCounts::default()).is_err());
+    }
+
+    #[test]
+    fn logical_message_outbox_routes_like_a_row() {
+        let spec = toml_outbox("message_prefix = \"outbox\"");
+        let mut t = transformer(|s| s.outboxes = vec![spec]);
+        let message = |content: &str| {
+            Event::Message(LogicalMessage {
+                transactional: true,
+                prefix: "outbox".into(),
+                content: content.as_bytes().to_vec(),
+                source: source(),
+            })
+        };
+        let (out, _) = run(
+            &mut t,
+            message(r#"{"id":"m1","aggregatetype":"customer","aggregateid":"7","type":"Created","payload":{"x":1}}"#),
+        );
+        let SinkItem::Raw(r) = &out[0] else { panic!() };
+        assert_eq!(&*r.topic, "outbox.event.customer");
+        assert_eq!(r.key.as_deref(), Some(&b"7"[..]));
+        assert_eq!(r.value.as_deref(), Some(&br#"{"x":1}"#[..]));
+        let (out, counts) = run(&mut t, message("not json"));
+        let SinkItem::Raw(r) = &out[0] else { panic!() };
+        assert!(r.dead_letter);
+        assert_eq!(counts.dead_lettered, 1);
+    }
+
+    #[test]
+    fn bad_rules_name_the_key() {
+        let err = Rules::compile(&TransformSpec {
+            routes: vec![RouteSpec { pattern: "(".into(), topic: "x".into() }],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.key, "route[0].match");
+        let mut spec = TransformSpec::default();
+        spec.filter.mask_columns.insert("a".into(), "scramble".into());
+        assert!(Rules::compile(&spec).unwrap_err().message.contains("hash:<salt>"));
+    }
+}

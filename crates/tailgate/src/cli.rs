@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tailgate_core::{FormatOptions, Position};
 use tailgate_kafka::{KafkaSink, KafkaSinkConfig};
-use tailgate_pipeline::{Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, Rules, RunOptions, StdoutSink};
+use tailgate_pipeline::{
+    Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, Rules, RunContext, RunOptions, StdoutSink,
+};
 use tailgate_postgres::check::{CheckInput, Status};
 use tailgate_postgres::{PgError, PostgresSource, PostgresSourceConfig};
 use tokio_util::sync::CancellationToken;
@@ -261,15 +263,16 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: Option<tailgat
         flush_interval: Duration::from_millis(config.offsets.flush_interval_ms.unwrap_or(1000)),
         ..RunOptions::default()
     };
+    let context = RunContext { store, resume_from: resume, shutdown: shutdown.clone(), metrics, rules: rules_rx };
     let summary = match kafka_config(&config) {
         Some(kc) => {
             info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
             let sink = KafkaSink::new(kc, encoder(&config, &rules), shutdown.clone(), opts.drain_timeout)?;
-            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics, rules_rx).await?
+            tailgate_pipeline::run(source, sink, context, opts).await?
         }
         None => {
             let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(&config, &rules));
-            tailgate_pipeline::run(source, sink, store, resume, opts, shutdown, metrics, rules_rx).await?
+            tailgate_pipeline::run(source, sink, context, opts).await?
         }
     };
     info!(

@@ -2,7 +2,8 @@
 //!
 //! Every field has a documented default (docs/configuration.md); unknown keys are refused by name;
 //! `${VAR}` in any string is replaced by the environment variable, `${VAR:-default}` falls back to
-//! `default` when it is unset or empty, and `$${` writes a literal `${`.
+//! `default` when it is unset or empty, and `$${` writes a literal `${`. The one exception is an
+//! `[[outbox]] topic`, a template whose `${...}` name columns.
 //! Errors name the offending key and the fix.
 
 use std::collections::BTreeMap;
@@ -367,6 +368,8 @@ fn interpolate(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
+        // An outbox topic is a template over columns (`${aggregatetype}`), as in Debezium: not env.
+        toml::Value::String(_) if is_outbox_topic(path) => {}
         toml::Value::String(s) if s.contains('$') => *s = expand(s, path, env)?,
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -390,6 +393,10 @@ fn interpolate(
         _ => {}
     }
     Ok(())
+}
+
+fn is_outbox_topic(path: &str) -> bool {
+    path.strip_prefix("outbox[").and_then(|rest| rest.split_once("].")).is_some_and(|(_, key)| key == "topic")
 }
 
 fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
@@ -508,6 +515,15 @@ path = "shop.offsets.json"
         assert!(err.to_string().contains("outbox[0].on_update"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[[outbox]]\ntable = \"public.outbox\"\nidd = \"x\"\n")).unwrap_err();
         assert!(err.to_string().contains("idd"), "{err}");
+    }
+
+    #[test]
+    fn outbox_topic_templates_are_not_env_interpolated() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[[outbox]]\ntable = \"public.outbox\"\ntopic = \"outbox.${{aggregatetype}}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.outbox[0].topic, "outbox.${aggregatetype}");
     }
 
     #[test]

@@ -5,4 +5,5 @@ mod auth;
 mod operations;
 mod resilience;
 mod streaming;
+mod transforms;
 mod types;
