@@ -9,6 +9,7 @@
 #   bench/run.sh              # ROWS=200000 TXN_ROWS=1000 by default
 #   HTTP=1 bench/run.sh       # also serve /metrics and scrape it every second during the runs
 #   BASELINE_BIN=path bench/run.sh   # also drain extra slots with another tailgate build (paired comparison)
+#   RULES=1 bench/run.sh      # only the filter workload: 1 of 10 tables included, with a route and an excluded column
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-200000}"
@@ -114,12 +115,54 @@ run_workload() { # run_workload <title> <insert SQL>
   printf '%s\n' "${RESULTS[@]: -5}" >&2
 }
 
+# Filter workload: 200k inserts into orders and 20k into each of 9 other tables (1,000 + 9×100 rows per
+# transaction). pg_recvlogical reads a publication of orders only (the raw limit for that stream);
+# tailgate reads the same publication with the rules (include, route, excluded column), and, for
+# comparison, a FOR ALL TABLES publication filtered on its side.
+run_filter_workload() {
+  local title="1 of 10 tables included: $ROWS + 9×$((ROWS / 10)) inserts, $TXN_ROWS-row transactions" endpos sql
+  "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
+  "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
+  sql="CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz);"
+  for t in 1 2 3 4 5 6 7 8 9; do sql+="CREATE TABLE other_$t (LIKE orders INCLUDING ALL);"; done
+  "${PSQL[@]}" -d "$DB" -c "$sql" -c "CREATE PUBLICATION bench FOR TABLE orders" -c "CREATE PUBLICATION bench_all FOR ALL TABLES"
+  for slot in bench_warmup bench_recv bench_rules bench_clientside; do
+    "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
+  done
+  rm -f "$WORK"/*.offsets.json
+  sql="DO \$\$ BEGIN FOR b IN 0..$((ROWS / TXN_ROWS - 1)) LOOP
+     INSERT INTO orders SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(b * $TXN_ROWS + 1, (b + 1) * $TXN_ROWS) g;"
+  for t in 1 2 3 4 5 6 7 8 9; do
+    sql+=" INSERT INTO other_$t SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(b * $((TXN_ROWS / 10)) + 1, (b + 1) * $((TXN_ROWS / 10))) g;"
+  done
+  sql+=" COMMIT; END LOOP; END \$\$"
+  "${PSQL[@]}" -d "$DB" -c "$sql"
+  endpos=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_current_wal_lsn()")
+  local rules=$'[filter]\ninclude_tables = ["public\\\\.orders"]\nexclude_columns = ["public\\\\.orders\\\\.created_at"]\n[[route]]\nmatch = "(.*)\\\\.public\\\\.orders"\ntopic = "$1.orders.v2"'
+  { config bench_rules $'[sink]\ntype = "stdout"'; echo "$rules"; } >"$WORK/rules.toml"
+  { config bench_clientside $'[sink]\ntype = "stdout"'; echo "$rules"; } | sed 's/^publication = "bench"/publication = "bench_all"/' >"$WORK/clientside.toml"
+  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_warmup --start -o proto_version=1 \
+    -o publication_names=bench --endpos="$endpos" -f /dev/null
+  echo "### $title" >&2
+  RESULTS+=("**$title**||||")
+  RESULTS+=("$(measure "pg_recvlogical, publication of orders → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" \
+    --slot bench_recv --start -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
+  RESULTS+=("$(measure "tailgate with rules, publication of orders → stdout" "$ROWS" "$BIN" run --config "$WORK/rules.toml" --stop-at-lsn "$endpos")")
+  RESULTS+=("$(measure "tailgate with rules, FOR ALL TABLES (filtered here) → stdout" "$ROWS" "$BIN" run --config "$WORK/clientside.toml" --stop-at-lsn "$endpos")")
+  printf '%s\n' "${RESULTS[@]: -3}" >&2
+}
+
+if [[ "${RULES:-0}" == 1 ]]; then
+  run_filter_workload
+  OUT="bench/results/$(date -u +%Y-%m-%d)-filters.md"
+else
 run_workload "$ROWS inserts, one transaction" \
   "INSERT INTO orders SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(1, $ROWS) g"
 run_workload "$ROWS inserts, $TXN_ROWS-row transactions" \
   "DO \$\$ BEGIN FOR b IN 0..$((ROWS / TXN_ROWS - 1)) LOOP
      INSERT INTO orders SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(b * $TXN_ROWS + 1, (b + 1) * $TXN_ROWS) g;
      COMMIT; END LOOP; END \$\$"
+fi
 
 {
   echo "# Foundation benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -780,11 +780,27 @@ pub fn valid_topic(topic: &str) -> bool {
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-fn project(row: Vec<Value>, plan: &ColumnPlan) -> Vec<Value> {
-    let mut row = row;
-    let mut out: Vec<Value> = plan.keep.iter().map(|&i| std::mem::replace(&mut row[i], Value::Null)).collect();
+/// Keeps the planned columns, in place: `keep` is ascending, so each kept value moves left or
+/// stays, and the row's allocation is reused.
+fn project(mut row: Vec<Value>, plan: &ColumnPlan) -> Vec<Value> {
+    if plan.keep.len() != row.len() {
+        for (out, &i) in plan.keep.iter().enumerate() {
+            row.swap(out, i);
+        }
+        row.truncate(plan.keep.len());
+    }
     for (i, mask) in &plan.masks {
-        out[*i] = apply_mask(&out[*i], mask);
+        row[*i] = apply_mask(&row[*i], mask);
+    }
+    row
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xF)] as char);
     }
     out
 }
@@ -799,7 +815,7 @@ fn apply_mask(value: &Value, mask: &Mask) -> Value {
             let mut h = Sha256::new();
             h.update(salt.as_bytes());
             h.update(text.as_bytes());
-            Value::String(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+            Value::String(hex(&h.finalize()))
         }
         Mask::Stars => Value::String("*".repeat(text.chars().count())),
         Mask::Truncate(n) => match value {
@@ -942,7 +958,7 @@ mod tests {
         // sha256("pepper" + "a@b.c")
         let mut h = Sha256::new();
         h.update(b"peppera@b.c");
-        let expected: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let expected: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect(); // independent of hex()
         assert_eq!(after[1], Value::String(expected));
         assert_eq!(after[2], Value::String("***".into()));
         assert_eq!(after[3], Value::String("ABC".into()));
