@@ -12,8 +12,9 @@ pub mod check;
 pub mod error;
 pub mod pgoutput;
 pub mod replication;
+pub mod snapshot;
 pub mod source;
 pub mod types;
 
 pub use error::PgError;
-pub use source::{PostgresSource, PostgresSourceConfig};
+pub use source::{PostgresSource, PostgresSourceConfig, SnapshotMode};

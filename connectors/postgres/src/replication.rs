@@ -261,14 +261,21 @@ impl ReplicationConnection {
         Ok((system_id, xlogpos))
     }
 
-    /// Creates a logical slot with the pgoutput plugin; returns its consistent point.
-    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, PgError> {
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(slot));
+    /// Creates a logical slot with the pgoutput plugin; returns its consistent point and, with
+    /// `export`, the name of a snapshot of the database at exactly that point. The snapshot stays
+    /// usable until this connection runs its next command.
+    pub async fn create_slot(&mut self, slot: &str, export: bool) -> Result<(Lsn, Option<String>), PgError> {
+        let mode = if export { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
+        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {mode}", quote_ident(slot));
         let rows = self.simple_query(&sql, "CREATE_REPLICATION_SLOT").await?;
-        rows.first()
-            .and_then(|r| r.get(1).cloned().flatten())
+        let row = rows.first().ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let consistent = row
+            .get(1)
+            .cloned()
+            .flatten()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))
+            .ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+        Ok((consistent, row.get(2).cloned().flatten()))
     }
 
     /// Starts streaming; the server sends changes committed after `start` (or after the slot's

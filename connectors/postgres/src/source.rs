@@ -31,6 +31,7 @@ use crate::catalog;
 use crate::error::PgError;
 use crate::pgoutput::{self, OldTuple, PgOutput, Relation, TupleValue};
 use crate::replication::{ConnInfo, ReplicationConnection, ReplicationMessage};
+use crate::snapshot::{self, SnapshotJob, SnapshotProgress};
 use crate::types::{ColumnKind, PG_EPOCH_OFFSET_MICROS};
 
 #[derive(Clone)]
@@ -51,6 +52,22 @@ pub struct PostgresSourceConfig {
     /// Stop (drain, checkpoint, exit) once everything committed before this LSN was emitted, as
     /// `pg_recvlogical --endpos` does. For benchmarks and controlled catch-up runs.
     pub stop_at: Option<Lsn>,
+    pub snapshot: SnapshotMode,
+    /// Rows per snapshot page (one query, one checkpoint marker).
+    pub snapshot_fetch_rows: usize,
+}
+
+/// When the existing rows are read (Debezium's `snapshot.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Once, when the connector has no checkpoint; then stream.
+    Initial,
+    /// Never: stream from the slot's creation on.
+    Never,
+    /// As `Initial`, and again when the stored position is gone (slot dropped).
+    WhenNeeded,
+    /// Snapshot, then stop.
+    InitialOnly,
 }
 
 impl std::fmt::Debug for PostgresSourceConfig {
@@ -80,8 +97,12 @@ impl Source for PostgresSource {
     type Error = PgError;
 
     async fn run(self, mut ctx: SourceContext) -> Result<(), PgError> {
-        let resume = ctx.resume_from.as_ref().map(|Position::Postgres { lsn }| *lsn);
+        let resume = ctx.resume_from.as_ref().map(Position::lsn);
         let mut state = StreamState::new(&self.config, &self.info.dbname, resume);
+        if let Some(Position::PostgresSnapshot { done, table, after, .. }) = &ctx.resume_from {
+            state.snapshot_progress =
+                Some(SnapshotProgress { done: done.clone(), table: table.clone(), after: after.clone() });
+        }
         let mut backoff = Duration::from_millis(500);
         loop {
             let result = self.stream(&mut ctx, &mut state).await;
@@ -141,7 +162,10 @@ impl PostgresSource {
             Some(slot) => catalog::validate_slot(&self.config.slot, &slot, &self.info.dbname),
             None => {
                 if let Some(checkpoint) = state.resume_after.or(state.emitted_until) {
-                    return Err(PgError::SlotDropped { slot: self.config.slot.clone(), checkpoint });
+                    if self.config.snapshot != SnapshotMode::WhenNeeded {
+                        return Err(PgError::SlotDropped { slot: self.config.slot.clone(), checkpoint });
+                    }
+                    warn!(slot = %self.config.slot, checkpoint = %checkpoint, "slot is gone: snapshot.mode = when_needed takes a new snapshot");
                 }
                 let (used, max) = catalog::slot_usage(&client).await?;
                 if used >= max {
@@ -158,9 +182,33 @@ impl PostgresSource {
         let mut conn = ReplicationConnection::connect(&self.info).await?;
         let (_system_id, server_lsn) = conn.identify_system().await?;
         let catalog_client = catalog::connect(&self.info).await?;
-        if catalog::slot_state(&catalog_client, &self.config.slot).await?.is_none() {
-            let consistent = conn.create_slot(&self.config.slot).await?;
-            info!(slot = %self.config.slot, consistent_point = %consistent, "replication slot created");
+        let existing = catalog::slot_state(&catalog_client, &self.config.slot).await?;
+        if let Some(snapshot) = self.plan_snapshot(&mut conn, &existing, state).await? {
+            let (exported, consistent, progress) = snapshot;
+            let job = SnapshotJob {
+                info: &self.info,
+                publication: &self.config.publication,
+                tables: self.config.tables.as_ref(),
+                fetch_rows: self.config.snapshot_fetch_rows,
+                stop: &ctx.shutdown,
+                name: state.name.clone(),
+                db: state.db.clone(),
+                metrics: &ctx.metrics,
+            };
+            ctx.metrics.source_connected.store(true, std::sync::atomic::Ordering::Relaxed);
+            ctx.metrics.source_active();
+            let completed = snapshot::run(&job, exported.as_deref(), consistent, progress, &ctx.output).await?;
+            state.ever_streamed = true;
+            if !completed || ctx.shutdown.is_cancelled() {
+                return self.finish(conn, ctx, state).await;
+            }
+            state.snapshot_done = true;
+            state.resume_after = Some(consistent);
+            state.last_marker = state.last_marker.max(consistent);
+            if self.config.snapshot == SnapshotMode::InitialOnly {
+                info!("snapshot.mode = initial_only: stopping after the snapshot");
+                return self.finish(conn, ctx, state).await;
+            }
         }
         let start = state.start_lsn();
         conn.start_replication(&self.config.slot, &self.config.publication, start).await?;
@@ -225,6 +273,46 @@ impl PostgresSource {
         }
     }
 
+    /// Creates the slot when missing and decides whether a snapshot runs first: (exported snapshot,
+    /// consistent point, progress to resume from).
+    async fn plan_snapshot(
+        &self,
+        conn: &mut ReplicationConnection,
+        existing: &Option<catalog::SlotState>,
+        state: &mut StreamState,
+    ) -> Result<Option<(Option<String>, Lsn, SnapshotProgress)>, PgError> {
+        let mode = self.config.snapshot;
+        let Some(slot) = existing else {
+            let had_position = state.resume_after.is_some() || state.emitted_until.is_some();
+            let wants = !state.snapshot_done
+                && match mode {
+                    SnapshotMode::Never => false,
+                    SnapshotMode::Initial | SnapshotMode::InitialOnly => !had_position,
+                    SnapshotMode::WhenNeeded => true,
+                };
+            let (consistent, exported) = conn.create_slot(&self.config.slot, wants).await?;
+            info!(slot = %self.config.slot, consistent_point = %consistent, "replication slot created");
+            if !wants {
+                return Ok(None);
+            }
+            // A new slot starts a new history: what was delivered before is superseded.
+            state.resume_after = Some(consistent);
+            state.emitted_until = None;
+            return Ok(Some((exported, consistent, SnapshotProgress::default())));
+        };
+        if let Some(progress) = state.snapshot_progress.take() {
+            let consistent = state.resume_after.unwrap_or(Lsn::ZERO);
+            warn!(consistent_point = %consistent, "resuming an interrupted snapshot from a fresh snapshot: rows changed meanwhile may arrive twice");
+            return Ok(Some((None, consistent, progress)));
+        }
+        if !state.snapshot_done && state.resume_after.is_none() && mode != SnapshotMode::Never {
+            let from = slot.confirmed_flush.unwrap_or(Lsn::ZERO);
+            warn!(slot = %self.config.slot, from = %from, "the slot existed before this connector had a checkpoint: snapshot from a fresh snapshot, then stream from the slot (rows changed meanwhile may arrive twice)");
+            return Ok(Some((None, from, SnapshotProgress::default())));
+        }
+        Ok(None)
+    }
+
     /// Hands a batch to the pipeline, answering the server while waiting for room.
     /// Returns `false` when the pipeline is gone.
     async fn hand_over(
@@ -255,10 +343,8 @@ impl PostgresSource {
         state: &StreamState,
         request_reply: bool,
     ) -> Result<(), PgError> {
-        let flushed = match &*ctx.acked.borrow() {
-            Some(Position::Postgres { lsn }) => *lsn,
-            None => Lsn::ZERO,
-        };
+        // During a snapshot the acknowledged position is the consistent point: reporting it is safe.
+        let flushed = ctx.acked.borrow().as_ref().map_or(Lsn::ZERO, Position::lsn);
         debug!(received = %Lsn(state.received), flushed = %flushed, "standby status");
         conn.send_status(Lsn(state.received), flushed, request_reply).await
     }
@@ -321,8 +407,11 @@ struct StreamState {
     /// The last position emitted as an `Item::Commit`.
     last_marker: Lsn,
     streamed_since_connect: bool,
-    /// Streaming started at least once in this run.
+    /// Streaming (or a snapshot) started at least once in this run.
     ever_streamed: bool,
+    /// An interrupted snapshot to resume (from the offsets file).
+    snapshot_progress: Option<SnapshotProgress>,
+    snapshot_done: bool,
 }
 
 impl StreamState {
@@ -340,6 +429,8 @@ impl StreamState {
             last_marker: resume_after.unwrap_or(Lsn::ZERO),
             streamed_since_connect: false,
             ever_streamed: false,
+            snapshot_progress: None,
+            snapshot_done: false,
         }
     }
 
@@ -551,6 +642,8 @@ mod tests {
             batch_size: 100,
             status_interval: Duration::from_secs(1),
             stop_at: None,
+            snapshot: SnapshotMode::Never,
+            snapshot_fetch_rows: 100,
         };
         let mut s = StreamState::new(&cfg, "shop", resume);
         s.add_relation(

@@ -63,13 +63,32 @@ pub enum Position {
     /// PostgreSQL: everything that committed before `lsn` (a commit's end LSN, or a keepalive's
     /// WAL end while nothing was in flight) has been delivered.
     Postgres { lsn: Lsn },
+    /// PostgreSQL, during the initial snapshot: the tables in `done` and the rows of `table` up to
+    /// the primary key `after` are delivered; streaming must start at `lsn` (the slot's consistent
+    /// point) once the snapshot is complete.
+    PostgresSnapshot {
+        lsn: Lsn,
+        done: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table: Option<String>,
+        /// Primary-key values (text form) of the last row delivered from `table`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Vec<Option<String>>>,
+    },
 }
 
 impl Position {
     /// The position as one number, for metrics (PostgreSQL: the LSN).
     pub fn as_number(&self) -> u64 {
         match self {
-            Position::Postgres { lsn } => lsn.0,
+            Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => lsn.0,
+        }
+    }
+
+    /// The log position this checkpoint guarantees: streaming resumes from it.
+    pub fn lsn(&self) -> Lsn {
+        match self {
+            Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => *lsn,
         }
     }
 }
@@ -78,6 +97,13 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Postgres { lsn } => write!(f, "lsn {lsn}"),
+            Position::PostgresSnapshot { lsn, done, table, .. } => {
+                write!(f, "snapshot at lsn {lsn}: {} table(s) done", done.len())?;
+                match table {
+                    Some(t) => write!(f, ", {t} in progress"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -104,5 +130,18 @@ mod tests {
         assert_eq!(json, r#"{"type":"postgres","lsn":"1/2A"}"#);
         let back: Position = serde_json::from_str(r#"{"type":"postgres","lsn":"1/2A"}"#).unwrap();
         assert_eq!(back, p);
+
+        let snap = Position::PostgresSnapshot {
+            lsn: Lsn(0x2A),
+            done: vec!["public.a".into()],
+            table: Some("public.b".into()),
+            after: Some(vec![Some("41".into()), None]),
+        };
+        let json = serde_json::to_string(&snap).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"postgres_snapshot","lsn":"0/2A","done":["public.a"],"table":"public.b","after":["41",null]}"#
+        );
+        assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), snap);
     }
 }

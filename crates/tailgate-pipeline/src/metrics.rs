@@ -64,6 +64,10 @@ pub struct Metrics {
     pub source_lag_bytes: AtomicI64,
     pub in_flight_records: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Rows read by the initial snapshot.
+    pub snapshot_rows: AtomicU64,
+    /// Estimated rows the snapshot has still to read.
+    pub snapshot_rows_remaining: AtomicI64,
     pub source_connected: AtomicBool,
     /// Unix millis of the last message from the source (data or keepalive).
     pub last_source_activity_ms: AtomicU64,
@@ -170,6 +174,7 @@ impl Metrics {
             self.transactions.load(Relaxed),
         );
         counter("tailgate_source_reconnects_total", "Reconnections to the source.", self.reconnects.load(Relaxed));
+        counter("tailgate_snapshot_rows_total", "Rows read by the initial snapshot.", self.snapshot_rows.load(Relaxed));
 
         let mut gauge = |name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{connector=\"{c}\"}} {v}");
@@ -188,6 +193,11 @@ impl Metrics {
             "tailgate_in_flight_records",
             "Records handed to the sink and not yet acknowledged.",
             self.in_flight_records.load(Relaxed) as i64,
+        );
+        gauge(
+            "tailgate_snapshot_rows_remaining",
+            "Estimated rows the initial snapshot has still to read.",
+            self.snapshot_rows_remaining.load(Relaxed).max(0),
         );
         gauge(
             "tailgate_source_connected",

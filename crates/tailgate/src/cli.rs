@@ -174,6 +174,8 @@ fn postgres_source(
         batch_size: pg.batch_size,
         status_interval: Duration::from_millis(pg.status_interval_ms.max(100)),
         stop_at,
+        snapshot: config.snapshot_mode().unwrap_or(tailgate_postgres::SnapshotMode::Initial),
+        snapshot_fetch_rows: pg.snapshot_fetch_rows,
     })
 }
 
@@ -380,9 +382,7 @@ async fn check(config: Config) -> ExitCode {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let checkpoint = match store.load() {
         Ok(stored) => {
-            let lsn = stored.as_ref().map(|s| match &s.position {
-                Position::Postgres { lsn } => *lsn,
-            });
+            let lsn = stored.as_ref().map(|s| s.position.lsn());
             match lsn {
                 Some(l) => println!("ok      offsets: checkpoint at {l} in {}", store.path().display()),
                 None => println!("ok      offsets: no checkpoint yet ({})", store.path().display()),

@@ -85,9 +85,16 @@ pub struct PostgresConfig {
     /// Create the publication when it is missing (needs a superuser). Default true.
     #[serde(default = "yes")]
     pub create_publication: bool,
-    /// Only `never` is implemented: stream from the slot's start.
+    /// `initial` (default): snapshot once, then stream | `never` | `when_needed` (again when the slot
+    /// is gone) | `initial_only` (snapshot, then exit 0).
     #[serde(default = "default_snapshot")]
     pub snapshot: String,
+    /// Rows per snapshot page. Default 10000.
+    #[serde(default = "default_snapshot_fetch_rows")]
+    pub snapshot_fetch_rows: usize,
+    /// Tables read in parallel. Only 1 (the default here) is implemented.
+    #[serde(default = "one_usize")]
+    pub snapshot_parallel: usize,
     /// Events handed to the pipeline per batch, at most. Default 2048.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -179,7 +186,13 @@ fn one() -> i32 {
     1
 }
 fn default_snapshot() -> String {
-    "never".into()
+    "initial".into()
+}
+fn default_snapshot_fetch_rows() -> usize {
+    10_000
+}
+fn one_usize() -> usize {
+    1
 }
 fn default_batch_size() -> usize {
     2048
@@ -219,13 +232,14 @@ impl Config {
             return Err(key_error("name", "use letters, digits, '_', '-' or '.' (it names topics and the slot)"));
         }
         let SourceConfig::Postgres(pg) = &self.source;
-        if pg.snapshot != "never" {
+        self.snapshot_mode()?;
+        if pg.snapshot_fetch_rows == 0 {
+            return Err(key_error("source.snapshot_fetch_rows", "must be at least 1"));
+        }
+        if pg.snapshot_parallel != 1 {
             return Err(key_error(
-                "source.snapshot",
-                format!(
-                    "{:?} is not implemented yet; use \"never\" (stream changes from the slot's creation on)",
-                    pg.snapshot
-                ),
+                "source.snapshot_parallel",
+                "only 1 is implemented yet (tables are read one after the other); remove the key or set 1",
             ));
         }
         for (key, value) in [("source.slot", self.slot_name()), ("source.publication", self.publication_name())] {
@@ -283,6 +297,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn snapshot_mode(&self) -> Result<tailgate_postgres::SnapshotMode, ConfigError> {
+        use tailgate_postgres::SnapshotMode::*;
+        let SourceConfig::Postgres(pg) = &self.source;
+        Ok(match pg.snapshot.as_str() {
+            "initial" => Initial,
+            "never" => Never,
+            "when_needed" => WhenNeeded,
+            "initial_only" => InitialOnly,
+            other => {
+                return Err(key_error(
+                    "source.snapshot",
+                    format!("{other:?}: use \"initial\", \"never\", \"when_needed\" or \"initial_only\""),
+                ));
+            }
+        })
     }
 
     pub fn slot_name(&self) -> String {
@@ -504,7 +535,7 @@ path = "shop.offsets.json"
         let err =
             parse(&MINIMAL.replace("decimal_handling = \"precise\"", "decimal_handling = \"exact\"")).unwrap_err();
         assert!(err.to_string().contains("format.decimal_handling"), "{err}");
-        let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"initial\"")).unwrap_err();
+        let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot = \"sometimes\"")).unwrap_err();
         assert!(err.to_string().contains("source.snapshot"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[filter]\nskip_operations = [\"x\"]\n")).unwrap_err();
         assert!(err.to_string().contains("filter.skip_operations"), "{err}");
