@@ -175,6 +175,15 @@ impl Tailgate {
     }
 
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Tailgate {
+        Self::spawn(dir, config, env, true)
+    }
+
+    /// Like [`Tailgate::start`], with stdout thrown away (for runs too large to keep).
+    pub fn start_discarding_stdout(dir: &Path, config: &str) -> Tailgate {
+        Self::spawn(dir, config, &[], false)
+    }
+
+    fn spawn(dir: &Path, config: &str, env: &[(&str, &str)], keep_stdout: bool) -> Tailgate {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let n = std::fs::read_dir(dir).unwrap().count();
@@ -187,7 +196,7 @@ impl Tailgate {
             .env("RUST_LOG", "info,tailgate_postgres=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stdout(if keep_stdout { Stdio::from(std::fs::File::create(&stdout).unwrap()) } else { Stdio::null() })
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
             cmd.env(k, v);
@@ -472,4 +481,11 @@ pub fn tansu_pid() -> u32 {
         .next()
         .and_then(|l| l.trim().parse().ok())
         .expect("tansu is not running (scripts/services.sh)")
+}
+
+/// Peak resident memory of a process so far, in MiB (VmHWM), if it still runs.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }

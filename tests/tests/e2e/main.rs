@@ -4,6 +4,7 @@
 mod auth;
 mod operations;
 mod resilience;
+mod snapshot;
 mod streaming;
 mod transforms;
 mod types;

@@ -1,0 +1,197 @@
+//! Initial snapshots: existing rows first, then changes, with no gap and no duplicate at the seam.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tailgate_e2e::*;
+
+fn ids_by_op(records: &[serde_json::Value], table: &str) -> (HashMap<i64, usize>, usize) {
+    let mut ids = HashMap::new();
+    let mut snapshot_reads = 0;
+    for r in records.iter().filter(|r| r["topic"].as_str().is_some_and(|t| t.ends_with(table))) {
+        let Some(v) = r["value"].as_object() else { continue };
+        if v["op"] == "r" {
+            snapshot_reads += 1;
+        }
+        if v["op"] == "r" || v["op"] == "c" {
+            let id = v["after"]["id"].as_i64().unwrap_or_else(|| panic!("no integer id in {r}"));
+            *ids.entry(id).or_insert(0) += 1;
+        }
+    }
+    (ids, snapshot_reads)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_then_stream_delivers_every_row_exactly_once_without_blocking_writers() {
+    let db = TestDb::new("snapseam").await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 30000) g;
+         CREATE TABLE nokey (v int); INSERT INTO nokey VALUES (1), (2), (3);
+         CREATE TABLE empty (id int PRIMARY KEY);",
+    )
+    .await;
+    let dir = scratch("snapseam");
+    let cfg = config("tg_snapseam", &db.url(), &dir, &stdout_sink(), "").replace(
+        "status_interval_ms = 200",
+        "status_interval_ms = 200\nsnapshot = \"initial\"\nsnapshot_fetch_rows = 2000",
+    );
+    // A writer inserts throughout the start; every statement is timed.
+    let writer_db = connect(&db.url()).await;
+    let writer = tokio::spawn(async move {
+        let mut slowest = Duration::ZERO;
+        for i in 0..150 {
+            let started = Instant::now();
+            writer_db.batch_execute(&format!("INSERT INTO t VALUES ({}, 'live')", 100_000 + i)).await.unwrap();
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slowest
+    });
+    let mut tg = Tailgate::start(&dir, &cfg);
+    let slowest_write = writer.await.unwrap();
+    let records = wait_stdout(&mut tg, 30_153, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = if stdout_records(&tg.stdout).len() > records.len() { stdout_records(&tg.stdout) } else { records };
+    let (ids, reads) = ids_by_op(&records, ".public.t");
+    assert_eq!(ids.len(), 30_150, "every row, existing or new");
+    let twice: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
+    assert!(twice.is_empty(), "rows delivered twice at the seam: {:?}", &twice[..twice.len().min(10)]);
+    assert!(reads >= 30_000, "existing rows come from the snapshot");
+    let nokey_rows = records.iter().filter(|r| r["topic"] == "tg_snapseam.public.nokey").count();
+    assert_eq!(nokey_rows, 3, "a table without primary key is snapshotted too");
+    assert!(records.iter().all(|r| r["topic"] != "tg_snapseam.public.empty"));
+    let marks: Vec<&str> = records
+        .iter()
+        .filter(|r| r["value"]["op"] == "r")
+        .map(|r| r["value"]["source"]["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(marks.first(), Some(&"first"));
+    assert_eq!(marks.last(), Some(&"last"));
+    assert!(marks[1..marks.len() - 1].iter().all(|m| *m == "true"));
+    assert!(slowest_write < Duration::from_secs(1), "a write was blocked for {slowest_write:?}");
+    eprintln!("slowest write during the snapshot: {slowest_write:?}");
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_snapshot_resumes_from_the_last_delivered_page() {
+    let db = TestDb::new("snapkill").await;
+    const ROWS: usize = 300_000;
+    db.exec(&format!("CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t SELECT g, repeat('p', 100) FROM generate_series(1, {ROWS}) g;"))
+        .await;
+    let dir = scratch("snapkill");
+    let cfg = config("tg_snapkill", &db.url(), &dir, &stdout_sink(), "")
+        .replace("status_interval_ms = 200", "status_interval_ms = 200\nsnapshot_fetch_rows = 500");
+    let first = Tailgate::start(&dir, &cfg);
+    // Kill -9 as soon as a page's progress reached the offsets file: mid-snapshot.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.join("offsets.json")).unwrap_or_default().contains("postgres_snapshot") {
+        assert!(Instant::now() < deadline, "no snapshot progress was checkpointed:\n{}", first.log_text());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_out = first.stdout.clone();
+    first.kill9().await;
+    let delivered_first = stdout_records(&first_out).len();
+    assert!(delivered_first < ROWS, "the kill came too late to test a resume ({delivered_first} rows)");
+
+    db.exec(&format!("INSERT INTO t VALUES ({}, 'after the crash')", ROWS + 1)).await;
+    let mut second = Tailgate::start(&dir, &cfg);
+    second.wait_for_log("resuming an interrupted snapshot", Duration::from_secs(30)).await;
+    second.wait_for_log("snapshot completed", Duration::from_secs(120)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut all;
+    loop {
+        all = stdout_records(&first_out);
+        all.extend(stdout_records(&second.stdout));
+        let (ids, _) = ids_by_op(&all, ".public.t");
+        if ids.len() > ROWS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} rows after the resume:\n{}",
+            ids.len(),
+            ROWS + 1,
+            second.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let second_reads = stdout_records(&second.stdout).iter().filter(|r| r["value"]["op"] == "r").count();
+    assert!(second_reads < ROWS, "the second run started over ({second_reads} rows read again)");
+    eprintln!("first run delivered {delivered_first}, the resumed run read {second_reads}");
+    let (status, log) = second.stop().await;
+    assert!(status.success(), "{log}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn initial_only_exits_after_the_snapshot_and_when_needed_snapshots_again_after_a_dropped_slot() {
+    let db = TestDb::new("snapmodes").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 500);").await;
+    let dir = scratch("snapmodes");
+    let with_mode = |mode: &str| {
+        config("tg_snapmodes", &db.url(), &dir, &stdout_sink(), "")
+            .replace("status_interval_ms = 200", &format!("status_interval_ms = 200\nsnapshot = \"{mode}\""))
+    };
+    let mut only = Tailgate::start(&dir, &with_mode("initial_only"));
+    let status = only.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", only.log_text());
+    assert_eq!(stdout_records(&only.stdout).len(), 500);
+    let offsets = std::fs::read_to_string(dir.join("offsets.json")).unwrap();
+    assert!(offsets.contains("\"type\": \"postgres\""), "the snapshot completed: {offsets}");
+
+    // The slot disappears. `initial` refuses (changes may be lost); `when_needed` snapshots again.
+    db.exec("SELECT pg_drop_replication_slot('tg_snapmodes')").await;
+    db.exec("INSERT INTO t VALUES (501)").await;
+    let mut refused = Tailgate::start(&dir, &with_mode("initial"));
+    assert_eq!(refused.wait_exit(Duration::from_secs(30)).await.code(), Some(3), "{}", refused.log_text());
+    let mut again = Tailgate::start(&dir, &with_mode("when_needed"));
+    again.wait_streaming().await;
+    let records = wait_stdout(&mut again, 501, Duration::from_secs(30)).await;
+    assert!(records.iter().all(|r| r["value"]["op"] == "r"));
+    db.exec("INSERT INTO t VALUES (502)").await;
+    let records = wait_stdout(&mut again, 502, Duration::from_secs(30)).await;
+    assert_eq!(records[501]["value"]["op"], "c");
+    let (status, log) = again.stop().await;
+    assert!(status.success(), "{log}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_row_snapshot_keeps_memory_flat() {
+    let db = TestDb::new("snapbig").await;
+    db.exec("CREATE TABLE big (id int PRIMARY KEY, n int, s text); INSERT INTO big SELECT g, g % 97, 'row ' || g FROM generate_series(1, 1000000) g;")
+        .await;
+    let dir = scratch("snapbig");
+    let port = free_port();
+    let cfg =
+        config("tg_snapbig", &db.url(), &dir, &stdout_sink(), &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"))
+            .replace("status_interval_ms = 200", "status_interval_ms = 200\nsnapshot = \"initial_only\"");
+    let mut tg = Tailgate::start_discarding_stdout(&dir, &cfg);
+    let pid = tg.pid();
+    let mut peak = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut rows = 0.0;
+    while let Some(rss) = peak_rss_mib(pid) {
+        peak = peak.max(rss);
+        if let Some(r) = metric(&http_get(port, "/metrics").1, "tailgate_snapshot_rows_total{connector=\"tg_snapbig\"}")
+        {
+            rows = r;
+        }
+        assert!(Instant::now() < deadline, "snapshot of 1M rows did not finish in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if matches!(std::fs::read_to_string(format!("/proc/{pid}/stat")), Ok(s) if s.contains(") Z ")) {
+            break;
+        }
+    }
+    let status = tg.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", tg.log_text());
+    assert!(tg.log_text().contains("rows=1000000"), "all rows read: {}", tg.log_text());
+    assert!(rows > 0.0, "progress metric moved");
+    eprintln!("1M-row snapshot: peak RSS {peak:.1} MiB");
+    assert!(peak < 128.0, "peak RSS {peak:.1} MiB: memory must stay flat");
+    db.drop().await;
+}
