@@ -10,6 +10,7 @@
 #   HTTP=1 bench/run.sh       # also serve /metrics and scrape it every second during the runs
 #   BASELINE_BIN=path bench/run.sh   # also drain extra slots with another tailgate build (paired comparison)
 #   RULES=1 bench/run.sh      # only the filter workload: 1 of 10 tables included, with a route and an excluded column
+#   SNAPSHOT=1 bench/run.sh   # only the snapshot workload: 1M existing rows, vs psql \copy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-200000}"
@@ -65,6 +66,7 @@ url = "postgres://postgres@127.0.0.1:5432/$DB"
 slot = "$1"
 publication = "bench"
 create_publication = false
+snapshot = "never"
 $2
 [offsets]
 path = "$WORK/$1.offsets.json"
@@ -152,7 +154,36 @@ run_filter_workload() {
   printf '%s\n' "${RESULTS[@]: -3}" >&2
 }
 
-if [[ "${RULES:-0}" == 1 ]]; then
+# Snapshot workload: SNAPSHOT_ROWS existing rows of the benchmark table, read by psql \copy (the raw
+# limit) and by tailgate's initial snapshot (snapshot = "initial_only": it exits when done).
+run_snapshot_workload() {
+  local n="${SNAPSHOT_ROWS:-1000000}" title prefix
+  title="snapshot of $n rows"
+  "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
+  "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
+  "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
+    -c "INSERT INTO orders SELECT g, g % 1000, g * 1.25, 'new', now() FROM generate_series(1, $n) g" -c "VACUUM ANALYZE orders"
+  rm -f "$WORK"/*.offsets.json
+  prefix="snap$(date +%s%N | tail -c 9)"
+  for sink in stdout kafka; do
+    local section=$'[sink]\ntype = "stdout"'
+    [[ $sink == kafka ]] && section="$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")"
+    config "snap_$sink" "$section" | sed -e 's/^snapshot = "never"/snapshot = "initial_only"/' -e 's/^create_publication = false/create_publication = true/' \
+      -e "s/^publication = \"bench\"/publication = \"snap_$sink\"/" >"$WORK/snap_$sink.toml"
+  done
+  "${PSQL[@]}" -d "$DB" -c "\copy (SELECT * FROM orders) TO /dev/null" # warm-up: the table in the page cache
+  echo "### $title" >&2
+  RESULTS+=("**$title**||||")
+  RESULTS+=("$(measure "psql \\copy (select * from orders) → /dev/null" "$n" psql -h 127.0.0.1 -U postgres -d "$DB" -c "\copy (SELECT * FROM orders) TO /dev/null")")
+  RESULTS+=("$(measure "tailgate snapshot → stdout (/dev/null)" "$n" "$BIN" run --config "$WORK/snap_stdout.toml")")
+  RESULTS+=("$(measure "tailgate snapshot → Kafka (tansu)" "$n" "$BIN" run --config "$WORK/snap_kafka.toml")")
+  printf '%s\n' "${RESULTS[@]: -3}" >&2
+}
+
+if [[ "${SNAPSHOT:-0}" == 1 ]]; then
+  run_snapshot_workload
+  OUT="bench/results/$(date -u +%Y-%m-%d)-snapshot.md"
+elif [[ "${RULES:-0}" == 1 ]]; then
   run_filter_workload
   OUT="bench/results/$(date -u +%Y-%m-%d)-filters.md"
 else

@@ -34,7 +34,7 @@ type = "postgres"
 url = "postgres://postgres@127.0.0.1:5432/shop"
 slot = "tailgate_shop"
 publication = "tailgate_shop"
-snapshot = "never"
+snapshot = "initial"
 $SINK
 [format]
 decimal_handling = "precise"
