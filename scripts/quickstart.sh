@@ -19,7 +19,8 @@ echo "== demo database 'shop'" >&2
 "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'tailgate_shop' AND NOT active" >/dev/null
 "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS shop" -c "CREATE DATABASE shop" 2>/dev/null
 "${PSQL[@]}" -d shop -c "CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL, email text)" \
-  -c "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers, total numeric(10,2), status text, created_at timestamptz DEFAULT now())"
+  -c "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers, total numeric(10,2), status text, created_at timestamptz DEFAULT now())" \
+  -c "INSERT INTO customers (name, email) VALUES ('existing customer', 'old@example.com')"  # arrives through the initial snapshot (op r)
 rm -f "$WORK/shop.offsets.json"
 
 if [[ "$MODE" == kafka ]]; then
@@ -53,10 +54,10 @@ sleep 1
 echo "== traffic for ${DURATION}s" >&2
 end=$((SECONDS + DURATION)); i=0
 while ((SECONDS < end)); do
-  i=$((i + 1))
+  i=$((i + 1)); c=$((i + 1))
   "${PSQL[@]}" -d shop -c "BEGIN;
     INSERT INTO customers (name, email) VALUES ('customer $i', 'c$i@example.com');
-    INSERT INTO orders (customer_id, total, status) VALUES (currval('customers_id_seq'), $i * 10.5, 'new');
+    INSERT INTO orders (customer_id, total, status) VALUES ($c, $i * 10.5, 'new');
     COMMIT;" \
     -c "UPDATE orders SET status = 'paid' WHERE id = $i" \
     -c "DELETE FROM orders WHERE id = $((i - 3))"
