@@ -109,7 +109,9 @@ fn write_change(change: &ChangeEvent, opts: &FormatOptions, now: Now, out: &mut 
     } else {
         out.extend_from_slice(b"null");
     }
-    let _ = write!(out, ",\"op\":\"{}\"", change.op.code());
+    out.extend_from_slice(b",\"op\":\"");
+    out.extend_from_slice(change.op.code().as_bytes());
+    out.push(b'"');
     write_ts(out, now);
     out.push(b'}');
 }
@@ -127,13 +129,12 @@ fn write_message(message: &LogicalMessage, now: Now, out: &mut Vec<u8>) {
 }
 
 fn write_ts(out: &mut Vec<u8>, now: Now) {
-    let _ = write!(
-        out,
-        ",\"ts_ms\":{},\"ts_us\":{},\"ts_ns\":{}",
-        now.unix_micros / 1000,
-        now.unix_micros,
-        i128::from(now.unix_micros) * 1000
-    );
+    out.extend_from_slice(b",\"ts_ms\":");
+    write_int(out, now.unix_micros / 1000);
+    out.extend_from_slice(b",\"ts_us\":");
+    write_int(out, now.unix_micros);
+    out.extend_from_slice(b",\"ts_ns\":");
+    write_int(out, i128::from(now.unix_micros) * 1000);
 }
 
 fn write_row(out: &mut Vec<u8>, change: &ChangeEvent, row: Option<&[Value]>, decimals: DecimalHandling) {
@@ -161,18 +162,31 @@ fn write_source(out: &mut Vec<u8>, source: &SourceInfo, table: Option<&crate::Ta
             write_str(out, crate::VERSION);
             out.extend_from_slice(b",\"connector\":\"postgresql\",\"name\":");
             write_str(out, &pg.name);
-            let _ = write!(out, ",\"ts_ms\":{ts_ms},\"snapshot\":\"{}\",\"db\":", pg.snapshot);
+            out.extend_from_slice(b",\"ts_ms\":");
+            write_int(out, ts_ms);
+            out.extend_from_slice(b",\"snapshot\":\"");
+            out.extend_from_slice(pg.snapshot.as_bytes());
+            out.extend_from_slice(b"\",\"db\":");
             write_str(out, &pg.db);
             out.extend_from_slice(b",\"sequence\":");
             match pg.last_commit_lsn {
                 Some(last) => {
-                    let _ = write!(out, "\"[\\\"{last}\\\",\\\"{}\\\"]\"", pg.lsn);
+                    out.extend_from_slice(b"\"[\\\"");
+                    write_int(out, last);
+                    out.extend_from_slice(b"\\\",\\\"");
+                    write_int(out, pg.lsn);
+                    out.extend_from_slice(b"\\\"]\"");
                 }
                 None => {
-                    let _ = write!(out, "\"[null,\\\"{}\\\"]\"", pg.lsn);
+                    out.extend_from_slice(b"\"[null,\\\"");
+                    write_int(out, pg.lsn);
+                    out.extend_from_slice(b"\\\"]\"");
                 }
             }
-            let _ = write!(out, ",\"ts_us\":{},\"ts_ns\":{}", pg.commit_ts_us, i128::from(pg.commit_ts_us) * 1000);
+            out.extend_from_slice(b",\"ts_us\":");
+            write_int(out, pg.commit_ts_us);
+            out.extend_from_slice(b",\"ts_ns\":");
+            write_int(out, i128::from(pg.commit_ts_us) * 1000);
             out.extend_from_slice(b",\"schema\":");
             match table {
                 Some(t) => write_str(out, &t.schema),
@@ -183,7 +197,11 @@ fn write_source(out: &mut Vec<u8>, source: &SourceInfo, table: Option<&crate::Ta
                 Some(t) => write_str(out, &t.table),
                 None => out.extend_from_slice(b"\"\""),
             }
-            let _ = write!(out, ",\"txId\":{},\"lsn\":{},\"xmin\":null}}", pg.txid, pg.lsn);
+            out.extend_from_slice(b",\"txId\":");
+            write_int(out, pg.txid);
+            out.extend_from_slice(b",\"lsn\":");
+            write_int(out, pg.lsn);
+            out.extend_from_slice(b",\"xmin\":null}");
         }
     }
 }
@@ -193,9 +211,7 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value, decimals: DecimalHandling) 
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
+        Value::Int(i) => write_int(out, *i),
         Value::Float(f) => write_float(out, *f),
         Value::String(s) => write_str(out, s),
         Value::Bytes(b) => write_base64(out, b),
@@ -260,10 +276,20 @@ fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
 }
 
+fn write_int(out: &mut Vec<u8>, i: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+}
+
 /// A JSON string literal with the escapes JSON requires.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Fast path: most strings need no escape at all.
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
