@@ -489,3 +489,41 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// The usual shape of a test: its own database with a schema, a scratch folder, and tailgate started
+/// on it with a connector named `tg_<test>` (slot and publication of the same name).
+pub struct Scenario {
+    pub db: TestDb,
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl Scenario {
+    /// Creates database `tg_<test>` and runs `schema` in it.
+    pub async fn new(test: &str, schema: &str) -> Scenario {
+        let db = TestDb::new(test).await;
+        if !schema.is_empty() {
+            db.exec(schema).await;
+        }
+        Scenario { db, dir: scratch(test), name: format!("tg_{test}") }
+    }
+
+    /// The config for `sink` (a `[sink]` section) plus `extra` sections.
+    pub fn config(&self, sink: &str, extra: &str) -> String {
+        config(&self.name, &self.db.url(), &self.dir, sink, extra)
+    }
+
+    /// Starts tailgate and waits until it streams.
+    pub async fn start(&self, sink: &str, extra: &str) -> Tailgate {
+        let mut tg = Tailgate::start(&self.dir, &self.config(sink, extra));
+        tg.wait_streaming().await;
+        tg
+    }
+
+    /// Stops `tg` (asserting a clean exit) and drops the database.
+    pub async fn finish(self, tg: Tailgate) {
+        let (status, log) = tg.stop().await;
+        assert!(status.success(), "tailgate did not stop cleanly: {log}");
+        self.db.drop().await;
+    }
+}

@@ -88,14 +88,10 @@ async fn every_operation_arrives_in_commit_order_with_debezium_envelope() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn truncate_is_emitted_when_not_skipped_and_messages_are_delivered() {
-    let db = TestDb::new("trunc").await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let dir = scratch("trunc");
-    let cfg = config("tg_trunc", &db.url(), &dir, &stdout_sink(), "[filter]\nskip_operations = []\n");
-    let mut tg = Tailgate::start(&dir, &cfg);
-    tg.wait_streaming().await;
-    db.exec("INSERT INTO t VALUES (1); TRUNCATE t;").await;
-    db.exec("SELECT pg_logical_emit_message(true, 'audit', 'hello')").await;
+    let s = Scenario::new("trunc", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut tg = s.start(&stdout_sink(), "[filter]\nskip_operations = []\n").await;
+    s.db.exec("INSERT INTO t VALUES (1); TRUNCATE t;").await;
+    s.db.exec("SELECT pg_logical_emit_message(true, 'audit', 'hello')").await;
     let records = wait_stdout(&mut tg, 3, Duration::from_secs(20)).await;
     assert_eq!(records[0]["value"]["op"], "c");
     assert_eq!(records[1]["value"]["op"], "t");
@@ -105,24 +101,21 @@ async fn truncate_is_emitted_when_not_skipped_and_messages_are_delivered() {
     assert_eq!(records[2]["value"]["message"]["prefix"], "audit");
     assert_eq!(records[2]["value"]["message"]["content"], "aGVsbG8=");
     assert_eq!(records[2]["key"], serde_json::json!({"prefix": "audit"}));
-    tg.stop().await;
-    db.drop().await;
+    s.finish(tg).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unchanged_toast_is_the_debezium_placeholder_not_a_value() {
-    let db = TestDb::new("toast").await;
-    db.exec(
+    let s = Scenario::new(
+        "toast",
         "CREATE TABLE docs (id int PRIMARY KEY, title text, body text, blob bytea);
          ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL, ALTER COLUMN blob SET STORAGE EXTERNAL;",
     )
     .await;
-    let dir = scratch("toast");
-    let mut tg = Tailgate::start(&dir, &config("tg_toast", &db.url(), &dir, &stdout_sink(), ""));
-    tg.wait_streaming().await;
-    db.exec("INSERT INTO docs VALUES (1, 't', repeat('x', 10000), decode(repeat('ab', 10000), 'hex'))").await;
-    db.exec("UPDATE docs SET title = 't2' WHERE id = 1").await;
-    db.exec("UPDATE docs SET body = 'short' WHERE id = 1").await;
+    let mut tg = s.start(&stdout_sink(), "").await;
+    s.db.exec("INSERT INTO docs VALUES (1, 't', repeat('x', 10000), decode(repeat('ab', 10000), 'hex'))").await;
+    s.db.exec("UPDATE docs SET title = 't2' WHERE id = 1").await;
+    s.db.exec("UPDATE docs SET body = 'short' WHERE id = 1").await;
     let records = wait_stdout(&mut tg, 3, Duration::from_secs(20)).await;
     assert_eq!(records[0]["value"]["after"]["body"].as_str().unwrap().len(), 10000);
     let after = &records[1]["value"]["after"];
@@ -133,47 +126,43 @@ async fn unchanged_toast_is_the_debezium_placeholder_not_a_value() {
         "bytea placeholder is base64 of the placeholder bytes"
     );
     assert_eq!(records[2]["value"]["after"]["body"], "short");
-    tg.stop().await;
-    db.drop().await;
+    s.finish(tg).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alter_table_mid_stream_changes_the_columns_of_later_events_only() {
-    let db = TestDb::new("alter").await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, a text, b text)").await;
-    let dir = scratch("alter");
-    let mut tg = Tailgate::start(&dir, &config("tg_alter", &db.url(), &dir, &stdout_sink(), ""));
-    tg.wait_streaming().await;
-    db.exec("INSERT INTO t VALUES (1, 'a1', 'b1')").await;
-    db.exec("ALTER TABLE t ADD COLUMN c int DEFAULT 7").await;
-    db.exec("INSERT INTO t VALUES (2, 'a2', 'b2', 8)").await;
-    db.exec("ALTER TABLE t DROP COLUMN a").await;
-    db.exec("INSERT INTO t VALUES (3, 'b3', 9)").await;
-    db.exec("ALTER TABLE t ALTER COLUMN c TYPE text").await;
-    db.exec("INSERT INTO t VALUES (4, 'b4', 'ten')").await;
+    let s = Scenario::new("alter", "CREATE TABLE t (id int PRIMARY KEY, a text, b text)").await;
+    let mut tg = s.start(&stdout_sink(), "").await;
+    for sql in [
+        "INSERT INTO t VALUES (1, 'a1', 'b1')",
+        "ALTER TABLE t ADD COLUMN c int DEFAULT 7",
+        "INSERT INTO t VALUES (2, 'a2', 'b2', 8)",
+        "ALTER TABLE t DROP COLUMN a",
+        "INSERT INTO t VALUES (3, 'b3', 9)",
+        "ALTER TABLE t ALTER COLUMN c TYPE text",
+        "INSERT INTO t VALUES (4, 'b4', 'ten')",
+    ] {
+        s.db.exec(sql).await;
+    }
     let records = wait_stdout(&mut tg, 4, Duration::from_secs(20)).await;
     let after = |i: usize| records[i]["value"]["after"].clone();
     assert_eq!(after(0), serde_json::json!({"id": 1, "a": "a1", "b": "b1"}));
     assert_eq!(after(1), serde_json::json!({"id": 2, "a": "a2", "b": "b2", "c": 8}));
     assert_eq!(after(2), serde_json::json!({"id": 3, "b": "b3", "c": 9}));
     assert_eq!(after(3), serde_json::json!({"id": 4, "b": "b4", "c": "ten"}));
-    tg.stop().await;
-    db.drop().await;
+    s.finish(tg).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replica_identity_full_gives_before_images_and_primary_key_keys() {
-    let db = TestDb::new("full").await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); ALTER TABLE t REPLICA IDENTITY FULL;").await;
-    let dir = scratch("full");
-    let mut tg = Tailgate::start(&dir, &config("tg_full", &db.url(), &dir, &stdout_sink(), ""));
-    tg.wait_streaming().await;
-    db.exec("INSERT INTO t VALUES (1, 'a'); UPDATE t SET v = 'b'; DELETE FROM t;").await;
+    let s = Scenario::new("full", "CREATE TABLE t (id int PRIMARY KEY, v text); ALTER TABLE t REPLICA IDENTITY FULL;")
+        .await;
+    let mut tg = s.start(&stdout_sink(), "").await;
+    s.db.exec("INSERT INTO t VALUES (1, 'a'); UPDATE t SET v = 'b'; DELETE FROM t;").await;
     let records = wait_stdout(&mut tg, 4, Duration::from_secs(20)).await;
     assert_eq!(records[1]["value"]["before"], serde_json::json!({"id": 1, "v": "a"}));
     assert_eq!(records[1]["key"], serde_json::json!({"id": 1}), "key is the primary key, not every column");
     assert_eq!(records[2]["value"]["before"], serde_json::json!({"id": 1, "v": "b"}));
     assert_eq!(records[3]["value"], serde_json::Value::Null);
-    tg.stop().await;
-    db.drop().await;
+    s.finish(tg).await;
 }
