@@ -245,10 +245,15 @@ pub fn parse_date(text: &str) -> Option<i64> {
         Some(t) => (t, true),
         None => (text, false),
     };
-    let mut parts = text.splitn(3, '-');
-    let mut year: i64 = parts.next()?.parse().ok()?;
-    let month: u32 = parts.next()?.parse().ok()?;
-    let day: u32 = parts.next()?.parse().ok()?;
+    let b = text.as_bytes();
+    // The year has at least 4 digits; month and day exactly 2.
+    let n = b.len();
+    if n < 10 || b[n - 3] != b'-' || b[n - 6] != b'-' {
+        return None;
+    }
+    let mut year = digits(&b[..n - 6])? as i64;
+    let month = digits(&b[n - 5..n - 3])? as u32;
+    let day = digits(&b[n - 2..])? as u32;
     if bc {
         // 1 BC is astronomical year 0.
         year = 1 - year;
@@ -256,37 +261,53 @@ pub fn parse_date(text: &str) -> Option<i64> {
     Some(days_from_civil(year, month, day))
 }
 
+/// An unsigned decimal number, every byte a digit.
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 18 {
+        return None;
+    }
+    b.iter().try_fold(0u64, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + u64::from(c - b'0')))
+}
+
 /// `HH:MM:SS[.ffffff]` to micros since midnight (`24:00:00` is a valid PostgreSQL time).
 pub fn parse_time(text: &str) -> Option<i64> {
-    let mut parts = text.splitn(3, ':');
-    let h: i64 = parts.next()?.parse().ok()?;
-    let m: i64 = parts.next()?.parse().ok()?;
-    let sec = parts.next()?;
-    let (s, frac) = sec.split_once('.').unwrap_or((sec, ""));
-    let s: i64 = s.parse().ok()?;
-    Some(((h * 60 + m) * 60 + s) * 1_000_000 + parse_fraction_micros(frac)?)
+    let b = text.as_bytes();
+    if b.len() < 8 || b[2] != b':' || b[5] != b':' {
+        return None;
+    }
+    let h = digits(&b[..2])? as i64;
+    let m = digits(&b[3..5])? as i64;
+    let s = digits(&b[6..8])? as i64;
+    let frac = match b.get(8) {
+        None => 0,
+        Some(b'.') => parse_fraction_micros(&text[9..])?,
+        Some(_) => return None,
+    };
+    Some(((h * 60 + m) * 60 + s) * 1_000_000 + frac)
 }
 
 fn parse_fraction_micros(frac: &str) -> Option<i64> {
-    if frac.is_empty() {
+    let b = frac.as_bytes();
+    if b.is_empty() {
         return Some(0);
     }
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+    let used = &b[..b.len().min(6)];
+    let v = digits(used)? as i64;
+    if !b[used.len()..].iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let digits = &frac[..frac.len().min(6)];
-    let v: i64 = digits.parse().ok()?;
-    Some(v * 10_i64.pow(6 - digits.len() as u32))
+    Some(v * 10_i64.pow(6 - used.len() as u32))
 }
 
 /// Splits a trailing UTC offset (`+05`, `-03:30`, `+05:30:15`) from a time; returns its seconds.
 fn split_offset(text: &str) -> Option<(&str, i64)> {
-    let pos = text.rfind(['+', '-'])?;
+    // The offset sign comes after `HH:MM:SS`, never inside it.
+    let pos = text.bytes().enumerate().skip(8).find(|(_, c)| *c == b'+' || *c == b'-').map(|(i, _)| i)?;
     let (time, offset) = text.split_at(pos);
     let sign = if offset.starts_with('-') { -1 } else { 1 };
     let mut secs = 0;
     for (i, part) in offset[1..].split(':').enumerate() {
-        let v: i64 = part.parse().ok()?;
+        let v = digits(part.as_bytes())? as i64;
         secs += v * [3600, 60, 1].get(i)?;
     }
     Some((time, sign * secs))
@@ -299,46 +320,81 @@ pub fn parse_timestamp(text: &str) -> Option<(i64, Option<i64>)> {
         Some(t) => (t, true),
         None => (text, false),
     };
-    let (date, time) = text.split_once(' ')?;
+    let space = text.bytes().position(|c| c == b' ')?;
+    let (date, time) = (&text[..space], &text[space + 1..]);
     let (time, offset) = match split_offset(time) {
         Some((t, secs)) => (t, Some(secs * 1_000_000)),
         None => (time, None),
     };
-    let date = if bc { format!("{date} BC") } else { date.to_owned() };
-    let days = parse_date(&date)?;
+    let mut days = parse_date(date)?;
+    if bc {
+        // parse_date saw a year AD: move it to year 1 - y.
+        let year = digits(&date.as_bytes()[..date.len() - 6])? as i64;
+        let (_, m, d) = civil_from_days(days);
+        days = days_from_civil(1 - year, m, d);
+    }
     Some((days * MICROS_PER_DAY + parse_time(time)?, offset))
 }
 
 /// Formats micros since the epoch as Debezium's `ZonedTimestamp` in UTC: `2024-01-15T10:30:00.123456Z`,
 /// the fraction padded to the column's precision (no fraction at precision 0 unless non-zero).
+/// Written digit by digit: this runs once per timestamptz value.
 pub fn format_utc_timestamp(micros: i64, fraction: u32) -> String {
     let days = micros.div_euclid(MICROS_PER_DAY);
     let in_day = micros.rem_euclid(MICROS_PER_DAY);
     let (y, mo, d) = civil_from_days(days);
     let secs = in_day / 1_000_000;
     let sub = in_day % 1_000_000;
-    let mut out = if (0..=9999).contains(&y) {
-        format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    let mut out = String::with_capacity(32);
+    if (0..=9999).contains(&y) {
+        push_digits(&mut out, y as u64, 4);
     } else {
         // java.time writes years outside 0000..9999 with a sign.
-        format!("{y:+05}-{mo:02}-{d:02}T{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-    };
+        out.push(if y < 0 { '-' } else { '+' });
+        push_digits(&mut out, y.unsigned_abs(), 4);
+    }
+    out.push('-');
+    push_digits(&mut out, u64::from(mo), 2);
+    out.push('-');
+    push_digits(&mut out, u64::from(d), 2);
+    out.push('T');
+    push_digits(&mut out, (secs / 3600) as u64, 2);
+    out.push(':');
+    push_digits(&mut out, (secs / 60 % 60) as u64, 2);
+    out.push(':');
+    push_digits(&mut out, (secs % 60) as u64, 2);
     push_fraction(&mut out, sub, fraction);
     out.push('Z');
     out
 }
 
+/// `value` in decimal, zero-padded to at least `width` digits.
+fn push_digits(out: &mut String, value: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(value);
+    for _ in digits.len()..width {
+        out.push('0');
+    }
+    out.push_str(digits);
+}
+
 /// `fraction` = 0: java.time's ISO format, which writes only the digits needed (none for 0).
 fn push_fraction(out: &mut String, micros: i64, fraction: u32) {
-    if fraction == 0 || fraction > 6 {
-        if micros != 0 {
-            let s = format!(".{micros:06}");
-            out.push_str(s.trim_end_matches('0'));
-        }
+    let mut digits = [b'0'; 6];
+    let mut rest = micros.unsigned_abs();
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    let len = if fraction == 0 || fraction > 6 {
+        // Only the digits needed, none for a whole second.
+        6 - digits.iter().rev().take_while(|d| **d == b'0').count()
     } else {
-        let s = format!("{micros:06}");
+        fraction as usize
+    };
+    if len > 0 {
         out.push('.');
-        out.push_str(&s[..fraction as usize]);
+        out.extend(digits[..len].iter().map(|d| *d as char));
     }
 }
 
@@ -485,6 +541,12 @@ mod tests {
         assert_eq!(conv(1184, 3, "2024-01-15 12:30:00+02"), Value::String("2024-01-15T10:30:00.000Z".into()));
         assert_eq!(conv(1184, 0, "2024-01-15 10:30:00+00"), Value::String("2024-01-15T10:30:00Z".into()));
         assert_eq!(conv(1184, -1, "infinity"), Value::Null);
+        // BC, and offsets with minutes (sessions outside UTC would send these).
+        assert_eq!(conv(1114, -1, "0044-03-15 10:00:00 BC"), Value::Int(-735_160 * 86_400_000_000 + 36_000_000_000));
+        assert_eq!(conv(1184, -1, "2024-01-15 16:00:00+05:30"), Value::String("2024-01-15T10:30:00.000000Z".into()));
+        assert_eq!(conv(1184, -1, "2024-01-15 07:00:00-03:30"), Value::String("2024-01-15T10:30:00.000000Z".into()));
+        assert_eq!(conv(1184, -1, "12024-01-15 10:30:00+00"), Value::String("+12024-01-15T10:30:00.000000Z".into()));
+        assert!(ColumnKind::of(1114, -1).convert("2024-1-15 10:30:00").is_none());
     }
 
     #[test]
