@@ -106,15 +106,6 @@ pub async fn publication_exists(client: &Client, publication: &str) -> Result<bo
     Ok(client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication]).await?.is_some())
 }
 
-/// Creates `publication` FOR ALL TABLES.
-pub async fn create_publication(client: &Client, publication: &str) -> Result<(), PgError> {
-    let sql = format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(publication));
-    client.batch_execute(&sql).await.map_err(|e| PgError::PublicationCreate {
-        publication: publication.to_owned(),
-        reason: e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()),
-    })
-}
-
 /// Tables with no primary key that the publication covers (their events have a null key, and
 /// their updates and deletes fail on the server unless they have a replica identity).
 pub async fn published_tables_without_key(client: &Client, publication: &str) -> Result<Vec<String>, PgError> {

@@ -249,7 +249,9 @@ impl PostgresSource {
                         }
                     }
                 }
-                if batch.len() >= self.config.batch_size && !self.hand_over(&mut conn, ctx, state, &mut batch).await? {
+                if batch.len() >= self.config.batch_size
+                    && !self.hand_over(&mut conn, ctx, state, &mut batch, &mut status_tick).await?
+                {
                     return Ok(());
                 }
             }
@@ -265,7 +267,7 @@ impl PostgresSource {
                 }
             }
             coalescing_since = None;
-            if !batch.is_empty() && !self.hand_over(&mut conn, ctx, state, &mut batch).await? {
+            if !batch.is_empty() && !self.hand_over(&mut conn, ctx, state, &mut batch, &mut status_tick).await? {
                 return Ok(());
             }
             let reached_end = self.config.stop_at.is_some_and(|end| state.last_marker >= end);
@@ -335,9 +337,8 @@ impl PostgresSource {
         ctx: &mut SourceContext,
         state: &StreamState,
         batch: &mut Batch,
+        status_tick: &mut tokio::time::Interval,
     ) -> Result<bool, PgError> {
-        let mut status_tick = tokio::time::interval(self.config.status_interval);
-        status_tick.tick().await;
         loop {
             tokio::select! {
                 permit = ctx.output.reserve() => {

@@ -448,10 +448,6 @@ impl Transformer {
         Transformer { rules, last: None, skip_mask, plans: HashMap::new(), message_topic }
     }
 
-    pub fn rules(&self) -> &Arc<Rules> {
-        &self.rules
-    }
-
     /// Makes `self.last` the plan of `table`.
     fn select_plan(&mut self, table: &Arc<TableSchema>) {
         if let Some((last_table, _)) = &self.last
