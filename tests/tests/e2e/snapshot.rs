@@ -22,7 +22,7 @@ fn ids_by_op(records: &[serde_json::Value], table: &str) -> (HashMap<i64, usize>
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn snapshot_then_stream_delivers_every_row_exactly_once_without_blocking_writers() {
+async fn snapshot_then_stream_delivers_every_row_exactly_once_without_locking_writers_out() {
     let db = TestDb::new("snapseam").await;
     db.exec(
         "CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -36,20 +36,32 @@ async fn snapshot_then_stream_delivers_every_row_exactly_once_without_blocking_w
         "status_interval_ms = 200",
         "status_interval_ms = 200\nsnapshot = \"initial\"\nsnapshot_fetch_rows = 2000",
     );
-    // A writer inserts throughout the start; every statement is timed.
+    // A writer inserts throughout the start. After each insert it checks that no tailgate session
+    // holds a lock stronger than ACCESS SHARE (the one a plain SELECT takes): a lock-free snapshot
+    // never blocks writers. The write latency is printed as a measurement, not asserted.
     let writer_db = connect(&db.url()).await;
     let writer = tokio::spawn(async move {
         let mut slowest = Duration::ZERO;
+        let mut blocking_locks = Vec::new();
         for i in 0..150 {
             let started = Instant::now();
             writer_db.batch_execute(&format!("INSERT INTO t VALUES ({}, 'live')", 100_000 + i)).await.unwrap();
             slowest = slowest.max(started.elapsed());
+            let rows = writer_db
+                .query(
+                    "SELECT l.mode FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE a.application_name = 'tailgate' AND l.locktype = 'relation' AND l.mode <> 'AccessShareLock'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            blocking_locks.extend(rows.iter().map(|r| r.get::<_, String>(0)));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        slowest
+        (slowest, blocking_locks)
     });
     let mut tg = Tailgate::start(&dir, &cfg);
-    let slowest_write = writer.await.unwrap();
+    let (slowest_write, blocking_locks) = writer.await.unwrap();
     let records = wait_stdout(&mut tg, 30_153, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let records = if stdout_records(&tg.stdout).len() > records.len() { stdout_records(&tg.stdout) } else { records };
@@ -69,7 +81,7 @@ async fn snapshot_then_stream_delivers_every_row_exactly_once_without_blocking_w
     assert_eq!(marks.first(), Some(&"first"));
     assert_eq!(marks.last(), Some(&"last"));
     assert!(marks[1..marks.len() - 1].iter().all(|m| *m == "true"));
-    assert!(slowest_write < Duration::from_secs(1), "a write was blocked for {slowest_write:?}");
+    assert!(blocking_locks.is_empty(), "tailgate held locks that block writers: {blocking_locks:?}");
     eprintln!("slowest write during the snapshot: {slowest_write:?}");
     let (status, log) = tg.stop().await;
     assert!(status.success(), "{log}");
