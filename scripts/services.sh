@@ -2,6 +2,10 @@
 # Sets up and starts everything tailgate's tests, quickstart and benchmarks talk to, idempotently:
 #   - the local PostgreSQL 15: wal_level=logical (restart when needed), replication in pg_hba.conf,
 #     roles for the SCRAM and MD5 authentication tests;
+#   - the local MariaDB (127.0.0.1:3306): row binlog with full images and metadata (restart when needed),
+#     users for the privilege tests;
+#   - a real MySQL 9.7 on 127.0.0.1:3307 with GTIDs, unpacked from Debian sid's packages into a cache
+#     folder (its binaries need sid's glibc, so they run through sid's own loader);
 #   - the Kafka-compatible broker tansu 0.6.0 on 127.0.0.1:9092 (built once into a cache folder).
 # Run it as root (it edits the server configuration). Safe to run again: it only changes what is missing.
 set -euo pipefail
@@ -114,9 +118,153 @@ tansu() {
   log "tansu ready on 127.0.0.1:9092"
 }
 
+# Users for the MySQL/MariaDB tests: a least-privilege CDC user and one without replication rights.
+MYSQL_TEST_USERS_SQL="
+CREATE USER IF NOT EXISTS 'tailgate_cdc'@'%' IDENTIFIED BY 'cdc-secret';
+GRANT SELECT, RELOAD, REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO 'tailgate_cdc'@'%';
+CREATE USER IF NOT EXISTS 'tailgate_norepl'@'%' IDENTIFIED BY 'norepl-secret';
+GRANT SELECT ON *.* TO 'tailgate_norepl'@'%';
+"
+
+mariadb_server() {
+  local conf_dir=/etc/mysql/mariadb.conf.d main_cnf=/etc/mysql/my.cnf restart=0
+  local conf="$conf_dir/50-tailgate.cnf" want
+  want=$'# written by tailgate scripts/services.sh: a row binlog for CDC\n[mysqld]\nserver_id = 1\nlog_bin = mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nbinlog_row_metadata = FULL\nmax_connections = 500\n'
+  mkdir -p "$conf_dir"
+  if [[ ! -f "$conf" ]] || [[ "$(cat "$conf")"$'\n' != "$want" ]]; then
+    printf '%s' "$want" >"$conf"
+    restart=1
+  fi
+  if [[ -f "$main_cnf" ]] && ! grep -qF "!includedir $conf_dir" "$main_cnf"; then
+    printf '\n!includedir %s/\n' "$conf_dir" >>"$main_cnf"
+    restart=1
+  fi
+  if ! mariadb -e 'select 1' >/dev/null 2>&1; then
+    restart=1
+  elif [[ "$(mariadb -N -e 'select @@log_bin, @@binlog_format, @@binlog_row_metadata')" != $'1\tROW\tFULL' ]]; then
+    restart=1
+  fi
+  if ((restart)); then
+    log "restarting MariaDB for the row binlog"
+    mariadb-admin shutdown >/dev/null 2>&1 || true
+    wait_for 60 "MariaDB to stop" bash -c '! pgrep -x mariadbd'
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+    wait_for 60 "MariaDB" mariadb -e 'select 1'
+  fi
+  mariadb -e "$MYSQL_TEST_USERS_SQL"
+  log "MariaDB ready: $(mariadb -N -e 'select concat(version(), " log_bin=", @@log_bin, " format=", @@binlog_format, " metadata=", @@binlog_row_metadata)')"
+}
+
+# Debian sid's mysql-server-core (9.7.4 when this was written); the folder is reused once unpacked.
+MYSQL_ROOT="$CACHE/mysql-sid"
+MYSQL_DATA="${TAILGATE_MYSQL_DATA:-$CACHE/mysql-data}"
+MYSQL_RUN="$CACHE/run"
+MYSQL_LOADER=("$MYSQL_ROOT/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$MYSQL_ROOT/usr/lib/x86_64-linux-gnu")
+
+# Runs one of the unpacked MySQL programs (mysqld, mysql, mysqlbinlog, ...) through sid's loader.
+mysql_tool() {
+  local tool=$1; shift
+  local path="$MYSQL_ROOT/usr/bin/$tool"
+  [[ -x "$path" ]] || path="$MYSQL_ROOT/usr/sbin/$tool"
+  "${MYSQL_LOADER[@]}" "$path" "$@"
+}
+
+mysql_install() {
+  [[ -x "$MYSQL_ROOT/usr/sbin/mysqld" ]] && return 0
+  log "downloading MySQL from Debian sid into $MYSQL_ROOT (once, ~55 MB)"
+  local apt_dir mirror
+  apt_dir=$(mktemp -d)
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  mkdir -p "$apt_dir"/{state/lists/partial,cache/archives/partial,etc/apt.conf.d,etc/preferences.d,etc/sources.list.d,debs}
+  touch "$apt_dir/state/status"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$apt_dir/etc/sources.list"
+  # A private apt configuration: the system's own apt state stays untouched. Check-Valid-Until is off
+  # because the mirror may be a dated snapshot whose Release file has expired.
+  cat >"$apt_dir/apt.conf" <<APT
+Dir::State "$apt_dir/state";
+Dir::State::status "$apt_dir/state/status";
+Dir::Cache "$apt_dir/cache";
+Dir::Etc::SourceList "$apt_dir/etc/sources.list";
+Dir::Etc::SourceParts "$apt_dir/etc/sources.list.d";
+Dir::Etc::Parts "$apt_dir/etc/apt.conf.d";
+Dir::Etc::Preferences "$apt_dir/etc/preferences";
+Dir::Etc::PreferencesParts "$apt_dir/etc/preferences.d";
+APT::Architecture "amd64";
+APT::Architectures "amd64";
+Acquire::Check-Valid-Until "false";
+APT::Sandbox::User "root";
+APT
+  APT_CONFIG="$apt_dir/apt.conf" apt-get update -qq
+  local packages
+  packages=$(APT_CONFIG="$apt_dir/apt.conf" apt-cache depends --recurse --no-recommends --no-suggests \
+    --no-conflicts --no-breaks --no-replaces --no-enhances mysql-server-core mysql-client-core \
+    | grep -v '^[ <]' | grep -vE '^(perl|libperl)|-perl$' | sort -u)
+  (cd "$apt_dir/debs" && APT_CONFIG="$apt_dir/apt.conf" apt-get download -qq $packages 2>/dev/null)
+  local unpack="$MYSQL_ROOT.tmp"
+  rm -rf "$unpack" && mkdir -p "$unpack"
+  for deb in "$apt_dir"/debs/*.deb; do dpkg-deb -x "$deb" "$unpack"; done
+  [[ -x "$unpack/usr/sbin/mysqld" ]] || { log "MySQL download failed: no mysqld in the packages"; return 1; }
+  mv "$unpack" "$MYSQL_ROOT"
+  rm -rf "$apt_dir"
+}
+
+mysql_server() {
+  mysql_install
+  mysql_tool mysqld --version >/dev/null || { log "the unpacked mysqld does not run; remove $MYSQL_ROOT and retry"; return 1; }
+  mkdir -p "$MYSQL_RUN"
+  local cnf="$MYSQL_RUN/mysql.cnf"
+  cat >"$cnf" <<CNF
+# written by tailgate scripts/services.sh: MySQL for tailgate's tests (GTIDs, row binlog)
+[mysqld]
+basedir = $MYSQL_ROOT/usr
+datadir = $MYSQL_DATA
+plugin-dir = $MYSQL_ROOT/usr/lib/mysql/plugin
+lc-messages-dir = $MYSQL_ROOT/usr/share/mysql
+character-sets-dir = $MYSQL_ROOT/usr/share/mysql/charsets
+socket = $MYSQL_RUN/mysql.sock
+pid-file = $MYSQL_RUN/mysql.pid
+log-error = $MYSQL_RUN/mysql.err
+secure-file-priv =
+port = 3307
+bind-address = 127.0.0.1
+mysqlx = OFF
+user = root
+server-id = 1
+log-bin = binlog
+binlog-format = ROW
+binlog-row-image = FULL
+binlog-row-metadata = FULL
+gtid-mode = ON
+enforce-gtid-consistency = ON
+performance-schema = OFF
+innodb-buffer-pool-size = 64M
+max-connections = 500
+CNF
+  if [[ ! -d "$MYSQL_DATA/mysql" ]]; then
+    log "initializing MySQL data in $MYSQL_DATA"
+    rm -rf "$MYSQL_DATA"
+    mysql_tool mysqld --defaults-file="$cnf" --initialize-insecure
+  fi
+  if ! mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -e 'select 1' >/dev/null 2>&1; then
+    log "starting MySQL on 127.0.0.1:3307"
+    nohup "${MYSQL_LOADER[@]}" "$MYSQL_ROOT/usr/sbin/mysqld" --defaults-file="$cnf" >"$MYSQL_RUN/mysqld.out" 2>&1 &
+    wait_for 60 "MySQL" mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -e 'select 1'
+  fi
+  # root over TCP for the tests (the socket user root@localhost has no password).
+  mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -e "
+    CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
+    GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+    $MYSQL_TEST_USERS_SQL"
+  log "MySQL ready: $(mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -N -e 'select concat(version(), " gtid_mode=", @@gtid_mode, " port=", @@port)')"
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
+  mariadb) mariadb_server ;;
+  mysql) mysql_server ;;
   kafka | tansu) tansu ;;
-  all) postgres; tansu ;;
-  *) echo "usage: $0 [all|postgres|kafka]" >&2; exit 2 ;;
+  all) postgres; mariadb_server; mysql_server; tansu ;;
+  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka]" >&2; exit 2 ;;
 esac

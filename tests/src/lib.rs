@@ -9,6 +9,8 @@
 //! Waits poll observable state (rows in Kafka, lines in the log, slot positions) with a deadline;
 //! there are no fixed sleeps standing in for synchronisation.
 
+pub mod mysql;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;

@@ -259,9 +259,12 @@ async fn produce(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
     headers: &[(String, Vec<u8>)],
+    timestamp_ms: i64,
 ) -> Result<(), SinkError> {
     let seq = tracker.register();
-    let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, seq as usize);
+    // An explicit timestamp (the batch's) spares librdkafka a clock read per record.
+    let mut record: BaseRecord<'_, [u8], [u8], usize> =
+        BaseRecord::with_opaque_to(topic, seq as usize).timestamp(timestamp_ms);
     if let Some(k) = key {
         record = record.key(k);
     }
@@ -280,9 +283,11 @@ async fn produce(
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
-                // Backpressure: let deliveries drain the queue. Acks are applied by the caller's
-                // next serve_deliveries; they are buffered in the context meanwhile.
-                producer.poll(Duration::ZERO);
+                // Backpressure: wait in librdkafka until delivery reports make room. Its poll returns
+                // as soon as one arrives (a fixed sleep would idle this thread while the queue
+                // drains). Acks are applied by the caller's next serve_deliveries; they are
+                // buffered in the context meanwhile.
+                producer.poll(Duration::from_millis(10));
                 if stop.is_cancelled() {
                     let since = stopping_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= drain_timeout {
@@ -292,7 +297,8 @@ async fn produce(
                         )));
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Let the runtime run other tasks between waits (the poll above blocked this thread).
+                tokio::task::yield_now().await;
             }
             Err((error, _)) => return Err(delivery_error(topic, &error)),
         }
@@ -318,9 +324,11 @@ impl Sink for KafkaSink {
             self.totals.bytes += size + if prepared.tombstone { key.map_or(0, <[u8]>::len) as u64 } else { 0 };
             self.totals.dead_lettered += u64::from(prepared.dead_letter);
             let (producer, tracker) = (&self.producer, &mut self.tracker);
-            produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, value, headers).await?;
+            let ts = self.encoder.batch_time_ms();
+            produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, value, headers, ts)
+                .await?;
             if prepared.tombstone {
-                produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, None, &[]).await?;
+                produce(producer, tracker, &self.stop, self.drain_timeout, &prepared.topic, key, None, &[], ts).await?;
             }
         }
         self.serve_deliveries()

@@ -168,9 +168,7 @@ pub async fn slot_lag_bytes(client: &Client, slot: &str) -> Result<Option<i64>, 
 /// The comment that marks a publication as tailgate's own: only those are ever altered.
 pub const MANAGED_COMMENT: &str = "managed by tailgate";
 
-/// Which tables a publication should cover: every table, or those the predicate accepts
-/// (`schema.table`).
-pub type TablePredicate = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+pub use tailgate_pipeline::TablePredicate;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum PublicationSync {

@@ -7,28 +7,16 @@ use crate::catalog;
 use crate::error::PgError;
 use crate::replication::{ConnInfo, ReplicationConnection};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
-    Ok,
-    Warn,
-    Failed,
-}
-
-#[derive(Debug, Clone)]
-pub struct CheckResult {
-    pub name: &'static str,
-    pub status: Status,
-    pub detail: String,
-}
+pub use tailgate_pipeline::{CheckResult, Status};
 
 fn ok(name: &'static str, detail: impl Into<String>) -> CheckResult {
-    CheckResult { name, status: Status::Ok, detail: detail.into() }
+    CheckResult::ok(name, detail)
 }
 fn warn(name: &'static str, detail: impl Into<String>) -> CheckResult {
-    CheckResult { name, status: Status::Warn, detail: detail.into() }
+    CheckResult::warn(name, detail)
 }
 fn failed(name: &'static str, detail: impl Into<String>) -> CheckResult {
-    CheckResult { name, status: Status::Failed, detail: detail.into() }
+    CheckResult::failed(name, detail)
 }
 
 pub struct CheckInput<'a> {

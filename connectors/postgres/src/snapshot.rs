@@ -21,10 +21,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
-    ChangeEvent, ColumnSchema, Event, Lsn, Op, PgSource as PgSourceInfo, Position, SourceInfo, TableId, TableSchema,
-    Value,
+    ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, SourceInfo, TableId, TableSchema, Value,
 };
-use tailgate_pipeline::{Batch, Item, Metrics};
+use tailgate_pipeline::{Batch, Metrics, SnapshotEmitter};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::info;
@@ -63,53 +62,6 @@ struct SnapTable {
     /// Positions of the primary-key columns in the row, in key order.
     pk: Vec<usize>,
     estimate: i64,
-}
-
-/// Holds back the last event (and any markers after it) so that the snapshot's final event can be
-/// marked `last` once it is known to be the last.
-struct Emitter<'a> {
-    output: &'a mpsc::Sender<Batch>,
-    batch: Batch,
-    held: Batch,
-    first_pending: bool,
-}
-
-impl Emitter<'_> {
-    fn event(&mut self, mut event: ChangeEvent) {
-        if self.first_pending {
-            set_snapshot_mark(&mut event, "first");
-            self.first_pending = false;
-        }
-        self.batch.append(&mut self.held);
-        self.held.push(Item::Event(Event::Change(event)));
-    }
-
-    fn marker(&mut self, position: Position) {
-        self.held.push(Item::Commit(position));
-    }
-
-    /// Sends what is certain not to be the last event. Returns false when the pipeline is gone.
-    async fn flush(&mut self) -> bool {
-        if self.batch.is_empty() {
-            return true;
-        }
-        let batch = std::mem::take(&mut self.batch);
-        self.output.send(batch).await.is_ok()
-    }
-
-    async fn finish(&mut self, end: Position) -> bool {
-        if let Some(Item::Event(Event::Change(e))) = self.held.first_mut() {
-            set_snapshot_mark(e, "last");
-        }
-        self.batch.append(&mut self.held);
-        self.batch.push(Item::Commit(end));
-        self.flush().await
-    }
-}
-
-fn set_snapshot_mark(event: &mut ChangeEvent, mark: &'static str) {
-    let SourceInfo::Postgres(pg) = &mut event.source;
-    pg.snapshot = mark;
 }
 
 /// Reads every published (and included) table. `exported`: the snapshot of a slot just created;
@@ -151,12 +103,7 @@ pub async fn run(
         last_commit_lsn: None,
         snapshot: "true",
     });
-    let mut emitter = Emitter {
-        output,
-        batch: Vec::new(),
-        held: Vec::new(),
-        first_pending: progress.done.is_empty() && progress.table.is_none(),
-    };
+    let mut emitter = SnapshotEmitter::new(output, progress.done.is_empty() && progress.table.is_none());
     let mut done = progress.done.clone();
     let started = Instant::now();
     let mut total = 0u64;
@@ -199,7 +146,7 @@ async fn read_table(
     source: &SourceInfo,
     consistent: Lsn,
     done: &[String],
-    emitter: &mut Emitter<'_>,
+    emitter: &mut SnapshotEmitter<'_>,
 ) -> Result<Option<u64>, PgError> {
     let mut rows_done = 0u64;
     let mut last_log = Instant::now();

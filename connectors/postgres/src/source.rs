@@ -25,6 +25,7 @@ use tailgate_core::{
     ChangeEvent, ColumnSchema, Event, LogicalMessage, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo,
     TableId, TableSchema, Value,
 };
+pub use tailgate_pipeline::SnapshotMode;
 use tailgate_pipeline::{Batch, Item, Source, SourceContext};
 use tracing::{debug, info, warn};
 
@@ -58,19 +59,6 @@ pub struct PostgresSourceConfig {
     pub snapshot_fetch_rows: usize,
 }
 
-/// When the existing rows are read (Debezium's `snapshot.mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotMode {
-    /// Once, when the connector has no checkpoint; then stream.
-    Initial,
-    /// Never: stream from the slot's creation on.
-    Never,
-    /// As `Initial`, and again when the stored position is gone (slot dropped).
-    WhenNeeded,
-    /// Snapshot, then stop.
-    InitialOnly,
-}
-
 impl std::fmt::Debug for PostgresSourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresSourceConfig")
@@ -98,7 +86,7 @@ impl Source for PostgresSource {
     type Error = PgError;
 
     async fn run(self, mut ctx: SourceContext) -> Result<(), PgError> {
-        let resume = ctx.resume_from.as_ref().map(Position::lsn);
+        let resume = ctx.resume_from.as_ref().and_then(Position::lsn);
         let mut state = StreamState::new(&self.config, &self.info.dbname, resume);
         if let Some(Position::PostgresSnapshot { done, table, after, .. }) = &ctx.resume_from {
             state.snapshot_progress =
@@ -359,7 +347,7 @@ impl PostgresSource {
         request_reply: bool,
     ) -> Result<(), PgError> {
         // During a snapshot the acknowledged position is the consistent point: reporting it is safe.
-        let flushed = ctx.acked.borrow().as_ref().map_or(Lsn::ZERO, Position::lsn);
+        let flushed = ctx.acked.borrow().as_ref().and_then(Position::lsn).unwrap_or(Lsn::ZERO);
         debug!(received = %Lsn(state.received), flushed = %flushed, "standby status");
         conn.send_status(Lsn(state.received), flushed, request_reply).await
     }

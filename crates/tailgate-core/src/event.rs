@@ -79,6 +79,7 @@ impl TableSchema {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceInfo {
     Postgres(PgSource),
+    Mysql(MysqlSource),
 }
 
 impl SourceInfo {
@@ -86,6 +87,15 @@ impl SourceInfo {
     pub fn commit_ts_us(&self) -> i64 {
         match self {
             SourceInfo::Postgres(pg) => pg.commit_ts_us,
+            SourceInfo::Mysql(my) => my.ts_us,
+        }
+    }
+
+    /// Marks a snapshot read: `"true"`, `"first"`, `"last"` (or `"false"` for streamed changes).
+    pub fn set_snapshot(&mut self, mark: &'static str) {
+        match self {
+            SourceInfo::Postgres(pg) => pg.snapshot = mark,
+            SourceInfo::Mysql(my) => my.snapshot = mark,
         }
     }
 }
@@ -104,6 +114,36 @@ pub struct PgSource {
     pub last_commit_lsn: Option<u64>,
     /// `"true"`, `"first"`, `"last"` or `"false"`.
     pub snapshot: &'static str,
+}
+
+/// The `source` block of Debezium's MySQL and MariaDB connectors. The database and table come from
+/// the event's [`TableId`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MysqlSource {
+    /// `"mysql"` or `"mariadb"`, as Debezium's two connectors call themselves.
+    pub connector: &'static str,
+    /// The connector's logical name (`name` in the config).
+    pub name: Arc<str>,
+    /// When the change was committed, microseconds since the Unix epoch: MySQL's GTID event carries
+    /// microseconds (`original_commit_timestamp`); otherwise the event header's seconds.
+    pub ts_us: i64,
+    /// `"true"`, `"first"`, `"last"` or `"false"`.
+    pub snapshot: &'static str,
+    /// The server that wrote the event.
+    pub server_id: u32,
+    /// The transaction's GTID (`uuid:n` on MySQL, `domain-server-seq` on MariaDB), when it has one.
+    pub gtid: Option<Arc<str>>,
+    pub file: Arc<str>,
+    /// Where the event holding this row starts in `file`.
+    pub pos: u64,
+    /// The row's index within that event.
+    pub row: u32,
+    /// The client connection that made the change (from the transaction's BEGIN), when known.
+    pub thread: Option<u32>,
+    /// The statement, when `include_query` is on and the server logs it.
+    pub query: Option<Arc<str>>,
+    /// Where the transaction starts in `file` (the transaction id when there is no GTID).
+    pub txn_pos: u64,
 }
 
 /// One row change.

@@ -1,18 +1,25 @@
 //! tailgate's vocabulary, shared by every connector and sink. No I/O lives here.
 //!
-//! - [`position`]: typed log positions ([`Lsn`], [`Position`]) and their stable text forms.
+//! - [`position`]: typed log positions ([`Lsn`], [`BinlogFile`], [`Position`]) and their stable text forms.
+//! - [`gtid`]: MySQL and MariaDB GTID sets.
 //! - [`value`]: column values already converted to Debezium's logical representation.
 //! - [`event`]: the normalized [`ChangeEvent`] a source emits for each committed row change.
 //! - [`envelope`]: rendering of keys and values as Debezium's JSON converter (schemas disabled) writes them.
+//! - [`temporal`]: calendar arithmetic and Debezium's ISO-8601 forms.
 
 pub mod envelope;
 pub mod event;
+pub mod gtid;
 pub mod position;
+pub mod temporal;
 pub mod value;
 
-pub use envelope::{DecimalHandling, FormatOptions};
-pub use event::{ChangeEvent, ColumnSchema, Event, LogicalMessage, Op, PgSource, SourceInfo, TableId, TableSchema};
-pub use position::{Lsn, ParsePositionError, Position};
+pub use envelope::{BigIntUnsignedHandling, DecimalHandling, FormatOptions, ValueFormat};
+pub use event::{
+    ChangeEvent, ColumnSchema, Event, LogicalMessage, MysqlSource, Op, PgSource, SourceInfo, TableId, TableSchema,
+};
+pub use gtid::{GtidSet, MariadbGtidList, MysqlGtidSet, Uuid};
+pub use position::{BinlogFile, Lsn, ParsePositionError, Position};
 pub use value::{Decimal, Row, Value};
 
 /// The version written into `source.version` of every event.

@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gtid::GtidSet;
+
 /// A PostgreSQL write-ahead-log position, shown as PostgreSQL shows it (`16/B374D848`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
@@ -75,20 +77,84 @@ pub enum Position {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<Vec<Option<String>>>,
     },
+    /// MySQL or MariaDB: everything up to `pos` in `file` (the end of a transaction) has been
+    /// delivered; `gtids`, when the server has GTIDs, names the same transactions and is what a
+    /// restart asks the server for (it survives a failover, where file names differ).
+    Mysql {
+        file: BinlogFile,
+        pos: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gtids: Option<GtidSet>,
+    },
+    /// MySQL or MariaDB, during the initial snapshot: the tables in `done` and the rows of `table`
+    /// up to the primary key `after` are delivered; streaming must start at `file`/`pos`/`gtids`
+    /// (the snapshot's consistent point) once the snapshot is complete.
+    MysqlSnapshot {
+        file: BinlogFile,
+        pos: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gtids: Option<GtidSet>,
+        done: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table: Option<String>,
+        /// Primary-key values (text form) of the last row delivered from `table`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Vec<Option<String>>>,
+    },
+}
+
+/// A binlog file name (`mysql-bin.000042`). Ordered by its numeric extension, so that
+/// `mysql-bin.999999` comes before `mysql-bin.1000000` as it does on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BinlogFile(pub String);
+
+impl BinlogFile {
+    /// The file's sequence number (its numeric extension), 0 when it has none.
+    pub fn index(&self) -> u64 {
+        self.0.rsplit_once('.').and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
+    }
+
+    fn stem(&self) -> &str {
+        self.0.rsplit_once('.').map_or(self.0.as_str(), |(stem, _)| stem)
+    }
+}
+
+impl Ord for BinlogFile {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.stem(), self.index(), &self.0).cmp(&(other.stem(), other.index(), &other.0))
+    }
+}
+
+impl PartialOrd for BinlogFile {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for BinlogFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl Position {
-    /// The position as one number, for metrics (PostgreSQL: the LSN).
+    /// The position as one number, for metrics. PostgreSQL: the LSN; MySQL: the binlog file's
+    /// sequence number in the upper 32 bits and the offset in the lower 32.
     pub fn as_number(&self) -> u64 {
         match self {
             Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => lsn.0,
+            Position::Mysql { file, pos, .. } | Position::MysqlSnapshot { file, pos, .. } => {
+                (file.index() << 32) | (pos & 0xFFFF_FFFF)
+            }
         }
     }
 
-    /// The log position this checkpoint guarantees: streaming resumes from it.
-    pub fn lsn(&self) -> Lsn {
+    /// PostgreSQL: the log position this checkpoint guarantees (streaming resumes from it).
+    pub fn lsn(&self) -> Option<Lsn> {
         match self {
-            Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => *lsn,
+            Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => Some(*lsn),
+            Position::Mysql { .. } | Position::MysqlSnapshot { .. } => None,
         }
     }
 }
@@ -99,6 +165,20 @@ impl fmt::Display for Position {
             Position::Postgres { lsn } => write!(f, "lsn {lsn}"),
             Position::PostgresSnapshot { lsn, done, table, .. } => {
                 write!(f, "snapshot at lsn {lsn}: {} table(s) done", done.len())?;
+                match table {
+                    Some(t) => write!(f, ", {t} in progress"),
+                    None => Ok(()),
+                }
+            }
+            Position::Mysql { file, pos, gtids } => {
+                write!(f, "{file}:{pos}")?;
+                match gtids {
+                    Some(g) if !g.is_empty() => write!(f, " (gtids {g})"),
+                    _ => Ok(()),
+                }
+            }
+            Position::MysqlSnapshot { file, pos, done, table, .. } => {
+                write!(f, "snapshot at {file}:{pos}: {} table(s) done", done.len())?;
                 match table {
                     Some(t) => write!(f, ", {t} in progress"),
                     None => Ok(()),
@@ -143,5 +223,49 @@ mod tests {
             r#"{"type":"postgres_snapshot","lsn":"0/2A","done":["public.a"],"table":"public.b","after":["41",null]}"#
         );
         assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), snap);
+
+        let mysql = Position::Mysql {
+            file: BinlogFile("binlog.000003".into()),
+            pos: 1234,
+            gtids: Some("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5".parse().unwrap()),
+        };
+        let json = serde_json::to_string(&mysql).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"mysql","file":"binlog.000003","pos":1234,"gtids":"3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5"}"#
+        );
+        assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), mysql);
+        let maria = r#"{"type":"mysql","file":"mysql-bin.000001","pos":4,"gtids":"0-1-100"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Position>(maria).unwrap(),
+            Position::Mysql { gtids: Some(crate::GtidSet::Mariadb(_)), .. }
+        ));
+        let snap = Position::MysqlSnapshot {
+            file: BinlogFile("mysql-bin.000002".into()),
+            pos: 328,
+            gtids: Some("0-1-7".parse().unwrap()),
+            done: vec!["shop.a".into()],
+            table: Some("shop.b".into()),
+            after: Some(vec![Some("41".into())]),
+        };
+        let json = serde_json::to_string(&snap).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"mysql_snapshot","file":"mysql-bin.000002","pos":328,"gtids":"0-1-7","done":["shop.a"],"table":"shop.b","after":["41"]}"#
+        );
+        assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), snap);
+        let plain = r#"{"type":"mysql","file":"mysql-bin.000001","pos":4}"#;
+        assert!(matches!(serde_json::from_str::<Position>(plain).unwrap(), Position::Mysql { gtids: None, .. }));
+    }
+
+    #[test]
+    fn binlog_files_order_by_sequence_number() {
+        let f = |s: &str| BinlogFile(s.into());
+        assert!(f("mysql-bin.999999") < f("mysql-bin.1000000"));
+        assert!(f("mysql-bin.000002") > f("mysql-bin.000001"));
+        assert_eq!(f("mysql-bin.000042").index(), 42);
+        let at = |file: &str, pos| Position::Mysql { file: f(file), pos, gtids: None };
+        assert!(at("b.000001", 900) < at("b.000002", 4));
+        assert_eq!(at("b.000002", 4).as_number(), (2 << 32) | 4);
     }
 }

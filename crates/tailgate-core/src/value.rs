@@ -13,13 +13,20 @@ pub enum Value {
     Null,
     Bool(bool),
     Int(i64),
+    /// An unsigned 64-bit integer (MySQL `BIGINT UNSIGNED`), written per `bigint_unsigned_handling`.
+    UInt(u64),
     Float(f64),
+    /// A single-precision float (MySQL `FLOAT`), written as its shortest text (`1.1`, not
+    /// `1.100000023841858`), as Debezium's FLOAT32 fields are.
+    Float32(f32),
     /// Text, and every type Debezium renders as a string (uuid, json, enum, inet, ISO timestamps...).
     String(String),
     /// Binary data, base64 on the wire (Debezium's `binary.handling.mode=bytes` through the JSON converter).
     Bytes(Vec<u8>),
     Decimal(Decimal),
     Array(Vec<Value>),
+    /// A Kafka Connect struct with fixed field names, e.g. Debezium's geometry `{"wkb": ..., "srid": ...}`.
+    Struct(Vec<(&'static str, Value)>),
     /// A value the log did not carry (PostgreSQL unchanged TOAST). Rendered as Debezium's
     /// `__debezium_unavailable_value` placeholder: as a string, or as its bytes for binary columns.
     Unavailable {
@@ -46,22 +53,14 @@ impl Decimal {
     /// The unscaled value as Java's `BigInteger.toByteArray()` writes it: big-endian two's
     /// complement, minimal length. This is what Debezium's precise mode puts on the wire (base64).
     pub fn unscaled_bytes(&self) -> Vec<u8> {
+        if let Some(v) = self.unscaled_i128() {
+            return minimal_twos_complement(&v.to_be_bytes());
+        }
         let (negative, digits) = match self.text.strip_prefix('-') {
             Some(rest) => (true, rest),
             None => (false, self.text.strip_prefix('+').unwrap_or(&self.text)),
         };
         let digits = digits.bytes().filter(u8::is_ascii_digit);
-        // Fast path: up to 38 digits fit an i128.
-        if self.text.len() <= 38 {
-            let mut v: i128 = 0;
-            for d in digits {
-                v = v * 10 + i128::from(d - b'0');
-            }
-            if negative {
-                v = -v;
-            }
-            return minimal_twos_complement(&v.to_be_bytes());
-        }
         // Arbitrary precision: big-endian magnitude built by multiply-and-add.
         let mut magnitude: Vec<u8> = vec![0];
         for d in digits {
@@ -94,8 +93,31 @@ impl Decimal {
     }
 }
 
+impl Decimal {
+    /// The unscaled value when it fits an i128 (up to 38 digits): the allocation-free path.
+    pub fn unscaled_i128(&self) -> Option<i128> {
+        if self.text.len() > 38 {
+            return None;
+        }
+        let (negative, digits) = match self.text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, self.text.strip_prefix('+').unwrap_or(&self.text)),
+        };
+        let mut v: i128 = 0;
+        for d in digits.bytes().filter(u8::is_ascii_digit) {
+            v = v * 10 + i128::from(d - b'0');
+        }
+        Some(if negative { -v } else { v })
+    }
+}
+
 /// Drops redundant leading sign bytes, as `BigInteger.toByteArray()` does.
-fn minimal_twos_complement(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn minimal_twos_complement(bytes: &[u8]) -> Vec<u8> {
+    minimal_slice(bytes).to_vec()
+}
+
+/// [`minimal_twos_complement`] as a sub-slice.
+pub(crate) fn minimal_slice(bytes: &[u8]) -> &[u8] {
     let mut start = 0;
     while start + 1 < bytes.len() {
         let (b, next) = (bytes[start], bytes[start + 1]);
@@ -105,7 +127,7 @@ fn minimal_twos_complement(bytes: &[u8]) -> Vec<u8> {
             break;
         }
     }
-    bytes[start..].to_vec()
+    &bytes[start..]
 }
 
 #[cfg(test)]

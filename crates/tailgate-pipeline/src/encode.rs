@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tailgate_core::envelope::{self, Now};
+use tailgate_core::envelope::{Now, Renderer};
 use tailgate_core::{Event, FormatOptions, Op};
 
 use crate::transform::{SinkItem, dead_letter};
@@ -52,6 +52,7 @@ pub struct Encoder {
     has_value: bool,
     headers: Vec<(String, Vec<u8>)>,
     now: Now,
+    renderer: Renderer,
 }
 
 impl Encoder {
@@ -64,10 +65,16 @@ impl Encoder {
             has_value: true,
             headers: Vec::new(),
             now: Now::system(),
+            renderer: Renderer::default(),
         }
     }
 
     /// Stamps the processing time (`ts_ms`) used for the events of the next batch.
+    /// The processing time of the current batch, milliseconds since the epoch (the records' timestamp).
+    pub fn batch_time_ms(&self) -> i64 {
+        self.now.unix_micros / 1000
+    }
+
     pub fn begin_batch(&mut self) {
         self.now = Now::system();
     }
@@ -81,8 +88,8 @@ impl Encoder {
         let prepared = match item {
             SinkItem::Commit(_) => return None,
             SinkItem::Change { topic, event } => {
-                self.has_key = envelope::write_key(event, &mut self.key);
-                envelope::write_envelope(event, &self.opts.format, self.now, &mut self.value);
+                self.has_key = self.renderer.write_key(event, &self.opts.format, &mut self.key);
+                self.renderer.write_envelope(event, &self.opts.format, self.now, &mut self.value);
                 self.has_value = true;
                 let is_delete = matches!(event, Event::Change(c) if c.op == Op::Delete);
                 // A tombstone without a key would be meaningless to compaction; Debezium skips it too.

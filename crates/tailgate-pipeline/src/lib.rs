@@ -13,22 +13,26 @@
 //! slow sink slows the reader and memory stays flat whatever the backlog.
 
 pub mod ack;
+pub mod check;
 pub mod encode;
 pub mod metrics;
 pub mod offsets;
 pub mod runtime;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod stdout;
 pub mod transform;
 
 pub use ack::AckTracker;
+pub use check::{CheckResult, Status};
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
 pub use sink::{Sink, SinkError, SinkTotals};
-pub use source::{Batch, Item, Source, SourceContext};
+pub use snapshot::SnapshotEmitter;
+pub use source::{Batch, Item, SnapshotMode, Source, SourceContext, TablePredicate};
 pub use stdout::StdoutSink;
 pub use transform::{
     FilterSpec, OutboxSpec, RawRecord, RouteSpec, RuleError, Rules, SinkItem, TransformSpec, Transformer,

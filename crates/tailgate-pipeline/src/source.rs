@@ -9,6 +9,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+/// Which tables a source captures: called with `schema.table` (PostgreSQL) or `database.table`
+/// (MySQL). Sources use it to avoid reading (PostgreSQL: publishing) what the rules exclude.
+pub type TablePredicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// When the existing rows are read (Debezium's `snapshot.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Once, when the connector has no checkpoint; then stream.
+    Initial,
+    /// Never: stream from now (PostgreSQL: from the slot's creation) on.
+    Never,
+    /// As `Initial`, and again when the stored position is gone (slot dropped, binlog purged).
+    WhenNeeded,
+    /// Snapshot, then stop.
+    InitialOnly,
+}
+
 /// One element of the ordered stream a source emits.
 #[derive(Debug, Clone)]
 pub enum Item {

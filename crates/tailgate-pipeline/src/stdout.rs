@@ -5,7 +5,7 @@
 //! coming) so that small batches do not cost a system call each; nothing is acknowledged before its
 //! flush.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use tailgate_core::Position;
@@ -16,7 +16,9 @@ use crate::sink::{Sink, SinkError, SinkTotals};
 use crate::transform::SinkItem;
 
 pub struct StdoutSink {
-    out: BufWriter<Box<dyn Write + Send>>,
+    out: Box<dyn Write + Send>,
+    /// Lines are rendered straight into this buffer, written out when it fills and at flushes.
+    buf: Vec<u8>,
     encoder: Encoder,
     /// The newest commit written but not yet flushed.
     written: Option<Position>,
@@ -27,11 +29,13 @@ pub struct StdoutSink {
 }
 
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
+const BUFFER: usize = 256 * 1024;
 
 impl StdoutSink {
     pub fn new(out: Box<dyn Write + Send>, encoder: Encoder) -> Self {
         StdoutSink {
-            out: BufWriter::with_capacity(256 * 1024, out),
+            out,
+            buf: Vec::with_capacity(BUFFER + 64 * 1024),
             encoder,
             written: None,
             acked: None,
@@ -43,50 +47,50 @@ impl StdoutSink {
     fn write_batch(&mut self, batch: &[SinkItem]) -> std::io::Result<Option<Position>> {
         self.encoder.begin_batch();
         let mut last_commit = None;
-        let mut line = Vec::with_capacity(4096);
-        let mut result = Ok(());
         for item in batch {
             if let SinkItem::Commit(position) = item {
                 last_commit = Some(position.clone());
                 continue;
             }
-            let out = &mut self.out;
+            let line: &mut Vec<u8> = &mut self.buf;
             let totals = &mut self.totals;
             self.encoder.encode(item, |record, prepared| {
                 totals.delivered += 1;
                 totals.dead_lettered += u64::from(prepared.dead_letter);
                 totals.bytes += (record.key.map_or(0, <[u8]>::len) + record.value.map_or(0, <[u8]>::len)) as u64;
-                line.clear();
                 line.extend_from_slice(b"{\"topic\":");
-                write_str(&mut line, record.topic);
+                write_str(line, record.topic);
                 line.extend_from_slice(b",\"key\":");
-                push_json_or_string(&mut line, record.key, prepared.raw);
+                push_json_or_string(line, record.key, prepared.raw);
                 line.extend_from_slice(b",\"value\":");
-                push_json_or_string(&mut line, record.value, prepared.raw);
+                push_json_or_string(line, record.value, prepared.raw);
                 if !record.headers.is_empty() {
                     line.extend_from_slice(b",\"headers\":{");
                     for (i, (k, v)) in record.headers.iter().enumerate() {
                         if i > 0 {
                             line.push(b',');
                         }
-                        write_str(&mut line, k);
+                        write_str(line, k);
                         line.push(b':');
-                        write_str(&mut line, &String::from_utf8_lossy(v));
+                        write_str(line, &String::from_utf8_lossy(v));
                     }
                     line.push(b'}');
                 }
                 line.extend_from_slice(b"}\n");
-                if result.is_ok() {
-                    result = out.write_all(&line);
-                }
             });
-            result.as_ref().map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+            if self.buf.len() >= BUFFER {
+                self.out.write_all(&self.buf)?;
+                self.buf.clear();
+            }
         }
         Ok(last_commit)
     }
 
     fn flush_now(&mut self) -> Result<(), SinkError> {
-        self.out.flush().map_err(|source| SinkError::Io { what: "stdout", source })?;
+        let io = |source| SinkError::Io { what: "stdout", source };
+        self.out.write_all(&self.buf).map_err(io)?;
+        self.buf.clear();
+        self.out.flush().map_err(io)?;
         self.last_flush = Instant::now();
         if let Some(p) = self.written.take() {
             self.acked = Some(p);

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tailgate_core::envelope::{DecimalHandling, write_value};
+use tailgate_core::envelope::{DecimalHandling, ValueFormat, write_value};
 use tailgate_core::{ChangeEvent, ColumnSchema, Event, LogicalMessage, Op, Position, SourceInfo, TableSchema, Value};
 use tracing::{error, warn};
 
@@ -759,6 +759,13 @@ pub fn dead_letter(
             headers.push(("tailgate.source.lsn".to_owned(), tailgate_core::Lsn(pg.lsn).to_string().into_bytes()));
             headers.push(("tailgate.source.txid".to_owned(), pg.txid.to_string().into_bytes()));
         }
+        SourceInfo::Mysql(my) => {
+            headers.push(("tailgate.source.file".to_owned(), my.file.as_bytes().to_vec()));
+            headers.push(("tailgate.source.pos".to_owned(), my.pos.to_string().into_bytes()));
+            if let Some(gtid) = &my.gtid {
+                headers.push(("tailgate.source.gtid".to_owned(), gtid.as_bytes().to_vec()));
+            }
+        }
     }
     RawRecord { topic: dlq.clone(), key, value, headers, dead_letter: true }
 }
@@ -829,7 +836,7 @@ fn value_text(value: &Value) -> Option<String> {
         Value::Decimal(d) => Some(d.text.clone()),
         other => {
             let mut out = Vec::new();
-            write_value(&mut out, other, DecimalHandling::String);
+            write_value(&mut out, other, ValueFormat { decimals: DecimalHandling::String, ..ValueFormat::default() });
             Some(String::from_utf8_lossy(&out).into_owned())
         }
     }
@@ -841,7 +848,7 @@ fn value_json(value: &Value) -> Option<serde_json::Value> {
         Value::Null | Value::Unavailable { .. } => None,
         other => {
             let mut out = Vec::new();
-            write_value(&mut out, other, DecimalHandling::String);
+            write_value(&mut out, other, ValueFormat { decimals: DecimalHandling::String, ..ValueFormat::default() });
             serde_json::from_slice(&out).ok()
         }
     }

@@ -3,32 +3,33 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tailgate_core::{FormatOptions, Position};
+use tailgate_core::{BinlogFile, FormatOptions, Lsn, Position};
 use tailgate_kafka::{KafkaSink, KafkaSinkConfig};
+use tailgate_mysql::MyError;
 use tailgate_pipeline::{
-    Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, Rules, RunContext, RunOptions, StdoutSink,
+    Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, Rules, RunContext, RunOptions, Source, Status,
+    StdoutSink,
 };
-use tailgate_postgres::check::{CheckInput, Status};
-use tailgate_postgres::{PgError, PostgresSource, PostgresSourceConfig};
+use tailgate_postgres::PgError;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::source::{mysql, postgres};
 
-const EXIT_RUNTIME: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
-const EXIT_PREREQUISITE: u8 = 3;
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_PREREQUISITE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
     name = "tailgate",
     version,
-    about = "Change data capture from PostgreSQL to Kafka, with Debezium-compatible events.",
+    about = "Change data capture from PostgreSQL, MySQL and MariaDB to Kafka, with Debezium-compatible events.",
     after_help = "Examples:\n  tailgate check --config shop.toml\n  tailgate run --config shop.toml\n  tailgate offsets show --config shop.toml\n\nExit codes: 0 ok, 1 runtime failure, 2 config error, 3 prerequisite failure."
 )]
 struct Cli {
@@ -42,10 +43,14 @@ enum Command {
     Run {
         #[arg(short, long)]
         config: PathBuf,
-        /// Stop by itself once everything committed before this LSN (e.g. 0/16B3748) is delivered
-        /// and checkpointed, like pg_recvlogical --endpos.
-        #[arg(long, value_name = "LSN")]
-        stop_at_lsn: Option<tailgate_core::Lsn>,
+        /// PostgreSQL: stop by itself once everything committed before this LSN (e.g. 0/16B3748) is
+        /// delivered and checkpointed, like pg_recvlogical --endpos.
+        #[arg(long, value_name = "LSN", conflicts_with = "stop_at_binlog")]
+        stop_at_lsn: Option<Lsn>,
+        /// MySQL/MariaDB: stop by itself once a transaction ending at or after FILE:POS (e.g.
+        /// mysql-bin.000003:4711) is delivered and checkpointed.
+        #[arg(long, value_name = "FILE:POS", value_parser = parse_binlog_arg)]
+        stop_at_binlog: Option<(BinlogFile, u64)>,
     },
     /// Verify configuration, connectivity and prerequisites; exit 0 only if all pass.
     Check {
@@ -57,7 +62,7 @@ enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
-    /// Manage the PostgreSQL replication slot.
+    /// Manage the PostgreSQL replication slot (MySQL has none).
     Slot {
         #[command(subcommand)]
         action: SlotAction,
@@ -86,18 +91,23 @@ enum OffsetsAction {
     },
     /// Reset the stored position; refused while the connector runs.
     ///
-    /// Without options: forget it, so the next run starts from the slot's confirmed position (or a
-    /// new slot); use it to accept a gap after a dropped slot. `--to-end` skips everything up to the
-    /// server's current WAL position; `--to-lsn` sets a position.
+    /// Without options: forget it, so the next run starts afresh (PostgreSQL: from the slot's
+    /// confirmed position or a new slot; MySQL: from the end of the binlog, after a snapshot unless
+    /// snapshot = "never"); use it to accept a gap after a dropped slot or a purged binlog.
+    /// `--to-end` skips everything up to the end of the server's log now; `--to-lsn` and
+    /// `--to-binlog` set a position.
     Reset {
         #[arg(short, long)]
         config: PathBuf,
-        /// Skip to the current end of the WAL.
-        #[arg(long, conflicts_with = "to_lsn")]
+        /// Skip to the current end of the WAL / binlog.
+        #[arg(long, conflicts_with_all = ["to_lsn", "to_binlog"])]
         to_end: bool,
-        /// Resume after this LSN (e.g. 0/16B3748).
-        #[arg(long, value_name = "LSN")]
-        to_lsn: Option<tailgate_core::Lsn>,
+        /// PostgreSQL: resume after this LSN (e.g. 0/16B3748).
+        #[arg(long, value_name = "LSN", conflicts_with = "to_binlog")]
+        to_lsn: Option<Lsn>,
+        /// MySQL/MariaDB: resume at FILE:POS (the end of a transaction, e.g. mysql-bin.000003:4711).
+        #[arg(long, value_name = "FILE:POS", value_parser = parse_binlog_arg)]
+        to_binlog: Option<(BinlogFile, u64)>,
     },
 }
 
@@ -125,15 +135,35 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { stop_at_lsn, config: path } => run(path, config, stop_at_lsn).await,
+            Command::Run { stop_at_lsn, stop_at_binlog, config: path } => {
+                run(path, config, StopAt { lsn: stop_at_lsn, binlog: stop_at_binlog }).await
+            }
             Command::Check { .. } => check(config).await,
             Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
-            Command::Offsets { action: OffsetsAction::Reset { to_end, to_lsn, .. } } => {
-                offsets_reset(&config, to_end, to_lsn).await
+            Command::Offsets { action: OffsetsAction::Reset { to_end, to_lsn, to_binlog, .. } } => {
+                let target = match (to_lsn, to_binlog) {
+                    (Some(lsn), _) => ResetTo::Position(Position::Postgres { lsn }),
+                    (_, Some((file, pos))) => ResetTo::Position(Position::Mysql { file, pos, gtids: None }),
+                    _ if to_end => ResetTo::End,
+                    _ => ResetTo::Nothing,
+                };
+                offsets_reset(&config, target).await
             }
             Command::Slot { action: SlotAction::Drop { yes, .. } } => slot_drop(&config, yes).await,
         }
     })
+}
+
+fn parse_binlog_arg(text: &str) -> Result<(BinlogFile, u64), String> {
+    tailgate_mysql::source::parse_binlog_position(text)
+        .ok_or_else(|| format!("{text:?} is not FILE:POS, e.g. mysql-bin.000003:4711"))
+}
+
+/// Where `run` stops by itself (benchmarks, controlled catch-up).
+#[derive(Debug, Default)]
+struct StopAt {
+    lsn: Option<Lsn>,
+    binlog: Option<(BinlogFile, u64)>,
 }
 
 fn init_tracing(config: &Config) {
@@ -149,41 +179,12 @@ fn init_tracing(config: &Config) {
     }
 }
 
-/// The table predicate for the publication: `None` when the rules select no tables (all captured).
-fn table_predicate(rules: &Arc<Rules>) -> Option<tailgate_postgres::catalog::TablePredicate> {
-    if !rules.filters_tables() {
-        return None;
-    }
-    let rules = rules.clone();
-    Some(Arc::new(move |table: &str| rules.table_included(table)))
-}
-
-fn postgres_source(
-    config: &Config,
-    stop_at: Option<tailgate_core::Lsn>,
-    rules: &Arc<Rules>,
-) -> Result<PostgresSource, PgError> {
-    let SourceConfig::Postgres(pg) = &config.source;
-    PostgresSource::new(PostgresSourceConfig {
-        tables: table_predicate(rules),
-        name: config.name.clone(),
-        url: pg.url.clone(),
-        slot: config.slot_name(),
-        publication: config.publication_name(),
-        create_publication: pg.create_publication,
-        batch_size: pg.batch_size,
-        status_interval: Duration::from_millis(pg.status_interval_ms.max(100)),
-        stop_at,
-        snapshot: config.snapshot_mode().unwrap_or(tailgate_postgres::SnapshotMode::Initial),
-        snapshot_fetch_rows: pg.snapshot_fetch_rows,
-    })
-}
-
 fn encoder(config: &Config, rules: &Rules) -> Encoder {
     Encoder::new(EncoderOptions {
         tombstones: config.format.tombstones,
         format: FormatOptions {
             decimal_handling: config.format.decimal_handling,
+            bigint_unsigned_handling: config.format.bigint_unsigned_handling,
             transaction_metadata: config.format.transaction_metadata,
         },
         max_record_bytes: config.max_record_bytes(),
@@ -222,7 +223,7 @@ fn watch_signals(token: CancellationToken) {
     });
 }
 
-async fn run(config_path: PathBuf, config: Config, stop_at: Option<tailgate_core::Lsn>) -> ExitCode {
+async fn run(config_path: PathBuf, config: Config, stop_at: StopAt) -> ExitCode {
     match run_inner(config_path, config, stop_at).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -235,7 +236,7 @@ async fn run(config_path: PathBuf, config: Config, stop_at: Option<tailgate_core
     }
 }
 
-async fn run_inner(config_path: PathBuf, config: Config, stop_at: Option<tailgate_core::Lsn>) -> anyhow::Result<()> {
+async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> anyhow::Result<()> {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let stored = store.load()?;
     let resume = stored.map(|s| s.position);
@@ -243,20 +244,21 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: Option<tailgat
         Some(p) => {
             info!(connector = %config.name, position = %p, file = %store.path().display(), "resuming from checkpoint")
         }
-        None => {
-            info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored: starting from the slot")
-        }
+        None => info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored"),
     }
     let rules = Arc::new(config.rules()?);
     let (rules_tx, rules_rx) = tokio::sync::watch::channel(rules.clone());
-    let source = postgres_source(&config, stop_at, &rules)?;
     let metrics = Arc::new(Metrics::new(config.name.clone()));
     if let Some(http) = &config.http {
         let listen = http.listen.parse().context("http.listen")?;
         crate::http::serve(listen, metrics.clone(), Duration::from_secs(http.ready_window_s))
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
-        spawn_lag_poller(&config, metrics.clone(), Duration::from_secs(http.lag_poll_s.max(1)));
+        let every = Duration::from_secs(http.lag_poll_s.max(1));
+        match &config.source {
+            SourceConfig::Postgres(pg) => postgres::spawn_lag_poller(&config, pg, metrics.clone(), every),
+            SourceConfig::Mysql(my) => mysql::spawn_lag_poller(my, metrics.clone(), every),
+        }
     }
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
@@ -265,16 +267,22 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: Option<tailgat
         flush_interval: Duration::from_millis(config.offsets.flush_interval_ms.unwrap_or(1000)),
         ..RunOptions::default()
     };
-    let context = RunContext { store, resume_from: resume, shutdown: shutdown.clone(), metrics, rules: rules_rx };
-    let summary = match kafka_config(&config) {
-        Some(kc) => {
-            info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
-            let sink = KafkaSink::new(kc, encoder(&config, &rules), shutdown.clone(), opts.drain_timeout)?;
-            tailgate_pipeline::run(source, sink, context, opts).await?
+    let context =
+        RunContext { store, resume_from: resume, shutdown: shutdown.clone(), metrics, rules: rules_rx.clone() };
+    let summary = match &config.source {
+        SourceConfig::Postgres(pg) => {
+            if stop_at.binlog.is_some() {
+                anyhow::bail!("--stop-at-binlog is for MySQL sources; use --stop-at-lsn");
+            }
+            let source = postgres::source(&config, pg, stop_at.lsn, &rules)?;
+            run_pipeline(source, &config, &rules, context, opts).await?
         }
-        None => {
-            let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(&config, &rules));
-            tailgate_pipeline::run(source, sink, context, opts).await?
+        SourceConfig::Mysql(my) => {
+            if stop_at.lsn.is_some() {
+                anyhow::bail!("--stop-at-lsn is for PostgreSQL sources; use --stop-at-binlog");
+            }
+            let source = mysql::source(&config, my, stop_at.binlog, &rules_rx)?;
+            run_pipeline(source, &config, &rules, context, opts).await?
         }
     };
     info!(
@@ -283,6 +291,27 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: Option<tailgat
         "stopped cleanly"
     );
     Ok(())
+}
+
+/// Runs `source` into the configured sink.
+async fn run_pipeline<S: Source>(
+    source: S,
+    config: &Config,
+    rules: &Rules,
+    context: RunContext,
+    opts: RunOptions,
+) -> anyhow::Result<tailgate_pipeline::RunSummary> {
+    Ok(match kafka_config(config) {
+        Some(kc) => {
+            info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
+            let sink = KafkaSink::new(kc, encoder(config, rules), context.shutdown.clone(), opts.drain_timeout)?;
+            tailgate_pipeline::run(source, sink, context, opts).await?
+        }
+        None => {
+            let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(config, rules));
+            tailgate_pipeline::run(source, sink, context, opts).await?
+        }
+    })
 }
 
 /// SIGHUP re-reads the config file and applies its `[filter]`, `[[route]]` and `[[outbox]]` rules from
@@ -313,97 +342,40 @@ async fn reload(path: &std::path::Path, running: &Config) -> anyhow::Result<Rule
     if new.source_and_sink_differ(running) {
         warn!("only [filter], [[route]], [[outbox]] and [dead_letter] are reloaded; restart to apply other changes");
     }
-    let SourceConfig::Postgres(pg) = &running.source;
-    if pg.create_publication {
-        let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
-        let mut client = tailgate_postgres::catalog::connect(&info).await?;
-        let shared = Arc::new(rules.clone());
-        let outcome = tailgate_postgres::catalog::sync_publication(
-            &mut client,
-            &running.publication_name(),
-            table_predicate(&shared).as_ref(),
-            true,
-        )
-        .await?;
-        info!(publication = %running.publication_name(), ?outcome, "publication checked against the new rules");
+    if let SourceConfig::Postgres(pg) = &running.source {
+        postgres::on_reload(running, pg, &rules).await?;
     }
     Ok(rules)
 }
 
-/// Measures, every `every`, how many WAL bytes the slot has not confirmed (`tailgate_source_lag_bytes`).
-fn spawn_lag_poller(config: &Config, metrics: Arc<Metrics>, every: Duration) {
-    let SourceConfig::Postgres(pg) = &config.source;
-    let Ok(info) = tailgate_postgres::replication::ConnInfo::from_url(&pg.url) else { return };
-    let slot = config.slot_name();
-    tokio::spawn(async move {
-        let mut client = None;
-        loop {
-            if client.is_none() {
-                client = tailgate_postgres::catalog::connect(&info).await.ok();
-            }
-            if let Some(c) = &client {
-                match tailgate_postgres::catalog::slot_lag_bytes(c, &slot).await {
-                    Ok(Some(bytes)) => metrics.source_lag_bytes.store(bytes, Relaxed),
-                    Ok(None) => metrics.source_lag_bytes.store(-1, Relaxed),
-                    Err(_) => client = None,
-                }
-            }
-            tokio::time::sleep(every).await;
-        }
-    });
-}
-
 fn exit_code_for(e: &anyhow::Error) -> u8 {
-    let pg = e
-        .downcast_ref::<PipelineError>()
-        .and_then(|p| p.source_error())
-        .and_then(|s| s.downcast_ref::<PgError>())
-        .or_else(|| e.downcast_ref::<PgError>());
-    match pg {
-        Some(
-            PgError::WalLevel { .. }
-            | PgError::NoReplicationPrivilege { .. }
-            | PgError::SlotInUse { .. }
-            | PgError::SlotDropped { .. }
-            | PgError::SlotUnusable { .. }
-            | PgError::NoFreeSlot { .. }
-            | PgError::PublicationCreate { .. }
-            | PgError::Auth { .. }
-            | PgError::UnsupportedAuth { .. },
-        ) => EXIT_PREREQUISITE,
-        Some(PgError::Url { .. }) => EXIT_CONFIG,
-        _ => EXIT_RUNTIME,
-    }
+    let source_error = e.downcast_ref::<PipelineError>().and_then(|p| p.source_error());
+    let pg = source_error.and_then(|s| s.downcast_ref::<PgError>()).or_else(|| e.downcast_ref::<PgError>());
+    let my = source_error.and_then(|s| s.downcast_ref::<MyError>()).or_else(|| e.downcast_ref::<MyError>());
+    pg.and_then(postgres::exit_code).or_else(|| my.and_then(mysql::exit_code)).unwrap_or(EXIT_RUNTIME)
 }
 
 async fn check(config: Config) -> ExitCode {
     println!("ok      config: {} parsed and valid", config.name);
-    let SourceConfig::Postgres(pg) = &config.source;
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let checkpoint = match store.load() {
-        Ok(stored) => {
-            let lsn = stored.as_ref().map(|s| s.position.lsn());
-            match lsn {
-                Some(l) => println!("ok      offsets: checkpoint at {l} in {}", store.path().display()),
-                None => println!("ok      offsets: no checkpoint yet ({})", store.path().display()),
-            }
-            lsn
+        Ok(Some(stored)) => {
+            println!("ok      offsets: checkpoint at {} in {}", stored.position, store.path().display());
+            Some(stored.position)
+        }
+        Ok(None) => {
+            println!("ok      offsets: no checkpoint yet ({})", store.path().display());
+            None
         }
         Err(e) => {
             println!("FAILED  offsets: {e}");
             None
         }
     };
-    let slot = config.slot_name();
-    let publication = config.publication_name();
-    let results = tailgate_postgres::check::run_checks(&CheckInput {
-        url: &pg.url,
-        slot: &slot,
-        publication: &publication,
-        create_publication: pg.create_publication,
-        checkpoint,
-    })
-    .await;
+    let results = match &config.source {
+        SourceConfig::Postgres(pg) => postgres::check(&config, pg, checkpoint.as_ref()).await,
+        SourceConfig::Mysql(my) => mysql::check(&config, my, checkpoint.as_ref()).await,
+    };
     let mut failed = false;
     for r in &results {
         let label = match r.status {
@@ -456,28 +428,54 @@ fn offsets_show(config: &Config) -> ExitCode {
     }
 }
 
-async fn offsets_reset(config: &Config, to_end: bool, to_lsn: Option<tailgate_core::Lsn>) -> ExitCode {
+/// What `offsets reset` sets the checkpoint to.
+enum ResetTo {
+    /// Forget the checkpoint.
+    Nothing,
+    /// The end of the server's log now.
+    End,
+    Position(Position),
+}
+
+async fn offsets_reset(config: &Config, target: ResetTo) -> ExitCode {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
-    // Refuse while the connector runs: its slot is active.
+    // Refuse while the connector runs.
     if let Err(e) = ensure_not_running(config).await {
         eprintln!("tailgate: {e:#}");
         return ExitCode::from(EXIT_PREREQUISITE);
     }
-    let target = if to_end {
-        match current_wal_end(config).await {
-            Ok(lsn) => Some(lsn),
-            Err(e) => {
-                eprintln!("tailgate: {e:#}");
-                return ExitCode::from(EXIT_RUNTIME);
+    let position = match target {
+        ResetTo::Nothing => None,
+        ResetTo::End => {
+            let end = match &config.source {
+                SourceConfig::Postgres(pg) => postgres::end_position(pg).await,
+                SourceConfig::Mysql(my) => mysql::end_position(my).await,
+            };
+            match end {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("tailgate: {e:#}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
             }
         }
-    } else {
-        to_lsn
+        ResetTo::Position(p) => {
+            let matches_source = matches!(
+                (&p, &config.source),
+                (Position::Postgres { .. }, SourceConfig::Postgres(_))
+                    | (Position::Mysql { .. }, SourceConfig::Mysql(_))
+            );
+            if !matches_source {
+                eprintln!("tailgate: use --to-lsn for PostgreSQL sources and --to-binlog for MySQL sources");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Some(p)
+        }
     };
-    if let Some(lsn) = target {
-        return match store.save(&Position::Postgres { lsn }) {
+    if let Some(position) = position {
+        return match store.save(&position) {
             Ok(()) => {
-                println!("checkpoint of {} set to {lsn} in {}", config.name, store.path().display());
+                println!("checkpoint of {} set to {position} in {}", config.name, store.path().display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -502,15 +500,14 @@ async fn offsets_reset(config: &Config, to_end: bool, to_lsn: Option<tailgate_co
     }
 }
 
-async fn current_wal_end(config: &Config) -> anyhow::Result<tailgate_core::Lsn> {
-    let SourceConfig::Postgres(pg) = &config.source;
-    let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
-    let client = tailgate_postgres::catalog::connect(&info).await?;
-    let text: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    Ok(text.parse()?)
-}
-
 async fn slot_drop(config: &Config, yes: bool) -> ExitCode {
+    let SourceConfig::Postgres(pg) = &config.source else {
+        eprintln!(
+            "tailgate: MySQL sources have no slot: the server keeps binlogs by binlog_expire_logs_seconds whatever tailgate does. \
+             To start over, run `tailgate offsets reset`"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
     let slot = config.slot_name();
     let publication = config.publication_name();
     if !yes {
@@ -521,19 +518,7 @@ async fn slot_drop(config: &Config, yes: bool) -> ExitCode {
     }
     let result: anyhow::Result<()> = async {
         ensure_not_running(config).await?;
-        let SourceConfig::Postgres(pg) = &config.source;
-        let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
-        let client = tailgate_postgres::catalog::connect(&info).await?;
-        let dropped = client
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?;
-        println!("{}", if dropped > 0 { format!("dropped slot {slot}") } else { format!("no slot {slot}") });
-        let quoted = tailgate_postgres::replication::quote_ident(&publication);
-        client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {quoted}")).await?;
-        println!("dropped publication {publication} (if it existed)");
+        postgres::drop_slot(config, pg).await?;
         let store = OffsetStore::new(config.offsets_path(), config.name.clone());
         if store.clear()? {
             println!("cleared the checkpoint in {}", store.path().display());
@@ -551,14 +536,8 @@ async fn slot_drop(config: &Config, yes: bool) -> ExitCode {
 }
 
 async fn ensure_not_running(config: &Config) -> anyhow::Result<()> {
-    let SourceConfig::Postgres(pg) = &config.source;
-    let info = tailgate_postgres::replication::ConnInfo::from_url(&pg.url)?;
-    let client = tailgate_postgres::catalog::connect(&info).await.context("checking whether the connector runs")?;
-    let slot = config.slot_name();
-    if let Some(state) = tailgate_postgres::catalog::slot_state(&client, &slot).await? {
-        if let Some(pid) = state.active_pid {
-            anyhow::bail!("slot {slot} is in use by pid {pid}: stop the running connector first");
-        }
+    match &config.source {
+        SourceConfig::Postgres(pg) => postgres::ensure_not_running(config, pg).await,
+        SourceConfig::Mysql(my) => mysql::ensure_not_running(config, my).await,
     }
-    Ok(())
 }

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tailgate_core::DecimalHandling;
-use tailgate_pipeline::{FilterSpec, OutboxSpec, RouteSpec, Rules, TransformSpec};
+use tailgate_core::{BigIntUnsignedHandling, DecimalHandling};
+use tailgate_pipeline::{FilterSpec, OutboxSpec, RouteSpec, Rules, SnapshotMode, TransformSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -71,6 +71,73 @@ pub struct HttpConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     Postgres(PostgresConfig),
+    /// MySQL and MariaDB (the flavor is detected from the server).
+    Mysql(MysqlConfig),
+}
+
+impl SourceConfig {
+    fn snapshot(&self) -> &str {
+        match self {
+            SourceConfig::Postgres(pg) => &pg.snapshot,
+            SourceConfig::Mysql(my) => &my.snapshot,
+        }
+    }
+
+    pub fn snapshot_fetch_rows(&self) -> usize {
+        match self {
+            SourceConfig::Postgres(pg) => pg.snapshot_fetch_rows,
+            SourceConfig::Mysql(my) => my.snapshot_fetch_rows,
+        }
+    }
+
+    fn snapshot_parallel(&self) -> usize {
+        match self {
+            SourceConfig::Postgres(pg) => pg.snapshot_parallel,
+            SourceConfig::Mysql(my) => my.snapshot_parallel,
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        match self {
+            SourceConfig::Postgres(pg) => pg.batch_size,
+            SourceConfig::Mysql(my) => my.batch_size,
+        }
+    }
+}
+
+/// `[source]` with `type = "mysql"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// `mysql://user:password@host:3306/database`; a database limits capture to it, none captures
+    /// every database but the server's own (mysql, sys, performance_schema, information_schema).
+    pub url: String,
+    /// This replica's id on the server: unique among the server and its replicas. Default: a number
+    /// derived from `name`, stable across restarts.
+    pub server_id: Option<u32>,
+    /// As for PostgreSQL: `initial` (default) | `never` | `when_needed` | `initial_only`.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: String,
+    /// Rows per snapshot chunk. Default 10000.
+    #[serde(default = "default_snapshot_fetch_rows")]
+    pub snapshot_fetch_rows: usize,
+    /// Tables read in parallel. Only 1 (the default here) is implemented.
+    #[serde(default = "one_usize")]
+    pub snapshot_parallel: usize,
+    /// Events handed to the pipeline per batch, at most. Default 2048.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How often an idle server sends a heartbeat, in milliseconds; three missed heartbeats mean the
+    /// connection is dead and tailgate reconnects. Default 5000.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Fill `source.query` with the statement behind each change (Debezium's `include.query`;
+    /// MySQL also needs `binlog_rows_query_log_events = ON`). Default false.
+    #[serde(default)]
+    pub include_query: bool,
+    /// Connection timeout in milliseconds. Default 10000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +206,10 @@ pub struct StdoutConfig {
 pub struct FormatConfig {
     #[serde(default)]
     pub decimal_handling: DecimalHandling,
+    /// MySQL `BIGINT UNSIGNED`: `long` (default, a JSON number, exact beyond 2^63 unlike Debezium's)
+    /// or `precise` (Kafka Connect Decimal bytes).
+    #[serde(default)]
+    pub bigint_unsigned_handling: BigIntUnsignedHandling,
     /// A tombstone follows every delete. Default true.
     #[serde(default = "yes")]
     pub tombstones: bool,
@@ -149,7 +220,12 @@ pub struct FormatConfig {
 
 impl Default for FormatConfig {
     fn default() -> Self {
-        FormatConfig { decimal_handling: DecimalHandling::Precise, tombstones: true, transaction_metadata: false }
+        FormatConfig {
+            decimal_handling: DecimalHandling::Precise,
+            bigint_unsigned_handling: BigIntUnsignedHandling::Long,
+            tombstones: true,
+            transaction_metadata: false,
+        }
     }
 }
 
@@ -200,6 +276,12 @@ fn default_batch_size() -> usize {
 fn default_status_interval_ms() -> u64 {
     1000
 }
+fn default_heartbeat_ms() -> u64 {
+    5000
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
 fn default_ready_window_s() -> u64 {
     60
 }
@@ -231,38 +313,59 @@ impl Config {
         if !valid_name(&self.name) {
             return Err(key_error("name", "use letters, digits, '_', '-' or '.' (it names topics and the slot)"));
         }
-        let SourceConfig::Postgres(pg) = &self.source;
         self.snapshot_mode()?;
-        if pg.snapshot_fetch_rows == 0 {
+        if self.source.snapshot_fetch_rows() == 0 {
             return Err(key_error("source.snapshot_fetch_rows", "must be at least 1"));
         }
-        if pg.snapshot_parallel != 1 {
+        if self.source.snapshot_parallel() != 1 {
             return Err(key_error(
                 "source.snapshot_parallel",
                 "only 1 is implemented yet (tables are read one after the other); remove the key or set 1",
             ));
         }
-        for (key, value) in [("source.slot", self.slot_name()), ("source.publication", self.publication_name())] {
-            if value.is_empty()
-                || value.len() > 63
-                || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            {
-                return Err(key_error(
-                    key,
-                    format!(
-                        "{value:?} is not a valid PostgreSQL slot/publication name: use at most 63 lower-case letters, digits and '_'"
-                    ),
-                ));
-            }
-        }
-        if pg.batch_size == 0 {
+        if self.source.batch_size() == 0 {
             return Err(key_error("source.batch_size", "must be at least 1"));
         }
-        if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
-            return Err(key_error(
-                "source.url",
-                "must start with postgres:// (e.g. postgres://user:pass@127.0.0.1:5432/db)",
-            ));
+        match &self.source {
+            SourceConfig::Postgres(pg) => {
+                for (key, value) in [("source.slot", self.slot_name()), ("source.publication", self.publication_name())]
+                {
+                    if value.is_empty()
+                        || value.len() > 63
+                        || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                    {
+                        return Err(key_error(
+                            key,
+                            format!(
+                                "{value:?} is not a valid PostgreSQL slot/publication name: use at most 63 lower-case letters, digits and '_'"
+                            ),
+                        ));
+                    }
+                }
+                if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
+                    return Err(key_error(
+                        "source.url",
+                        "must start with postgres:// (e.g. postgres://user:pass@127.0.0.1:5432/db)",
+                    ));
+                }
+            }
+            SourceConfig::Mysql(my) => {
+                if !my.url.starts_with("mysql://") && !my.url.starts_with("mariadb://") {
+                    return Err(key_error(
+                        "source.url",
+                        "must start with mysql:// (e.g. mysql://cdc:secret@127.0.0.1:3306/shop)",
+                    ));
+                }
+                if my.server_id == Some(0) {
+                    return Err(key_error(
+                        "source.server_id",
+                        "must be at least 1 (0 means \"not a replica\" to MySQL)",
+                    ));
+                }
+                if my.heartbeat_interval_ms < 100 {
+                    return Err(key_error("source.heartbeat_interval_ms", "must be at least 100"));
+                }
+            }
         }
         if let SinkConfig::Kafka(k) = &self.sink {
             if k.brokers.trim().is_empty() {
@@ -299,10 +402,9 @@ impl Config {
         Ok(())
     }
 
-    pub fn snapshot_mode(&self) -> Result<tailgate_postgres::SnapshotMode, ConfigError> {
-        use tailgate_postgres::SnapshotMode::*;
-        let SourceConfig::Postgres(pg) = &self.source;
-        Ok(match pg.snapshot.as_str() {
+    pub fn snapshot_mode(&self) -> Result<SnapshotMode, ConfigError> {
+        use SnapshotMode::*;
+        Ok(match self.source.snapshot() {
             "initial" => Initial,
             "never" => Never,
             "when_needed" => WhenNeeded,
@@ -316,14 +418,34 @@ impl Config {
         })
     }
 
+    /// PostgreSQL: the replication slot (default `tailgate_<name>`).
     pub fn slot_name(&self) -> String {
-        let SourceConfig::Postgres(pg) = &self.source;
-        pg.slot.clone().unwrap_or_else(|| default_pg_name(&self.name))
+        match &self.source {
+            SourceConfig::Postgres(pg) => pg.slot.clone(),
+            SourceConfig::Mysql(_) => None,
+        }
+        .unwrap_or_else(|| default_pg_name(&self.name))
     }
 
+    /// PostgreSQL: the publication (default `tailgate_<name>`).
     pub fn publication_name(&self) -> String {
-        let SourceConfig::Postgres(pg) = &self.source;
-        pg.publication.clone().unwrap_or_else(|| default_pg_name(&self.name))
+        match &self.source {
+            SourceConfig::Postgres(pg) => pg.publication.clone(),
+            SourceConfig::Mysql(_) => None,
+        }
+        .unwrap_or_else(|| default_pg_name(&self.name))
+    }
+
+    /// MySQL: this replica's server id (configured, or derived from `name`: FNV-1a into
+    /// 1,000,000..1,999,999,999, far from the small ids servers usually have).
+    pub fn server_id(&self) -> u32 {
+        match &self.source {
+            SourceConfig::Mysql(MysqlConfig { server_id: Some(id), .. }) => *id,
+            _ => {
+                let hash = self.name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+                1_000_000 + hash % 1_999_000_000
+            }
+        }
     }
 
     pub fn topic_prefix(&self) -> String {
@@ -505,7 +627,7 @@ path = "shop.offsets.json"
     #[test]
     fn minimal_config_parses_with_defaults_and_interpolation() {
         let c = parse(MINIMAL).unwrap();
-        let SourceConfig::Postgres(pg) = &c.source;
+        let SourceConfig::Postgres(pg) = &c.source else { panic!("not postgres") };
         assert_eq!(pg.url, "postgres://cdc:s3cret@127.0.0.1:5432/shop");
         assert_eq!(c.slot_name(), "tailgate_shop");
         assert_eq!(c.publication_name(), "tailgate_shop");
@@ -546,6 +668,25 @@ path = "shop.offsets.json"
         assert!(err.to_string().contains("outbox[0].on_update"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[[outbox]]\ntable = \"public.outbox\"\nidd = \"x\"\n")).unwrap_err();
         assert!(err.to_string().contains("idd"), "{err}");
+    }
+
+    #[test]
+    fn mysql_source_parses_with_defaults() {
+        let text = MINIMAL
+            .replace("type = \"postgres\"", "type = \"mysql\"")
+            .replace("postgres://cdc:${PGPASS}@127.0.0.1:5432/shop", "mysql://cdc:${PGPASS}@127.0.0.1:3306/shop");
+        let c = parse(&text).unwrap();
+        let SourceConfig::Mysql(my) = &c.source else { panic!("not mysql") };
+        assert_eq!(my.url, "mysql://cdc:s3cret@127.0.0.1:3306/shop");
+        assert_eq!((my.heartbeat_interval_ms, my.include_query, my.batch_size), (5000, false, 2048));
+        assert_eq!(c.server_id(), parse(&text).unwrap().server_id(), "derived server id is stable");
+        assert!(c.server_id() >= 1_000_000);
+        let with_id = parse(&text.replace("snapshot = \"never\"", "snapshot = \"never\"\nserver_id = 5400")).unwrap();
+        assert_eq!(with_id.server_id(), 5400);
+        let err = parse(&text.replace("snapshot = \"never\"", "snapshot = \"never\"\nslot = \"x\"")).unwrap_err();
+        assert!(err.to_string().contains("slot"), "PostgreSQL keys are refused for MySQL: {err}");
+        let err = parse(&text.replace("mysql://", "postgres://")).unwrap_err();
+        assert!(err.to_string().contains("source.url"), "{err}");
     }
 
     #[test]

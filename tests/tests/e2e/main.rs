@@ -1,7 +1,12 @@
+#![recursion_limit = "256"]
 //! End-to-end tests: the real `tailgate` binary against the real PostgreSQL and Kafka broker that
 //! scripts/services.sh sets up. One test binary; each test owns its database, slot and topics.
 
 mod auth;
+mod mysql_resilience;
+mod mysql_snapshot;
+mod mysql_streaming;
+mod mysql_types;
 mod operations;
 mod resilience;
 mod snapshot;

@@ -1,0 +1,635 @@
+//! The replication connection: MySQL's client/server protocol over tokio, as far as a replica needs
+//! it — handshake and authentication, a few `SET` statements, the binlog dump request, then the
+//! stream of event packets.
+//!
+//! ```text
+//!  connect ─▶ handshake v10 ─▶ auth (mysql_native_password | caching_sha2_password, with the RSA
+//!             exchange when the server has no cached hash) ─▶ SET @master_binlog_checksum, ...
+//!          ─▶ COM_BINLOG_DUMP (file, pos) | COM_BINLOG_DUMP_GTID (GTID set)
+//!          ─▶ packets: 0x00 + event | 0xFF error
+//! ```
+//!
+//! Packets are read into one buffer and handed out as slices of it ([`ReplicationConnection::next_event`]),
+//! so an event costs no allocation here; payloads over 16 MiB, which the protocol splits, are joined in
+//! a second buffer. Ordinary SQL (catalog, checks, snapshots) uses `mysql_async` on other connections.
+
+use std::time::Duration;
+
+use tailgate_core::MysqlGtidSet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::binlog::Cursor;
+use crate::error::MyError;
+
+/// Where and as whom to connect, from `mysql://user:password@host:port/database`.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    /// The database named in the URL: capture is limited to it.
+    pub database: Option<String>,
+}
+
+impl std::fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        write!(f, "mysql://{}@{}:{}/{}", self.user, self.host, self.port, self.database.as_deref().unwrap_or(""))
+    }
+}
+
+impl ConnInfo {
+    pub fn from_url(url: &str) -> Result<ConnInfo, MyError> {
+        let err = |detail: &str| MyError::Url { detail: detail.to_owned() };
+        let rest = url
+            .strip_prefix("mysql://")
+            .or_else(|| url.strip_prefix("mariadb://"))
+            .ok_or_else(|| err("must start with mysql://"))?;
+        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+        let (auth, host_path) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (user, password) = match auth {
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => (percent_decode(u)?, percent_decode(p)?),
+                None => (percent_decode(a)?, String::new()),
+            },
+            None => ("root".to_owned(), String::new()),
+        };
+        let (host_port, database) = match host_path.split_once('/') {
+            Some((h, d)) if !d.is_empty() => (h, Some(percent_decode(d)?)),
+            Some((h, _)) => (h, None),
+            None => (host_path, None),
+        };
+        let (host, port) = match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| err(&format!("has port {p:?}, which is not a number")))?),
+            None => (host_port, 3306),
+        };
+        if host.is_empty() {
+            return Err(err("has no host"));
+        }
+        Ok(ConnInfo { host: host.trim_matches(['[', ']']).to_owned(), port, user, password, database })
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Options for `mysql_async` connections to the same server.
+    pub fn opts(&self) -> mysql_async::Opts {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname(self.host.clone())
+            .tcp_port(self.port)
+            .user(Some(self.user.clone()))
+            .pass(Some(self.password.clone()))
+            .db_name(self.database.clone())
+            .prefer_socket(false)
+            .into()
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, MyError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+            let b = hex.ok_or_else(|| MyError::Url { detail: format!("has an invalid %-escape in {s:?}") })?;
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| MyError::Url { detail: "has %-escapes that are not UTF-8".into() })
+}
+
+// Capability flags.
+const CLIENT_LONG_PASSWORD: u32 = 0x1;
+const CLIENT_LONG_FLAG: u32 = 0x4;
+const CLIENT_PROTOCOL_41: u32 = 0x200;
+const CLIENT_TRANSACTIONS: u32 = 0x2000;
+const CLIENT_SECURE_CONNECTION: u32 = 0x8000;
+const CLIENT_PLUGIN_AUTH: u32 = 0x8_0000;
+const CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 0x20_0000;
+
+const COM_QUERY: u8 = 0x03;
+const COM_QUIT: u8 = 0x01;
+const COM_BINLOG_DUMP: u8 = 0x12;
+const COM_REGISTER_SLAVE: u8 = 0x15;
+const COM_BINLOG_DUMP_GTID: u8 = 0x1E;
+
+/// MariaDB: also send ANNOTATE_ROWS events (the statement behind row events).
+pub const DUMP_SEND_ANNOTATE_ROWS: u16 = 0x02;
+/// COM_BINLOG_DUMP_GTID: the request carries a GTID set.
+const DUMP_THROUGH_GTID: u16 = 0x04;
+
+/// utf8mb4_general_ci.
+const CHARSET_UTF8MB4: u8 = 45;
+const MAX_PACKET: usize = 0xFF_FFFF;
+
+/// Where the server should start sending.
+#[derive(Debug, Clone)]
+pub enum DumpFrom {
+    /// A binlog file and the offset of the next event in it.
+    Position { file: String, pos: u64 },
+    /// MySQL: every transaction not in this set (`gtid_mode = ON`).
+    MysqlGtids(MysqlGtidSet),
+    /// MariaDB: after this GTID state (set as `@slave_connect_state` beforehand).
+    MariadbGtids,
+}
+
+/// What an event packet turned out to be.
+#[derive(Debug)]
+pub enum Packet<'a> {
+    Event(&'a [u8]),
+    /// The server ended the stream (only in non-blocking mode).
+    End,
+}
+
+pub struct ReplicationConnection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Payloads split over several packets are joined here.
+    joined: Vec<u8>,
+    seq: u8,
+    pub server_version: String,
+    pub connection_id: u32,
+}
+
+impl ReplicationConnection {
+    pub async fn connect(info: &ConnInfo, timeout: Duration) -> Result<Self, MyError> {
+        let addr = info.addr();
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| MyError::Connect { addr: addr.clone(), source: std::io::ErrorKind::TimedOut.into() })?
+            .map_err(|source| MyError::Connect { addr: addr.clone(), source })?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = ReplicationConnection {
+            stream,
+            buf: vec![0; 256 * 1024],
+            start: 0,
+            end: 0,
+            joined: Vec::new(),
+            seq: 0,
+            server_version: String::new(),
+            connection_id: 0,
+        };
+        tokio::time::timeout(timeout, conn.handshake(info))
+            .await
+            .map_err(|_| MyError::Connect { addr, source: std::io::ErrorKind::TimedOut.into() })??;
+        Ok(conn)
+    }
+
+    async fn handshake(&mut self, info: &ConnInfo) -> Result<(), MyError> {
+        let greeting = self.read_packet_owned().await?;
+        if greeting.first() == Some(&0xFF) {
+            return Err(server_error(&greeting, "connect"));
+        }
+        let hello = Greeting::parse(&greeting)?;
+        self.server_version = hello.server_version.clone();
+        self.connection_id = hello.connection_id;
+        let caps = CLIENT_LONG_PASSWORD
+            | CLIENT_LONG_FLAG
+            | CLIENT_PROTOCOL_41
+            | CLIENT_TRANSACTIONS
+            | CLIENT_SECURE_CONNECTION
+            | CLIENT_PLUGIN_AUTH
+            | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA;
+        let caps = caps & (hello.capabilities | CLIENT_LONG_PASSWORD);
+        if caps & CLIENT_PROTOCOL_41 == 0 || caps & CLIENT_PLUGIN_AUTH == 0 {
+            return Err(MyError::Protocol(format!(
+                "server {} is too old (no protocol 4.1 / plugin auth)",
+                hello.server_version
+            )));
+        }
+        let mut plugin = hello.plugin.clone();
+        let mut nonce = hello.nonce.clone();
+        let response = auth_response(&plugin, &nonce, &info.password)?;
+        let mut packet = Vec::with_capacity(128);
+        packet.extend_from_slice(&caps.to_le_bytes());
+        packet.extend_from_slice(&(1u32 << 30).to_le_bytes());
+        packet.push(CHARSET_UTF8MB4);
+        packet.extend_from_slice(&[0; 23]);
+        packet.extend_from_slice(info.user.as_bytes());
+        packet.push(0);
+        packet.push(response.len() as u8);
+        packet.extend_from_slice(&response);
+        packet.extend_from_slice(plugin.as_bytes());
+        packet.push(0);
+        self.write_packet(&packet).await?;
+
+        loop {
+            let reply = self.read_packet_owned().await?;
+            match reply.first() {
+                Some(0x00) => return Ok(()),
+                Some(0xFF) => {
+                    let e = server_error(&reply, "authentication");
+                    return Err(match e {
+                        MyError::Server { message, .. } => MyError::Auth { user: info.user.clone(), message },
+                        other => other,
+                    });
+                }
+                // Auth switch: the server wants another plugin (and gives a new nonce).
+                Some(0xFE) => {
+                    let mut c = Cursor::new(&reply[1..]);
+                    let name_end = c.rest().iter().position(|&b| b == 0).unwrap_or(c.remaining());
+                    plugin = String::from_utf8_lossy(&c.rest()[..name_end]).into_owned();
+                    let _ = c.take(name_end + 1, "plugin");
+                    nonce = c.rest().strip_suffix(&[0]).unwrap_or(c.rest()).to_vec();
+                    let response = auth_response(&plugin, &nonce, &info.password)?;
+                    self.write_packet(&response).await?;
+                }
+                // caching_sha2_password: 0x03 fast auth done (an OK follows), 0x04 full auth needed.
+                Some(0x01) if plugin == "caching_sha2_password" => match reply.get(1) {
+                    Some(0x03) => {}
+                    Some(0x04) => {
+                        // Without TLS the password travels RSA-encrypted with the server's public key.
+                        self.write_packet(&[0x02]).await?;
+                        let key = self.read_packet_owned().await?;
+                        if key.first() == Some(&0xFF) {
+                            return Err(server_error(&key, "authentication"));
+                        }
+                        let pem = key.get(1..).unwrap_or_default();
+                        let encrypted = rsa_encrypt_password(&info.password, &nonce, pem)?;
+                        self.write_packet(&encrypted).await?;
+                    }
+                    _ => return Err(MyError::Protocol("unexpected caching_sha2_password reply".into())),
+                },
+                _ => {
+                    return Err(MyError::Protocol(format!(
+                        "unexpected reply during authentication: {:?}",
+                        reply.first()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Runs a statement that returns no rows (`SET ...`).
+    pub async fn execute(&mut self, sql: &str) -> Result<(), MyError> {
+        self.seq = 0;
+        let mut packet = Vec::with_capacity(sql.len() + 1);
+        packet.push(COM_QUERY);
+        packet.extend_from_slice(sql.as_bytes());
+        self.write_packet(&packet).await?;
+        let reply = self.read_packet_owned().await?;
+        match reply.first() {
+            Some(0x00) => Ok(()),
+            Some(0xFF) => Err(server_error(&reply, "a SET statement on the replication connection")),
+            _ => Err(MyError::Protocol(format!("{sql:?} returned rows; expected OK"))),
+        }
+    }
+
+    /// Registers as a replica, so that `SHOW REPLICAS` lists this connector under `host`.
+    pub async fn register(&mut self, server_id: u32, host: &str) -> Result<(), MyError> {
+        self.seq = 0;
+        let host = &host.as_bytes()[..host.len().min(255)];
+        let mut packet = Vec::with_capacity(32 + host.len());
+        packet.push(COM_REGISTER_SLAVE);
+        packet.extend_from_slice(&server_id.to_le_bytes());
+        packet.push(host.len() as u8);
+        packet.extend_from_slice(host);
+        packet.extend_from_slice(&[0, 0]); // no user, no password
+        packet.extend_from_slice(&0u16.to_le_bytes()); // port
+        packet.extend_from_slice(&0u32.to_le_bytes()); // rank
+        packet.extend_from_slice(&0u32.to_le_bytes()); // source id
+        self.write_packet(&packet).await?;
+        let reply = self.read_packet_owned().await?;
+        match reply.first() {
+            Some(0x00) => Ok(()),
+            Some(0xFF) => Err(server_error(&reply, "registering as a replica")),
+            _ => Err(MyError::Protocol("unexpected reply to COM_REGISTER_SLAVE".into())),
+        }
+    }
+
+    /// Asks the server to start streaming events.
+    pub async fn request_dump(&mut self, server_id: u32, from: &DumpFrom, flags: u16) -> Result<(), MyError> {
+        self.seq = 0;
+        let mut packet = Vec::with_capacity(64);
+        match from {
+            DumpFrom::Position { file, pos } => {
+                packet.push(COM_BINLOG_DUMP);
+                packet.extend_from_slice(&(*pos as u32).to_le_bytes());
+                packet.extend_from_slice(&flags.to_le_bytes());
+                packet.extend_from_slice(&server_id.to_le_bytes());
+                packet.extend_from_slice(file.as_bytes());
+            }
+            DumpFrom::MariadbGtids => {
+                // MariaDB starts from @slave_connect_state; file and position are ignored.
+                packet.push(COM_BINLOG_DUMP);
+                packet.extend_from_slice(&4u32.to_le_bytes());
+                packet.extend_from_slice(&flags.to_le_bytes());
+                packet.extend_from_slice(&server_id.to_le_bytes());
+            }
+            DumpFrom::MysqlGtids(set) => {
+                packet.push(COM_BINLOG_DUMP_GTID);
+                packet.extend_from_slice(&(flags | DUMP_THROUGH_GTID).to_le_bytes());
+                packet.extend_from_slice(&server_id.to_le_bytes());
+                packet.extend_from_slice(&0u32.to_le_bytes()); // no file name
+                packet.extend_from_slice(&4u64.to_le_bytes());
+                let data = encode_gtid_set(set);
+                packet.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                packet.extend_from_slice(&data);
+            }
+        }
+        self.write_packet(&packet).await
+    }
+
+    /// The next complete packet already read, if any; never waits. Use [`ReplicationConnection::fill`]
+    /// to read more.
+    pub fn next_event(&mut self) -> Result<Option<Packet<'_>>, MyError> {
+        let Some((payload_start, payload_len, total)) = self.complete_payload() else { return Ok(None) };
+        let payload: &[u8] = if total == 0 {
+            let p = payload_start;
+            self.start = p + payload_len;
+            &self.buf[p..p + payload_len]
+        } else {
+            // Split payload: join its pieces (each packet after the first continues the payload).
+            self.joined.clear();
+            let mut at = self.start;
+            loop {
+                let len = le24(&self.buf[at..]);
+                self.joined.extend_from_slice(&self.buf[at + 4..at + 4 + len]);
+                at += 4 + len;
+                if len < MAX_PACKET {
+                    break;
+                }
+            }
+            self.start = at;
+            &self.joined
+        };
+        match payload.first() {
+            Some(0x00) => Ok(Some(Packet::Event(&payload[1..]))),
+            Some(0xFE) if payload.len() < 8 => Ok(Some(Packet::End)),
+            Some(0xFF) => Err(server_error(payload, "binlog streaming")),
+            _ => Err(MyError::Protocol(format!("unexpected packet in the binlog stream: {:?}", payload.first()))),
+        }
+    }
+
+    /// Whether a complete packet is buffered: (payload start, length, extra bytes of continuation
+    /// packets) for a single packet; for a split payload, `total` is its joined length.
+    fn complete_payload(&self) -> Option<(usize, usize, usize)> {
+        let mut at = self.start;
+        let mut total = 0;
+        let mut pieces = 0;
+        loop {
+            if self.end - at < 4 {
+                return None;
+            }
+            let len = le24(&self.buf[at..]);
+            if self.end - at - 4 < len {
+                return None;
+            }
+            total += len;
+            pieces += 1;
+            at += 4 + len;
+            if len < MAX_PACKET {
+                break;
+            }
+        }
+        if pieces == 1 { Some((self.start + 4, total, 0)) } else { Some((self.start + 4, 0, total)) }
+    }
+
+    /// Whether a complete packet is waiting in the buffer.
+    pub fn has_buffered_packet(&self) -> bool {
+        self.complete_payload().is_some()
+    }
+
+    /// Reads more bytes from the socket (waits until some arrive).
+    pub async fn fill(&mut self) -> Result<(), MyError> {
+        // Make room: move the unread tail to the front, grow for packets larger than the buffer.
+        if self.start > 0 && (self.end == self.start || self.start > self.buf.len() / 2) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let need = if self.end - self.start >= 4 { le24(&self.buf[self.start..]) + 4 } else { 0 };
+            let new_len = (self.buf.len() * 2).max(need + self.end - self.start);
+            self.buf.resize(new_len, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await.map_err(MyError::ConnectionLost)?;
+        if n == 0 {
+            return Err(MyError::ConnectionLost(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Shrinks the read buffer back after a burst of very large events.
+    pub fn trim_buffer(&mut self) {
+        const NORMAL: usize = 256 * 1024;
+        if self.buf.len() > 4 * NORMAL && self.end - self.start < NORMAL {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.buf.truncate(NORMAL);
+            self.buf.shrink_to_fit();
+            self.joined = Vec::new();
+        }
+    }
+
+    pub async fn close(mut self) {
+        self.seq = 0;
+        let _ = self.write_packet(&[COM_QUIT]).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    async fn read_packet_owned(&mut self) -> Result<Vec<u8>, MyError> {
+        loop {
+            if let Some((start, len, total)) = self.complete_payload() {
+                if total > 0 {
+                    return Err(MyError::Protocol("split packet during the handshake".into()));
+                }
+                let seq = self.buf[start - 1];
+                self.seq = seq.wrapping_add(1);
+                let out = self.buf[start..start + len].to_vec();
+                self.start = start + len;
+                return Ok(out);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn write_packet(&mut self, payload: &[u8]) -> Result<(), MyError> {
+        let mut out = Vec::with_capacity(payload.len() + 4);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+        out.push(self.seq);
+        self.seq = self.seq.wrapping_add(1);
+        out.extend_from_slice(payload);
+        self.stream.write_all(&out).await.map_err(MyError::ConnectionLost)
+    }
+}
+
+fn le24(b: &[u8]) -> usize {
+    usize::from(b[0]) | (usize::from(b[1]) << 8) | (usize::from(b[2]) << 16)
+}
+
+/// The server's first packet.
+struct Greeting {
+    server_version: String,
+    connection_id: u32,
+    capabilities: u32,
+    nonce: Vec<u8>,
+    plugin: String,
+}
+
+impl Greeting {
+    fn parse(p: &[u8]) -> Result<Greeting, MyError> {
+        let bad = |what: &str| MyError::Protocol(format!("malformed server greeting ({what})"));
+        let mut c = Cursor::new(p);
+        let version = c.u8("protocol version").map_err(|_| bad("version"))?;
+        if version != 10 {
+            return Err(MyError::Protocol(format!("protocol version {version}; only 10 is supported")));
+        }
+        let end = c.rest().iter().position(|&b| b == 0).ok_or_else(|| bad("server version"))?;
+        let server_version = String::from_utf8_lossy(&c.rest()[..end]).into_owned();
+        c.skip(end + 1, "server version").map_err(|_| bad("server version"))?;
+        let connection_id = c.u32("connection id").map_err(|_| bad("connection id"))?;
+        let mut nonce = c.take(8, "nonce").map_err(|_| bad("nonce"))?.to_vec();
+        c.skip(1, "filler").map_err(|_| bad("filler"))?;
+        let low = c.u16("capabilities").map_err(|_| bad("capabilities"))?;
+        let mut capabilities = u32::from(low);
+        let mut plugin = "mysql_native_password".to_owned();
+        if !c.is_empty() {
+            c.skip(3, "charset and status").map_err(|_| bad("status"))?;
+            capabilities |= u32::from(c.u16("capabilities").map_err(|_| bad("capabilities"))?) << 16;
+            let nonce_len = usize::from(c.u8("nonce length").map_err(|_| bad("nonce length"))?);
+            c.skip(10, "reserved").map_err(|_| bad("reserved"))?;
+            if capabilities & CLIENT_SECURE_CONNECTION != 0 {
+                let n = nonce_len.saturating_sub(8).max(13);
+                let part2 = c.take(n, "nonce part 2").map_err(|_| bad("nonce"))?;
+                // The second part ends with a NUL that is not part of the nonce.
+                nonce.extend_from_slice(part2.strip_suffix(&[0]).unwrap_or(part2));
+            }
+            if capabilities & CLIENT_PLUGIN_AUTH != 0 {
+                let rest = c.rest();
+                let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+                plugin = String::from_utf8_lossy(&rest[..end]).into_owned();
+            }
+        }
+        Ok(Greeting { server_version, connection_id, capabilities, nonce, plugin })
+    }
+}
+
+fn auth_response(plugin: &str, nonce: &[u8], password: &str) -> Result<Vec<u8>, MyError> {
+    let pass = password.as_bytes();
+    Ok(match plugin {
+        "mysql_native_password" => {
+            mysql_common::scramble::scramble_native(nonce, pass).map_or(Vec::new(), |s| s.to_vec())
+        }
+        "caching_sha2_password" => {
+            mysql_common::scramble::scramble_sha256(nonce, pass).map_or(Vec::new(), |s| s.to_vec())
+        }
+        // The server may start with a plugin the user does not use; an empty reply makes it switch.
+        "" => Vec::new(),
+        other => return Err(MyError::UnsupportedAuth { plugin: other.to_owned() }),
+    })
+}
+
+/// caching_sha2_password's full authentication without TLS: the NUL-terminated password XORed with
+/// the nonce, RSA-OAEP encrypted with the server's public key.
+fn rsa_encrypt_password(password: &str, nonce: &[u8], pem: &[u8]) -> Result<Vec<u8>, MyError> {
+    if nonce.is_empty() {
+        return Err(MyError::Protocol("empty nonce for caching_sha2_password".into()));
+    }
+    let mut pass: Vec<u8> = password.as_bytes().to_vec();
+    pass.push(0);
+    for (i, b) in pass.iter_mut().enumerate() {
+        *b ^= nonce[i % nonce.len()];
+    }
+    let pem = pem.to_vec();
+    // The key comes from the server; a malformed one must be an error, not a crash.
+    std::panic::catch_unwind(move || mysql_common::crypto::encrypt(&pass, &pem))
+        .map_err(|_| MyError::Protocol("the server's RSA public key could not be read".into()))
+}
+
+fn server_error(p: &[u8], during: &'static str) -> MyError {
+    let mut c = Cursor::new(p.get(1..).unwrap_or_default());
+    let code = c.u16("error code").unwrap_or(0);
+    let mut state = String::new();
+    if c.rest().first() == Some(&b'#') && c.remaining() >= 6 {
+        state = String::from_utf8_lossy(&c.rest()[1..6]).into_owned();
+        let _ = c.skip(6, "sql state");
+    }
+    MyError::Server { code, state, message: String::from_utf8_lossy(c.rest()).into_owned(), during }
+}
+
+/// COM_BINLOG_DUMP_GTID's set: the number of UUIDs, then per UUID its bytes, the number of
+/// intervals and each interval as [start, end) — all little-endian u64.
+fn encode_gtid_set(set: &MysqlGtidSet) -> Vec<u8> {
+    let mut out = Vec::new();
+    let sids: Vec<_> = set.iter().collect();
+    out.extend_from_slice(&(sids.len() as u64).to_le_bytes());
+    for (uuid, intervals) in sids {
+        out.extend_from_slice(&uuid.0);
+        out.extend_from_slice(&(intervals.len() as u64).to_le_bytes());
+        for &(start, end) in intervals {
+            out.extend_from_slice(&start.to_le_bytes());
+            out.extend_from_slice(&(end + 1).to_le_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_escapes_defaults_and_no_password_in_debug() {
+        let i = ConnInfo::from_url("mysql://cdc:p%40ss@db.example:3307/shop").unwrap();
+        assert_eq!(
+            (i.host.as_str(), i.port, i.user.as_str(), i.password.as_str()),
+            ("db.example", 3307, "cdc", "p@ss")
+        );
+        assert_eq!(i.database.as_deref(), Some("shop"));
+        assert!(!format!("{i:?}").contains("p@ss"));
+        let i = ConnInfo::from_url("mysql://127.0.0.1").unwrap();
+        assert_eq!((i.port, i.user.as_str(), i.database), (3306, "root", None));
+        assert!(ConnInfo::from_url("postgres://x").is_err());
+        assert!(ConnInfo::from_url("mysql://u@h:port/db").is_err());
+    }
+
+    #[test]
+    fn gtid_sets_encode_with_exclusive_ends() {
+        let set: MysqlGtidSet = "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5:7".parse().unwrap();
+        let data = encode_gtid_set(&set);
+        assert_eq!(data.len(), 8 + 16 + 8 + 2 * 16);
+        assert_eq!(&data[32..40], &1u64.to_le_bytes());
+        assert_eq!(&data[40..48], &6u64.to_le_bytes());
+        assert_eq!(&data[48..56], &7u64.to_le_bytes());
+        assert_eq!(&data[56..64], &8u64.to_le_bytes());
+    }
+
+    #[test]
+    fn greeting_parses_nonce_and_plugin() {
+        let mut p = vec![10];
+        p.extend_from_slice(b"9.7.4\0");
+        p.extend_from_slice(&42u32.to_le_bytes());
+        p.extend_from_slice(b"abcdefgh");
+        p.push(0);
+        let caps = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH;
+        p.extend_from_slice(&(caps as u16).to_le_bytes());
+        p.push(255);
+        p.extend_from_slice(&[2, 0]);
+        p.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
+        p.push(21);
+        p.extend_from_slice(&[0; 10]);
+        p.extend_from_slice(b"ijklmnopqrst\0");
+        p.extend_from_slice(b"caching_sha2_password\0");
+        let g = Greeting::parse(&p).unwrap();
+        assert_eq!(g.nonce, b"abcdefghijklmnopqrst");
+        assert_eq!(g.plugin, "caching_sha2_password");
+        assert_eq!(g.connection_id, 42);
+        assert!(Greeting::parse(&p[..20]).is_err());
+    }
+}

@@ -1,0 +1,705 @@
+//! The initial snapshot: the rows that exist before streaming starts, read without blocking writers.
+//!
+//! ```text
+//!  SQL conn: START TRANSACTION WITH CONSISTENT SNAPSHOT ──▶ consistent point C (binlog file, pos, GTIDs)
+//!            per table: keyset pages ordered by primary key (one scan for tables without one)
+//!            ──▶ op "r" events ──▶ Item::Commit(MysqlSnapshot{C, done, table, after}) per page
+//!  then the binlog from C (by GTID set when the server has GTIDs): every row exactly once.
+//! ```
+//!
+//! How C is found, best first ([`PointMethod`]):
+//! - **MariaDB**: `binlog_snapshot_file` / `binlog_snapshot_position` are, by the server's contract,
+//!   the binlog position of the transaction's snapshot. Exact and lock-free.
+//! - **MySQL with `gtid_mode = ON`**: the executed GTID set read just before the snapshot opens (G1)
+//!   and just after (G2). MySQL adds a GTID to `gtid_executed` only after the transaction committed in
+//!   the engine, so everything in G1 is in the snapshot, and streaming the GTIDs not in G1 never
+//!   loses a change. When G1 = G2 nothing committed in between; otherwise (a busy server, after a few
+//!   tries) a transaction committing in that instant may arrive twice: once read, once streamed.
+//! - **MySQL without GTIDs**: `FLUSH TABLES WITH READ LOCK` for as long as opening the snapshot and
+//!   reading the binlog position take (milliseconds), as Debezium's `minimal` locking does. The lock
+//!   request gives up after 1 s (`lock_wait_timeout`) and is retried, so writers never wait longer.
+//!
+//! Progress is a checkpoint like any other: a page's marker is released only when Kafka acknowledged
+//! the page. After a crash the snapshot transaction is gone, so the remaining pages are read from a
+//! fresh snapshot while streaming still starts at C: rows changed meanwhile may be delivered twice (the
+//! page read and the replayed change), never lost, and the last event of each key carries its latest
+//! state.
+//!
+//! Values are read with the text protocol in a pinned session (`utf8mb4`, `time_zone = '+00:00'`)
+//! and converted by the same [`ColumnCodec`] as binlog rows ([`rows::from_text`]), so snapshot and
+//! streamed values agree (the type tests compare them). FLOAT columns are read as `col + 0e0`: the
+//! text protocol rounds FLOAT to 6 digits, the double of it is exact.
+//!
+//! The snapshot transaction holds shared metadata locks on the tables it has read until it ends: an
+//! `ALTER TABLE` on one of them waits for the snapshot (docs/operations.md says so).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Row};
+use tailgate_core::{
+    BinlogFile, ChangeEvent, ColumnSchema, GtidSet, MysqlGtidSet, MysqlSource as SourceBlock, Op, Position, SourceInfo,
+    TableId, TableSchema, Value,
+};
+use tailgate_pipeline::{Batch, Metrics, SnapshotEmitter, TablePredicate};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::binlog::rows::{self, Charset, ColumnCodec, ColumnDecoder};
+use crate::catalog::{self, Flavor, ServerFacts};
+use crate::error::MyError;
+use crate::replication::ConnInfo;
+use crate::schema;
+
+/// Where a snapshot stands: its consistent point once known, and the tables (and rows) delivered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotState {
+    /// Where streaming starts after the snapshot (`Position::Mysql`); `None` until it is opened.
+    pub consistent: Option<Position>,
+    pub done: Vec<String>,
+    /// The table being read, and the primary key (stored text form) of the last row delivered.
+    pub table: Option<String>,
+    pub after: Option<Vec<Option<String>>>,
+}
+
+impl SnapshotState {
+    /// The state an interrupted snapshot left in the offsets file.
+    pub fn from_position(position: &Position) -> Option<SnapshotState> {
+        let Position::MysqlSnapshot { file, pos, gtids, done, table, after } = position else { return None };
+        Some(SnapshotState {
+            consistent: Some(Position::Mysql { file: file.clone(), pos: *pos, gtids: gtids.clone() }),
+            done: done.clone(),
+            table: table.clone(),
+            after: after.clone(),
+        })
+    }
+
+    fn started(&self) -> bool {
+        !self.done.is_empty() || self.table.is_some()
+    }
+
+    /// The checkpoint that records this state.
+    fn marker(&self) -> Position {
+        let (file, pos, gtids) = match &self.consistent {
+            Some(Position::Mysql { file, pos, gtids }) => (file.clone(), *pos, gtids.clone()),
+            _ => (BinlogFile(String::new()), 0, None),
+        };
+        Position::MysqlSnapshot {
+            file,
+            pos,
+            gtids,
+            done: self.done.clone(),
+            table: self.table.clone(),
+            after: self.after.clone(),
+        }
+    }
+}
+
+/// How the consistent point was found (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointMethod {
+    MariadbSnapshotStatus,
+    /// `exact`: no transaction committed between the two reads of the GTID set.
+    MysqlGtids {
+        exact: bool,
+    },
+    GlobalReadLock {
+        held: Duration,
+    },
+    /// Resuming: a fresh snapshot, the consistent point of the interrupted one.
+    Resumed,
+}
+
+pub struct SnapshotJob<'a> {
+    pub info: &'a ConnInfo,
+    pub facts: &'a ServerFacts,
+    /// The URL's database: only its tables are read.
+    pub database: Option<&'a str>,
+    pub tables: Option<&'a TablePredicate>,
+    pub fetch_rows: usize,
+    /// Cancelled on shutdown: the snapshot stops after the current page (its progress is kept).
+    pub stop: &'a CancellationToken,
+    pub name: Arc<str>,
+    pub metrics: &'a Metrics,
+}
+
+/// Reads every captured table, then sends the consistent point, where streaming starts. A state
+/// without a consistent point opens a new one; otherwise the snapshot resumes after `state`'s
+/// progress from a fresh read view. `state` follows every marker handed to the pipeline, so that
+/// a retry after an error resumes exactly there. Returns false when stopped (or the pipeline went
+/// away) before the end.
+pub async fn run(
+    job: &SnapshotJob<'_>,
+    state: &mut SnapshotState,
+    output: &mpsc::Sender<Batch>,
+) -> Result<bool, MyError> {
+    let mut conn = catalog::connect(job.info).await?;
+    // Text values in one character set and UTC, as `rows::from_text` expects; a pipeline waiting on
+    // a slow sink must not make the server drop us halfway through a result.
+    conn.query_drop(
+        "SET NAMES utf8mb4, time_zone = '+00:00', SESSION net_write_timeout = 3600, SESSION net_read_timeout = 3600",
+    )
+    .await?;
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
+    let (consistent, method) = match &state.consistent {
+        Some(point) => {
+            conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
+            (point.clone(), PointMethod::Resumed)
+        }
+        None => {
+            let (point, method) = open_consistent_snapshot(&mut conn, job.facts).await?;
+            state.consistent = Some(point.clone());
+            (point, method)
+        }
+    };
+    let Position::Mysql { file, pos, .. } = &consistent else {
+        return Err(MyError::Protocol(format!(
+            "a snapshot's consistent point must be a binlog position, not {consistent}"
+        )));
+    };
+    let tables = list_tables(&mut conn, job).await?;
+    let remaining: i64 = tables.iter().filter(|t| !state.done.contains(&t.qualified)).map(|t| t.estimate).sum();
+    job.metrics.snapshot_rows_remaining.store(remaining, Relaxed);
+    info!(
+        tables = tables.len(),
+        estimated_rows = remaining,
+        consistent_point = %consistent,
+        method = ?method,
+        resumed = state.started(),
+        "snapshot started"
+    );
+    if method == (PointMethod::MysqlGtids { exact: false }) {
+        warn!(
+            "transactions kept committing while the snapshot opened: one committing at that instant may be delivered \
+             twice (read by the snapshot and streamed); none is lost"
+        );
+    }
+    let source = SourceBlock {
+        connector: job.facts.flavor.connector(),
+        name: job.name.clone(),
+        ts_us: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64),
+        snapshot: "true",
+        server_id: 0,
+        gtid: None,
+        file: file.0.as_str().into(),
+        pos: *pos,
+        row: 0,
+        thread: None,
+        query: None,
+        txn_pos: *pos,
+    };
+    let mut emitter = SnapshotEmitter::new(output, !state.started());
+    let started = Instant::now();
+    let mut total = 0u64;
+    for table in &tables {
+        if state.done.contains(&table.qualified) {
+            continue;
+        }
+        let read = read_table(&mut conn, job, table, &source, state, &mut emitter).await;
+        match read {
+            Ok(Some(rows)) => {
+                total += rows;
+                state.done.push(table.qualified.clone());
+                state.table = None;
+                state.after = None;
+                emitter.marker(state.marker());
+                info!(table = %table.qualified, rows, "snapshot of table done");
+            }
+            Ok(None) => {
+                emitter.release().await;
+                return Ok(false);
+            }
+            Err(e) => {
+                // Whatever was read is delivered: `state` already counts it.
+                emitter.release().await;
+                return Err(e);
+            }
+        }
+    }
+    conn.query_drop("COMMIT").await?;
+    let _ = conn.disconnect().await;
+    job.metrics.snapshot_rows_remaining.store(0, Relaxed);
+    if !emitter.finish(consistent).await {
+        return Ok(false);
+    }
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    info!(
+        rows = total,
+        seconds = format!("{secs:.1}"),
+        rows_per_s = (total as f64 / secs) as u64,
+        "snapshot completed"
+    );
+    Ok(true)
+}
+
+/// Opens the snapshot transaction on `conn` and finds the binlog position that matches it.
+pub async fn open_consistent_snapshot(
+    conn: &mut Conn,
+    facts: &ServerFacts,
+) -> Result<(Position, PointMethod), MyError> {
+    const START: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
+    match facts.flavor {
+        Flavor::Mariadb => {
+            conn.query_drop(START).await?;
+            let status: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
+            let get = |name: &str| status.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+            if let (Some(file), Some(pos)) = (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
+                if !file.is_empty() {
+                    let pos: u64 =
+                        pos.parse().map_err(|_| MyError::Protocol(format!("binlog_snapshot_position {pos:?}")))?;
+                    let gtids = catalog::mariadb_gtid_pos(conn, &file, pos).await?;
+                    let point = Position::Mysql { file: BinlogFile(file), pos, gtids: Some(GtidSet::Mariadb(gtids)) };
+                    return Ok((point, PointMethod::MariadbSnapshotStatus));
+                }
+            }
+            conn.query_drop("ROLLBACK").await?;
+            global_read_lock(conn, facts).await
+        }
+        Flavor::Mysql if facts.gtid_mode => {
+            let mut last = None;
+            for _ in 0..5 {
+                let before = catalog::current_position(conn, facts).await?;
+                conn.query_drop(START).await?;
+                let after: String = conn.query_first("SELECT @@GLOBAL.gtid_executed").await?.unwrap_or_default();
+                let after: MysqlGtidSet =
+                    after.parse().map_err(|e| MyError::Protocol(format!("server's gtid_executed: {e}")))?;
+                if matches!(&before, Position::Mysql { gtids: Some(GtidSet::Mysql(set)), .. } if *set == after) {
+                    return Ok((before, PointMethod::MysqlGtids { exact: true }));
+                }
+                last = Some(before);
+                conn.query_drop("ROLLBACK").await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Still safe (see the module docs), with a possible duplicate at the seam.
+            let before = match last {
+                Some(before) => before,
+                None => catalog::current_position(conn, facts).await?,
+            };
+            conn.query_drop(START).await?;
+            Ok((before, PointMethod::MysqlGtids { exact: false }))
+        }
+        Flavor::Mysql => global_read_lock(conn, facts).await,
+    }
+}
+
+/// The fallback: a global read lock for as long as opening the snapshot and reading the position take.
+async fn global_read_lock(conn: &mut Conn, facts: &ServerFacts) -> Result<(Position, PointMethod), MyError> {
+    // A lock request queues behind running statements and blocks writers while it waits: give up
+    // after a second and try again.
+    conn.query_drop("SET SESSION lock_wait_timeout = 1").await?;
+    let mut attempt = 0;
+    let locked_at = loop {
+        attempt += 1;
+        match conn.query_drop("FLUSH TABLES WITH READ LOCK").await {
+            Ok(()) => break Instant::now(),
+            Err(mysql_async::Error::Server(s)) if s.code == 1205 && attempt < 30 => {
+                warn!(
+                    attempt,
+                    "the global read lock for the snapshot's start waited 1 s for running statements; retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(mysql_async::Error::Server(s)) if matches!(s.code, 1227 | 1045 | 1044) => {
+                return Err(MyError::Privilege { user: facts.user.clone(), privilege: "RELOAD" });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let opened = async {
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
+        catalog::current_position(conn, facts).await
+    }
+    .await;
+    conn.query_drop("UNLOCK TABLES").await?;
+    let held = locked_at.elapsed();
+    conn.query_drop("SET SESSION lock_wait_timeout = DEFAULT").await?;
+    info!(held_ms = held.as_millis() as u64, "global read lock released (the server has no GTIDs or snapshot status)");
+    Ok((opened?, PointMethod::GlobalReadLock { held }))
+}
+
+/// How a primary-key value is stored in the offsets file and written back into SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyForm {
+    /// Integers and decimals: the digits, as they are.
+    Number,
+    /// Dates and times: the text in single quotes.
+    Temporal,
+    /// Character strings: the text, written back as `_utf8mb4 X'…'`.
+    Text,
+    /// Binary strings: hexadecimal, written back as `X'…'`.
+    Binary,
+}
+
+impl KeyForm {
+    /// `None`: a type keyset pages cannot resume on (ENUM sorts by index, FLOAT is inexact, ...).
+    fn of(codec: &ColumnCodec) -> Option<KeyForm> {
+        use ColumnCodec::*;
+        Some(match codec {
+            Int { .. } | Decimal { .. } | Year => KeyForm::Number,
+            Date | Time { .. } | TimeOld | Datetime { .. } | DatetimeOld | Timestamp { .. } | TimestampOld => {
+                KeyForm::Temporal
+            }
+            Str { charset: Charset::Binary, .. } => KeyForm::Binary,
+            Str { .. } => KeyForm::Text,
+            _ => return None,
+        })
+    }
+
+    /// The stored form of a value as the text protocol returned it.
+    fn store(self, raw: &[u8]) -> String {
+        match self {
+            KeyForm::Binary => hex(raw),
+            _ => String::from_utf8_lossy(raw).into_owned(),
+        }
+    }
+
+    /// The stored form as an SQL literal; `None` when it is not what this form stores (a damaged
+    /// offsets file must not become SQL).
+    fn literal(self, stored: &str) -> Option<String> {
+        match self {
+            KeyForm::Number => {
+                let ok = !stored.is_empty() && stored.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+                ok.then(|| stored.to_owned())
+            }
+            KeyForm::Temporal => {
+                let ok = stored.bytes().all(|b| b.is_ascii_digit() || b"-:. ".contains(&b));
+                ok.then(|| format!("'{stored}'"))
+            }
+            KeyForm::Text => Some(format!("_utf8mb4 X'{}'", hex(stored.as_bytes()))),
+            KeyForm::Binary => {
+                let ok = stored.len() % 2 == 0 && stored.bytes().all(|b| b.is_ascii_hexdigit());
+                ok.then(|| format!("X'{stored}'"))
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+struct SnapTable {
+    qualified: String,
+    sql_name: String,
+    schema: Arc<TableSchema>,
+    codecs: Vec<ColumnDecoder>,
+    select_list: String,
+    /// Positions of the primary-key columns in the row, in key order, with how each is written
+    /// back into SQL; empty when the table is read in one scan (no key, or one pages cannot use).
+    keyset: Vec<(usize, KeyForm)>,
+    estimate: i64,
+}
+
+/// The captured base tables with their columns, as the binlog path would name and decode them.
+async fn list_tables(conn: &mut Conn, job: &SnapshotJob<'_>) -> Result<Vec<SnapTable>, MyError> {
+    let system = catalog::SYSTEM_DATABASES.map(|d| format!("'{d}'")).join(", ");
+    let rows: Vec<(String, String, Option<u64>)> = conn
+        .query(format!(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_ROWS FROM information_schema.TABLES \
+             WHERE TABLE_TYPE = 'BASE TABLE' AND TABLE_SCHEMA NOT IN ({system}) ORDER BY TABLE_SCHEMA, TABLE_NAME"
+        ))
+        .await?;
+    let mut tables = Vec::new();
+    for (db, name, estimate) in rows {
+        if job.database.is_some_and(|d| d != db) {
+            continue;
+        }
+        let qualified = format!("{db}.{name}");
+        if job.tables.is_some_and(|accept| !accept(&qualified)) {
+            continue;
+        }
+        let columns = catalog::table_columns(conn, &db, &name).await?;
+        if columns.is_empty() {
+            continue; // dropped meanwhile
+        }
+        let codecs = schema::codecs_from_catalog(&qualified, &columns)?;
+        let pk_names = catalog::primary_key(conn, &db, &name).await?;
+        let pk: Vec<usize> = pk_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
+        let forms: Option<Vec<(usize, KeyForm)>> =
+            pk.iter().map(|&i| KeyForm::of(&codecs[i].codec).map(|f| (i, f))).collect();
+        let keyset = forms.unwrap_or_default();
+        if !pk.is_empty() && keyset.is_empty() {
+            info!(table = %qualified, "primary key of a type pages cannot resume on: the table is read in one scan");
+        }
+        let select_list = columns
+            .iter()
+            .zip(&codecs)
+            .map(|(c, codec)| match codec.codec {
+                ColumnCodec::Float => format!("{} + 0e0", quote_ident(&c.name)),
+                _ => quote_ident(&c.name),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        tables.push(SnapTable {
+            sql_name: format!("{}.{}", quote_ident(&db), quote_ident(&name)),
+            schema: Arc::new(TableSchema {
+                id: TableId { schema: db, table: name },
+                columns: columns
+                    .iter()
+                    .map(|c| ColumnSchema { name: c.name.clone(), key: pk_names.contains(&c.name) })
+                    .collect(),
+            }),
+            qualified,
+            codecs,
+            select_list,
+            keyset,
+            estimate: estimate.unwrap_or(0).min(i64::MAX as u64) as i64,
+        });
+    }
+    Ok(tables)
+}
+
+/// `WHERE` for the rows after `after` in key order: `(a > x) OR (a = x AND b > y) ...`, a form both
+/// servers' range optimizers use (row constructors are not optimized everywhere).
+fn after_filter(table: &SnapTable, after: &[Option<String>]) -> Option<String> {
+    if after.len() != table.keyset.len() {
+        return None;
+    }
+    let mut literals = Vec::with_capacity(after.len());
+    for ((_, form), stored) in table.keyset.iter().zip(after) {
+        literals.push(form.literal(stored.as_deref()?)?);
+    }
+    let names: Vec<String> = table.keyset.iter().map(|&(i, _)| quote_ident(&table.schema.columns[i].name)).collect();
+    let terms: Vec<String> = (0..names.len())
+        .map(|k| {
+            let mut parts: Vec<String> = (0..k).map(|j| format!("{} = {}", names[j], literals[j])).collect();
+            parts.push(format!("{} > {}", names[k], literals[k]));
+            format!("({})", parts.join(" AND "))
+        })
+        .collect();
+    Some(format!(" WHERE {}", terms.join(" OR ")))
+}
+
+/// Reads one table in pages; `Ok(None)` when stopped (or the pipeline went away) before its end.
+async fn read_table(
+    conn: &mut Conn,
+    job: &SnapshotJob<'_>,
+    table: &SnapTable,
+    source: &SourceBlock,
+    state: &mut SnapshotState,
+    emitter: &mut SnapshotEmitter<'_>,
+) -> Result<Option<u64>, MyError> {
+    let keyset = !table.keyset.is_empty();
+    let mut after = match (&state.table, &state.after) {
+        (Some(t), Some(after)) if *t == table.qualified && keyset => Some(after.clone()),
+        _ => None,
+    };
+    let order = table.keyset.iter().map(|&(i, _)| quote_ident(&table.schema.columns[i].name)).collect::<Vec<_>>();
+    let source = SourceInfo::Mysql(source.clone());
+    let mut rows_done = 0u64;
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    loop {
+        let sql = if keyset {
+            let filter = match &after {
+                Some(values) => after_filter(table, values).ok_or_else(|| {
+                    MyError::Protocol(format!(
+                        "the snapshot progress stored for {} is not a key of the table ({values:?}). Fix: `tailgate \
+                         offsets reset` and take the snapshot again",
+                        table.qualified
+                    ))
+                })?,
+                None => String::new(),
+            };
+            format!(
+                "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
+                table.select_list,
+                table.sql_name,
+                order.join(", "),
+                job.fetch_rows
+            )
+        } else {
+            // One scan: rows stream from the server as the pipeline takes them.
+            format!("SELECT {} FROM {}", table.select_list, table.sql_name)
+        };
+        let mut result = conn.query_iter(sql).await.map_err(|e| snapshot_error(e, table))?;
+        let mut page = 0usize;
+        let mut last_key = None;
+        let mut stopped = false;
+        while let Some(row) = result.next().await.map_err(|e| snapshot_error(e, table))? {
+            if keyset && page + 1 == job.fetch_rows {
+                // The last row of a full page: where the next page (or a resumed snapshot) starts.
+                last_key = Some(
+                    table
+                        .keyset
+                        .iter()
+                        .map(|&(i, form)| match row.as_ref(i) {
+                            Some(mysql_async::Value::Bytes(b)) => Some(form.store(b)),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+            let values = convert_row(row, table)?;
+            emitter.event(ChangeEvent {
+                op: Op::Read,
+                table: table.schema.clone(),
+                before: None,
+                after: Some(values),
+                source: source.clone(),
+            });
+            page += 1;
+            if !keyset && page % job.fetch_rows == 0 {
+                rows_done += job.fetch_rows as u64;
+                job.metrics.snapshot_rows.fetch_add(job.fetch_rows as u64, Relaxed);
+                job.metrics.snapshot_rows_remaining.fetch_sub(job.fetch_rows as i64, Relaxed);
+                if !emitter.flush().await {
+                    stopped = true;
+                    break;
+                }
+                // Stopping halfway through a scan: the next run reads the table again.
+                if job.stop.is_cancelled() {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        if stopped {
+            drop(result);
+            return Ok(None);
+        }
+        drop(result);
+        let counted = if keyset { page } else { page % job.fetch_rows };
+        rows_done += counted as u64;
+        job.metrics.snapshot_rows.fetch_add(counted as u64, Relaxed);
+        job.metrics.snapshot_rows_remaining.fetch_sub(counted as i64, Relaxed);
+        if let Some(key) = last_key {
+            after = Some(key);
+            state.table = Some(table.qualified.clone());
+            state.after = after.clone();
+            emitter.marker(state.marker());
+        }
+        if !emitter.flush().await || job.stop.is_cancelled() {
+            return Ok(None);
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            let rate = rows_done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let left = (table.estimate - rows_done as i64).max(0);
+            info!(
+                table = %table.qualified,
+                rows = rows_done,
+                estimated = table.estimate,
+                rows_per_s = rate as u64,
+                eta_s = (left as f64 / rate.max(1.0)) as u64,
+                "snapshot progress"
+            );
+        }
+        if !keyset || page < job.fetch_rows {
+            return Ok(Some(rows_done));
+        }
+    }
+}
+
+/// A text-protocol row into the values the binlog path gives for the same columns.
+fn convert_row(row: Row, table: &SnapTable) -> Result<Vec<Value>, MyError> {
+    let raw = row.unwrap_raw();
+    let mut values = Vec::with_capacity(table.codecs.len());
+    for (i, (value, codec)) in raw.into_iter().zip(&table.codecs).enumerate() {
+        values.push(match value {
+            Some(mysql_async::Value::Bytes(bytes)) => rows::from_text(codec, bytes).map_err(|e| {
+                MyError::Value(Box::new(crate::error::ValueFailure {
+                    table: table.qualified.clone(),
+                    column: table.schema.columns[i].name.clone(),
+                    file: "(snapshot)".into(),
+                    pos: 0,
+                    source: e,
+                    hint: ". To get past it, exclude the column (filter.exclude_columns)",
+                }))
+            })?,
+            _ => Value::Null,
+        });
+    }
+    Ok(values)
+}
+
+/// 1412: the table was created or rebuilt after the snapshot opened; a retry reads it from a fresh
+/// read view (at-least-once for its rows) while streaming still starts at the consistent point.
+fn snapshot_error(e: mysql_async::Error, table: &SnapTable) -> MyError {
+    match e {
+        mysql_async::Error::Server(s) if s.code == 1412 => {
+            MyError::SnapshotTableChanged { table: table.qualified.clone() }
+        }
+        other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(forms: &[KeyForm]) -> SnapTable {
+        let names = ["a", "b", "c"];
+        SnapTable {
+            qualified: "db.t".into(),
+            sql_name: "`db`.`t`".into(),
+            schema: Arc::new(TableSchema {
+                id: TableId { schema: "db".into(), table: "t".into() },
+                columns: names.iter().map(|n| ColumnSchema { name: (*n).into(), key: true }).collect(),
+            }),
+            codecs: Vec::new(),
+            select_list: String::new(),
+            keyset: forms.iter().copied().enumerate().collect(),
+            estimate: 0,
+        }
+    }
+
+    #[test]
+    fn keyset_filter_expands_composite_keys() {
+        let t = table(&[KeyForm::Number, KeyForm::Text, KeyForm::Temporal]);
+        let after = vec![Some("42".into()), Some("é'x".into()), Some("2024-01-02 03:04:05.5".into())];
+        assert_eq!(
+            after_filter(&t, &after).unwrap(),
+            " WHERE (`a` > 42) OR (`a` = 42 AND `b` > _utf8mb4 X'C3A92778') OR \
+             (`a` = 42 AND `b` = _utf8mb4 X'C3A92778' AND `c` > '2024-01-02 03:04:05.5')"
+        );
+    }
+
+    #[test]
+    fn stored_keys_never_become_arbitrary_sql() {
+        let t = table(&[KeyForm::Number]);
+        assert_eq!(after_filter(&t, &[Some("1 OR 1=1".into())]), None);
+        let t = table(&[KeyForm::Temporal]);
+        assert_eq!(after_filter(&t, &[Some("2024' OR '1".into())]), None);
+        let t = table(&[KeyForm::Binary]);
+        assert_eq!(after_filter(&t, &[Some("0G".into())]), None);
+        assert_eq!(after_filter(&t, &[Some(KeyForm::Binary.store(&[0, 255]))]).unwrap(), " WHERE (`a` > X'00FF')");
+        // A key of another shape (the table changed since the progress was stored).
+        assert_eq!(after_filter(&t, &[Some("00".into()), Some("01".into())]), None);
+    }
+
+    #[test]
+    fn key_forms_follow_the_codec() {
+        assert_eq!(KeyForm::of(&ColumnCodec::Int { bytes: 8, unsigned: true }), Some(KeyForm::Number));
+        assert_eq!(
+            KeyForm::of(&ColumnCodec::Str { len_bytes: 4, charset: Charset::Binary, pad_to: 0 }),
+            Some(KeyForm::Binary)
+        );
+        assert_eq!(KeyForm::of(&ColumnCodec::Float), None);
+        assert_eq!(KeyForm::of(&ColumnCodec::Enum { bytes: 1, labels: Arc::from(Vec::new()) }), None);
+    }
+
+    #[test]
+    fn state_round_trips_through_the_offsets_position() {
+        let state = SnapshotState {
+            consistent: Some(Position::Mysql { file: BinlogFile("mysql-bin.000003".into()), pos: 900, gtids: None }),
+            done: vec!["db.a".into()],
+            table: Some("db.b".into()),
+            after: Some(vec![Some("17".into())]),
+        };
+        assert_eq!(SnapshotState::from_position(&state.marker()), Some(state));
+    }
+}
