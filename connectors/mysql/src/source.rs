@@ -564,6 +564,16 @@ impl StreamState {
         }
     }
 
+    /// Whether the cached mapping of `map`'s table id still holds: same TABLE_MAP body, and, for a
+    /// table that was not captured, still not captured (a SIGHUP reload may have included it since;
+    /// the check costs one predicate call per TABLE_MAP of an excluded table, not per row).
+    fn mapping_current(&self, map: &event::TableMap<'_>) -> bool {
+        match self.tables.get(&map.table_id) {
+            Some(t) if t.body == map.body => t.info.is_some() || !self.captured(&table_id(map)),
+            _ => false,
+        }
+    }
+
     fn captured(&self, id: &TableId) -> bool {
         if catalog::SYSTEM_DATABASES.contains(&id.schema.as_str()) {
             return false;
@@ -632,7 +642,7 @@ impl StreamState {
 
     /// Whether a TABLE_MAP can be resolved now (else which table's columns are needed).
     fn check_table_map(&self, map: &event::TableMap<'_>) -> Result<(), Step> {
-        if self.tables.get(&map.table_id).is_some_and(|t| t.body == map.body) {
+        if self.mapping_current(map) {
             return Ok(());
         }
         let id = table_id(map);
@@ -817,7 +827,7 @@ impl StreamState {
     }
 
     fn table_map(&mut self, map: &event::TableMap<'_>) -> Result<(), Step> {
-        if self.tables.get(&map.table_id).is_some_and(|t| t.body == map.body) {
+        if self.mapping_current(map) {
             return Ok(());
         }
         let id = table_id(map);

@@ -6,6 +6,7 @@ mod auth;
 mod mysql_resilience;
 mod mysql_snapshot;
 mod mysql_streaming;
+mod mysql_transforms;
 mod mysql_types;
 mod operations;
 mod resilience;
