@@ -164,7 +164,7 @@ fn docker_compose_is_valid_and_references_existing_files() {
     let text = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("docker-compose.yml is valid YAML");
     let services = doc["services"].as_mapping().expect("services");
-    for name in ["postgres", "mysql", "kafka", "tailgate-postgres"] {
+    for name in ["postgres", "mysql", "kafka", "tailgate-postgres", "tailgate-mysql"] {
         let service = &services[name];
         assert!(service.is_mapping(), "service {name} missing");
         assert!(service["healthcheck"]["test"].is_sequence(), "service {name} has no healthcheck");
@@ -210,5 +210,5 @@ fn example_configs_are_valid() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "example configs missing");
+    assert!(checked >= 4, "example configs missing");
 }
