@@ -11,6 +11,8 @@
 #
 #   bench/mysql.sh                    # both servers, ROWS=200000 TXN_ROWS=1000
 #   SERVERS=mariadb bench/mysql.sh    # one server
+#   SNAPSHOT=1 bench/mysql.sh         # initial snapshot of SNAPSHOT_ROWS (1M) existing rows instead,
+#                                     # against the client: mariadb/mysql -e "SELECT * FROM orders" > /dev/null
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-200000}"
@@ -146,6 +148,47 @@ decoder_name() {
   case $1 in mariadb) echo mariadb-binlog ;; mysql) echo mysqlbinlog ;; esac
 }
 
+# Snapshot workload: SNAPSHOT_ROWS existing rows, read by the server's client (the raw limit: the
+# text protocol to /dev/null) and by tailgate's initial snapshot (snapshot = "initial_only": it
+# exits when done; its offsets file is removed before every run, so every run is a first run).
+run_snapshot_workload() { # run_snapshot_workload <server>
+  local server=$1 n="${SNAPSHOT_ROWS:-1000000}" prefix chunk=100000 first limit client
+  case $server in
+    mariadb) limit="SET SESSION max_recursive_iterations = 100000000;" ;;
+    mysql) limit="SET SESSION cte_max_recursion_depth = 100000000;" ;;
+  esac
+  sql "$server" -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
+  sql "$server" "$DB" -e "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total decimal(10,2), status varchar(20), created_at datetime(6))"
+  for ((first = 1; first <= n; first += chunk)); do
+    { echo "$limit"; gen "$first" $((n - first + 1 < chunk ? n - first + 1 : chunk)); } | sql "$server" "$DB"
+  done
+  sql "$server" "$DB" -e "ANALYZE TABLE orders" >/dev/null
+  prefix="snap$(date +%s%N | tail -c 9)"
+  config "$server" snap_stdout $'[sink]\ntype = "stdout"' | sed 's/^snapshot = "never"/snapshot = "initial_only"/' >"$WORK/snap_stdout.toml"
+  config "$server" snap_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")" |
+    sed 's/^snapshot = "never"/snapshot = "initial_only"/' >"$WORK/snap_kafka.toml"
+  echo "### $server: snapshot of $n rows" >&2
+  wait_idle
+  sql "$server" "$DB" -e "SELECT * FROM orders" >/dev/null # warm-up: the table in the buffer pool
+  RESULTS+=("**$server $(sql "$server" -e 'SELECT VERSION()'): snapshot of $n rows**|||||")
+  BASE_WALL=""
+  local base
+  case $server in
+    mariadb) client=(mariadb -h 127.0.0.1 -P 3306 -u root "$DB") ;;
+    mysql) client=("${LOADER[@]}" "$MYSQL_ROOT/usr/bin/mysql" -h 127.0.0.1 -P 3307 -u root "$DB") ;;
+  esac
+  base=$(measure "$(client_name "$server") -e \"SELECT * FROM orders\" → /dev/null" "$n" true "${client[@]}" -e "SELECT * FROM orders")
+  BASE_WALL=$(echo "$base" | cut -d'|' -f2)
+  RESULTS+=("$base")
+  RESULTS+=("$(measure "tailgate snapshot → stdout (/dev/null)" "$n" fresh_snapshot "$BIN" run --config "$WORK/snap_stdout.toml")")
+  RESULTS+=("$(measure "tailgate snapshot → Kafka (tansu)" "$n" fresh_snapshot "$BIN" run --config "$WORK/snap_kafka.toml")")
+  printf '%s\n' "${RESULTS[@]: -3}" >&2
+}
+fresh_snapshot() { rm -f "$WORK"/snap_*.offsets.json; }
+client_name() {
+  case $1 in mariadb) echo mariadb ;; mysql) echo mysql ;; esac
+}
+
 # The two workloads as SQL scripts: numbers from a recursive CTE (both servers have them).
 one_txn="$WORK/one.sql"
 many_txn="$WORK/many.sql"
@@ -153,6 +196,11 @@ gen() { # gen <first> <count>: an INSERT of <count> rows from <first>
   echo "INSERT INTO orders WITH RECURSIVE n(i) AS (SELECT $1 UNION ALL SELECT i + 1 FROM n WHERE i < $(($1 + $2 - 1))) SELECT i, i % 1000, i * 1.25, 'new', NOW(6) FROM n;"
 }
 for server in $SERVERS; do
+  if [[ "${SNAPSHOT:-0}" == 1 ]]; then
+    run_snapshot_workload "$server"
+    OUT="bench/results/$(date -u +%Y-%m-%d)-mysql-snapshot${OUT_SUFFIX:-}.md"
+    continue
+  fi
   case $server in
     mariadb) limit="SET SESSION max_recursive_iterations = 100000000;" ;;
     mysql) limit="SET SESSION cte_max_recursion_depth = 100000000;" ;;
@@ -167,9 +215,13 @@ done
   echo "# MySQL/MariaDB benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); tansu 0.6.0 (memory storage); tailgate release build."
-  echo "Command: \`bench/mysql.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS, SERVERS=\"$SERVERS\", REPEAT=$REPEAT). Every reader reads the same binlog range from the server; each row is the fastest of $REPEAT runs (peak RSS: the highest of them)."
+  if [[ "${SNAPSHOT:-0}" == 1 ]]; then
+    echo "Command: \`SNAPSHOT=1 bench/mysql.sh\` (SNAPSHOT_ROWS=${SNAPSHOT_ROWS:-1000000}, SERVERS=\"$SERVERS\", REPEAT=$REPEAT). Every reader reads the whole table from the server; each row is the fastest of $REPEAT runs (peak RSS: the highest of them)."
+  else
+    echo "Command: \`bench/mysql.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS, SERVERS=\"$SERVERS\", REPEAT=$REPEAT). Every reader reads the same binlog range from the server; each row is the fastest of $REPEAT runs (peak RSS: the highest of them)."
+  fi
   echo
-  echo "| reader | wall s | events/s | ratio to the server's decoder | CPU s per 1M events | peak RSS MB |"
+  echo "| reader | wall s | events/s | ratio to the raw reader | CPU s per 1M events | peak RSS MB |"
   echo "|---|---:|---:|---:|---:|---:|"
   for row in "${RESULTS[@]}"; do echo "| ${row//|/ | } |"; done
 } >"$OUT"
