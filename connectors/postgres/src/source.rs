@@ -198,6 +198,10 @@ impl PostgresSource {
                 info!("snapshot.mode = initial_only: stopping after the snapshot");
                 return self.finish(conn, ctx, state).await;
             }
+        } else if self.config.snapshot == SnapshotMode::InitialOnly && !state.snapshot_done {
+            // A checkpoint exists and no snapshot is due: an earlier run completed it.
+            info!("snapshot = \"initial_only\": the snapshot was completed by an earlier run; nothing to do");
+            return self.finish(conn, ctx, state).await;
         }
         let start = state.start_lsn();
         conn.start_replication(&self.config.slot, &self.config.publication, start).await?;

@@ -157,6 +157,12 @@ async fn initial_only_exits_after_the_snapshot_and_when_needed_snapshots_again_a
     assert_eq!(stdout_records(&only.stdout).len(), 500);
     let offsets = std::fs::read_to_string(dir.join("offsets.json")).unwrap();
     assert!(offsets.contains("\"type\": \"postgres\""), "the snapshot completed: {offsets}");
+    // Again: the snapshot is done, so there is nothing to do (it exits instead of streaming).
+    let mut twice = Tailgate::start(&dir, &with_mode("initial_only"));
+    let status = twice.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", twice.log_text());
+    assert!(stdout_records(&twice.stdout).is_empty(), "{}", twice.log_text());
+    assert!(twice.log_text().contains("nothing to do"), "{}", twice.log_text());
 
     // The slot disappears. `initial` refuses (changes may be lost); `when_needed` snapshots again.
     db.exec("SELECT pg_drop_replication_slot('tg_snapmodes')").await;

@@ -325,7 +325,6 @@ fn read_value(c: &mut Cursor<'_>, col: &ColumnDecoder) -> Result<Value, DecodeEr
 pub fn from_text(col: &ColumnDecoder, text: Vec<u8>) -> Result<Value, DecodeError> {
     use ColumnCodec::*;
     let bad = |what: &str, text: &[u8]| DecodeError::Invalid(format!("{what} {:?}", String::from_utf8_lossy(text)));
-    let str_of = |t: &[u8]| std::str::from_utf8(t).map(str::to_owned).map_err(|_| bad("text", t));
     Ok(match &col.codec {
         Int { bytes, unsigned } => {
             let s = std::str::from_utf8(&text).map_err(|_| bad("integer", &text))?;
@@ -344,9 +343,10 @@ pub fn from_text(col: &ColumnDecoder, text: Vec<u8>) -> Result<Value, DecodeErro
         Year => {
             Value::Int(std::str::from_utf8(&text).ok().and_then(|s| s.parse().ok()).ok_or_else(|| bad("year", &text))?)
         }
-        Decimal { scale, .. } => {
-            Value::Decimal(tailgate_core::Decimal { text: str_of(&text)?, declared_scale: Some(u32::from(*scale)) })
-        }
+        Decimal { scale, .. } => Value::Decimal(tailgate_core::Decimal {
+            text: String::from_utf8(text).map_err(|e| bad("decimal", e.as_bytes()))?,
+            declared_scale: Some(u32::from(*scale)),
+        }),
         Date => {
             let (y, m, d) = parse_date_text(&text).ok_or_else(|| bad("date", &text))?;
             match valid_date(y, m, d) {
