@@ -198,6 +198,7 @@ pub async fn run(
         if state.done.contains(&table.qualified) {
             continue;
         }
+        job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate)));
         let read = read_table(&mut conn, job, table, &source, state, &mut emitter).await;
         match read {
             Ok(Some(rows)) => {
@@ -222,6 +223,7 @@ pub async fn run(
     conn.query_drop("COMMIT").await?;
     let _ = conn.disconnect().await;
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);
+    job.metrics.snapshot_table_started(None);
     if !emitter.finish(consistent).await {
         return Ok(false);
     }

@@ -111,6 +111,7 @@ pub async fn run(
         if done.contains(&table.qualified) {
             continue;
         }
+        job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
         let resume_after = match (&progress.table, &progress.after) {
             (Some(t), Some(after)) if *t == table.qualified && !table.pk.is_empty() => Some(after.clone()),
             _ => None,
@@ -124,6 +125,7 @@ pub async fn run(
     }
     client.batch_execute("COMMIT").await?;
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);
+    job.metrics.snapshot_table_started(None);
     if !emitter.finish(Position::Postgres { lsn: consistent }).await {
         return Ok(false);
     }

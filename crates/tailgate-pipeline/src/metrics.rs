@@ -68,6 +68,8 @@ pub struct Metrics {
     pub snapshot_rows: AtomicU64,
     /// Estimated rows the snapshot has still to read.
     pub snapshot_rows_remaining: AtomicI64,
+    /// The table the snapshot reads now (for the terminal progress bar).
+    snapshot_table: Mutex<Option<SnapshotTable>>,
     pub source_connected: AtomicBool,
     /// Unix millis of the last message from the source (data or keepalive).
     pub last_source_activity_ms: AtomicU64,
@@ -79,7 +81,33 @@ pub struct Metrics {
     tables: Mutex<BTreeMap<String, u64>>,
 }
 
+/// The table a snapshot is reading: its name, estimated rows, and `snapshot_rows` and the time when
+/// it started.
+#[derive(Debug, Clone)]
+pub struct SnapshotTable {
+    pub name: String,
+    pub estimate: i64,
+    pub rows_before: u64,
+    pub started: std::time::Instant,
+}
+
 impl Metrics {
+    /// The snapshot starts reading `table` (about `estimate` rows); `None` when the snapshot ended.
+    pub fn snapshot_table_started(&self, table: Option<(&str, i64)>) {
+        let mut current = self.snapshot_table.lock().unwrap_or_else(|p| p.into_inner());
+        *current = table.map(|(name, estimate)| SnapshotTable {
+            name: name.to_owned(),
+            estimate,
+            rows_before: self.snapshot_rows.load(Relaxed),
+            started: std::time::Instant::now(),
+        });
+    }
+
+    /// The table the snapshot reads now, if one runs.
+    pub fn snapshot_table(&self) -> Option<SnapshotTable> {
+        self.snapshot_table.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn new(connector: impl Into<String>) -> Self {
         let m = Metrics { connector: connector.into(), ..Default::default() };
         m.source_lag_bytes.store(-1, Relaxed);

@@ -260,6 +260,7 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> any
             SourceConfig::Mysql(my) => mysql::spawn_lag_poller(my, metrics.clone(), every),
         }
     }
+    crate::progress::spawn_snapshot_bar(metrics.clone());
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     watch_reloads(config_path.clone(), config.clone(), rules_tx);

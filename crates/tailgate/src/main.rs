@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod http;
+mod progress;
 mod source;
 
 use std::process::ExitCode;

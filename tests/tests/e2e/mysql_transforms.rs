@@ -144,7 +144,7 @@ async fn outbox_rows_become_events_in_per_aggregate_order(server: Server) {
         "[[outbox]]\ntable = \"{db}.outbox\"\ntopic = \"{prefix}.outbox.${{routedByValue}}\"\n\
          additional_fields = [\"type:header:eventType\"]\non_update = \"warn\"\n"
     );
-    let mut tg = s.start("", &sink, &outbox).await;
+    let tg = s.start("", &sink, &outbox).await;
 
     for seq in 0..20 {
         for order in 0..5 {
@@ -211,7 +211,7 @@ async fn undeliverable_records_go_to_the_dead_letter_topic(server: Server) {
         "[[outbox]]\ntable = \"{db}.outbox\"\ntopic = \"{prefix}.outbox.${{routedByValue}}\"\nrequire_json = true\n\
          [http]\nlisten = \"127.0.0.1:{port}\"\n"
     );
-    let mut tg = s.start("", &sink, &extra).await;
+    let tg = s.start("", &sink, &extra).await;
     s.db.exec("INSERT INTO docs VALUES (1, REPEAT('x', 50000))").await; // too large
     s.db.exec("INSERT INTO outbox VALUES ('e1', 'order', 'o-1', 'T', 'not json')").await; // invalid payload
     s.db.exec("INSERT INTO outbox VALUES ('e2', 'bad/topic', 'o-1', 'T', '{}')").await; // unroutable
