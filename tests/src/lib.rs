@@ -387,10 +387,12 @@ pub fn consume(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
     out
 }
 
-/// Reads the JSON lines of the stdout sink.
+/// Reads the JSON lines of the stdout sink (complete lines only).
 pub fn stdout_records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Only complete lines: tailgate may be writing the next one right now.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))

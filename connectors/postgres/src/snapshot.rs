@@ -3,8 +3,9 @@
 //! ```text
 //!  CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT ──▶ consistent point C, snapshot S (replication conn idles)
 //!  SQL conn: BEGIN REPEATABLE READ; SET TRANSACTION SNAPSHOT S
-//!            per table: keyset pages ordered by primary key (a cursor for tables without one)
-//!            ──▶ op "r" events ──▶ Item::Commit(PostgresSnapshot{C, done, table, after}) per page
+//!            per table: COPY (SELECT … ORDER BY primary key) TO STDOUT, streamed
+//!            ──▶ op "r" events ──▶ Item::Commit(PostgresSnapshot{C, done, table, after}) per
+//!                `snapshot_fetch_rows` rows (a resumed table starts after `after`)
 //!  then START_REPLICATION from C: every row exactly once, no gap and no duplicate at the seam.
 //! ```
 //!
@@ -25,7 +26,7 @@ use tailgate_core::{
 };
 use tailgate_pipeline::{Batch, Metrics, SnapshotEmitter};
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 use tracing::info;
 
 use crate::catalog::{self, TablePredicate};
@@ -139,12 +140,17 @@ pub async fn run(
     Ok(true)
 }
 
+/// Reads one table with a single `COPY (SELECT … ORDER BY <primary key>) TO STDOUT`: the server
+/// streams rows while we convert them (no round trip per page), and the socket applies backpressure
+/// when the pipeline is full, so memory stays flat. Every `fetch_rows` rows the last key read becomes
+/// a progress marker; a resumed snapshot starts after it. Tables without a primary key are read in
+/// physical order and start over after a crash.
 #[allow(clippy::too_many_arguments)]
 async fn read_table(
     client: &Client,
     job: &SnapshotJob<'_>,
     table: &SnapTable,
-    mut after: Option<Vec<Option<String>>>,
+    after: Option<Vec<Option<String>>>,
     source: &SourceInfo,
     consistent: Lsn,
     done: &[String],
@@ -155,46 +161,47 @@ async fn read_table(
     let started = Instant::now();
     let order: Vec<String> = table.pk.iter().map(|&i| quote_ident(&table.schema.columns[i].name)).collect();
     let keyset = !table.pk.is_empty();
-    if !keyset {
-        // No primary key: one cursor over the table (a resumed snapshot reads it again from the start).
-        client
-            .batch_execute(&format!(
-                "DECLARE tailgate_snap NO SCROLL CURSOR FOR SELECT {} FROM {}",
-                table.select_list, table.sql_name
-            ))
-            .await?;
-    }
-    loop {
-        let sql = if keyset {
-            let filter = match &after {
-                Some(values) => format!(
-                    " WHERE ({}) > ({})",
-                    order.join(", "),
-                    values
-                        .iter()
-                        .map(|v| v.as_deref().map_or("NULL".to_owned(), quote_literal))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                None => String::new(),
-            };
-            format!(
-                "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
-                table.select_list,
-                table.sql_name,
+    let query = if keyset {
+        let filter = match &after {
+            Some(values) => format!(
+                " WHERE ({}) > ({})",
                 order.join(", "),
-                job.fetch_rows
-            )
-        } else {
-            format!("FETCH FORWARD {} FROM tailgate_snap", job.fetch_rows)
+                values
+                    .iter()
+                    .map(|v| v.as_deref().map_or("NULL".to_owned(), quote_literal))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => String::new(),
         };
-        let mut page = 0usize;
-        let mut last_key = None;
-        for message in client.simple_query(&sql).await? {
-            let SimpleQueryMessage::Row(row) = message else { continue };
+        format!("SELECT {} FROM {}{filter} ORDER BY {}", table.select_list, table.sql_name, order.join(", "))
+    } else {
+        format!("SELECT {} FROM {}", table.select_list, table.sql_name)
+    };
+    let stream = client.copy_out(&format!("COPY ({query}) TO STDOUT")).await?;
+    futures_util::pin_mut!(stream);
+    let mut line = CopyLine::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut page = 0usize;
+    let fetch_rows = job.fetch_rows.max(1);
+    loop {
+        let chunk = std::future::poll_fn(|cx| futures_util::Stream::poll_next(stream.as_mut(), cx)).await;
+        let Some(chunk) = chunk.transpose()? else { break };
+        // PostgreSQL sends one row per CopyData message; rows split across messages are joined.
+        let mut data: &[u8] = &chunk;
+        if !pending.is_empty() {
+            pending.extend_from_slice(data);
+            if pending.last() != Some(&b'\n') {
+                continue;
+            }
+            data = &pending;
+        }
+        let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for raw in data[..complete].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            line.parse(raw).map_err(|_| copy_error(table, raw))?;
             let mut values = Vec::with_capacity(table.kinds.len());
             for (i, kind) in table.kinds.iter().enumerate() {
-                values.push(match row.get(i) {
+                values.push(match line.field(i) {
                     None => Value::Null,
                     Some(text) => kind.convert(text).ok_or_else(|| PgError::Value {
                         table: table.qualified.clone(),
@@ -204,9 +211,6 @@ async fn read_table(
                     })?,
                 });
             }
-            if keyset {
-                last_key = Some(table.pk.iter().map(|&i| row.get(i).map(str::to_owned)).collect::<Vec<_>>());
-            }
             emitter.event(ChangeEvent {
                 op: Op::Read,
                 table: table.schema.clone(),
@@ -215,43 +219,153 @@ async fn read_table(
                 source: source.clone(),
             });
             page += 1;
+            if page < fetch_rows {
+                continue;
+            }
+            // A full page: its last key is where a resumed snapshot starts.
+            rows_done += page as u64;
+            job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
+            job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
+            page = 0;
+            if keyset {
+                let key = table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect();
+                emitter.marker(Position::PostgresSnapshot {
+                    lsn: consistent,
+                    done: done.to_vec(),
+                    table: Some(table.qualified.clone()),
+                    after: Some(key),
+                });
+            }
+            if !emitter.flush().await || job.stop.is_cancelled() {
+                return Ok(None);
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                last_log = Instant::now();
+                let rate = rows_done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                let left = (table.estimate - rows_done as i64).max(0);
+                info!(
+                    table = %table.qualified,
+                    rows = rows_done,
+                    estimated = table.estimate,
+                    rows_per_s = rate as u64,
+                    eta_s = (left as f64 / rate.max(1.0)) as u64,
+                    "snapshot progress"
+                );
+            }
         }
-        rows_done += page as u64;
-        job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
-        job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
-        if keyset && last_key.is_some() {
-            after = last_key;
-            emitter.marker(Position::PostgresSnapshot {
-                lsn: consistent,
-                done: done.to_vec(),
-                table: Some(table.qualified.clone()),
-                after: after.clone(),
-            });
-        }
-        if !emitter.flush().await || job.stop.is_cancelled() {
-            return Ok(None);
-        }
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = Instant::now();
-            let rate = rows_done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let left = (table.estimate - rows_done as i64).max(0);
-            info!(
-                table = %table.qualified,
-                rows = rows_done,
-                estimated = table.estimate,
-                rows_per_s = rate as u64,
-                eta_s = (left as f64 / rate.max(1.0)) as u64,
-                "snapshot progress"
-            );
-        }
-        if page < job.fetch_rows {
-            break;
-        }
+        let rest = data[complete..].to_vec();
+        pending.clear();
+        pending.extend_from_slice(&rest);
     }
-    if !keyset {
-        client.batch_execute("CLOSE tailgate_snap").await?;
+    if !pending.is_empty() {
+        return Err(copy_error(table, &pending));
+    }
+    rows_done += page as u64;
+    job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
+    job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
+    if !emitter.flush().await || job.stop.is_cancelled() {
+        return Ok(None);
     }
     Ok(Some(rows_done))
+}
+
+fn copy_error(table: &SnapTable, raw: &[u8]) -> PgError {
+    PgError::Protocol(format!(
+        "COPY of {}: a row that is not COPY text: {:?}",
+        table.qualified,
+        String::from_utf8_lossy(&raw[..raw.len().min(200)])
+    ))
+}
+
+/// One line of `COPY … TO STDOUT` text format: fields separated by tabs, `\N` for NULL, and
+/// backslash escapes for the backslash, control characters (`\t`, `\n`, …) and octal or hex bytes.
+/// Otherwise a field is the type's text output, exactly what pgoutput sends, so the same
+/// [`ColumnKind::convert`] applies. Fields without escapes are borrowed from the line; the buffers
+/// are reused from line to line.
+#[derive(Default)]
+struct CopyLine {
+    /// The unescaped text of every field, back to back.
+    text: String,
+    /// Per field: its byte range in `text`, or `None` for NULL.
+    fields: Vec<Option<(usize, usize)>>,
+}
+
+impl CopyLine {
+    fn parse(&mut self, raw: &[u8]) -> Result<(), std::str::Utf8Error> {
+        let line = std::str::from_utf8(raw)?;
+        self.text.clear();
+        self.fields.clear();
+        for field in line.split('\t') {
+            if field == "\\N" {
+                self.fields.push(None);
+                continue;
+            }
+            let start = self.text.len();
+            if field.contains('\\') {
+                unescape_into(field, &mut self.text);
+            } else {
+                self.text.push_str(field);
+            }
+            self.fields.push(Some((start, self.text.len())));
+        }
+        Ok(())
+    }
+
+    fn field(&self, i: usize) -> Option<&str> {
+        self.fields.get(i).copied().flatten().map(|(a, b)| &self.text[a..b])
+    }
+}
+
+fn unescape_into(field: &str, out: &mut String) {
+    let bytes = field.as_bytes();
+    let mut raw = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        i += 1;
+        if b != b'\\' || i == bytes.len() {
+            raw.push(b);
+            continue;
+        }
+        let c = bytes[i];
+        i += 1;
+        raw.push(match c {
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 0x0b,
+            b'0'..=b'7' => {
+                let mut v = u32::from(c - b'0');
+                for _ in 0..2 {
+                    match bytes.get(i) {
+                        Some(d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                v as u8
+            }
+            b'x' if bytes.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                let mut v = 0u8;
+                for _ in 0..2 {
+                    match bytes.get(i).and_then(|d| (*d as char).to_digit(16)) {
+                        Some(d) => {
+                            v = v * 16 + d as u8;
+                            i += 1;
+                        }
+                        None => break,
+                    }
+                }
+                v
+            }
+            other => other,
+        });
+    }
+    out.push_str(&String::from_utf8_lossy(&raw));
 }
 
 /// The tables the publication covers (and the rules include), with their columns as pgoutput
@@ -303,4 +417,49 @@ async fn list_tables(client: &Client, job: &SnapshotJob<'_>) -> Result<Vec<SnapT
         });
     }
     Ok(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(raw: &[u8]) -> Vec<Option<String>> {
+        let mut line = CopyLine::default();
+        line.parse(raw).unwrap();
+        (0..line.fields.len()).map(|i| line.field(i).map(str::to_owned)).collect()
+    }
+
+    #[test]
+    fn splits_tabs_and_reads_nulls() {
+        assert_eq!(
+            fields(b"1\t\\N\t\tnew"),
+            [Some("1".into()), None, Some(String::new()), Some("new".into())],
+            "an empty string is not NULL"
+        );
+    }
+
+    #[test]
+    fn unescapes_backslash_sequences() {
+        assert_eq!(fields(br"a\tb\nc\\d\rE"), [Some("a\tb\nc\\d\rE".into())]);
+        assert_eq!(fields(br"\b\f\v"), [Some("\u{8}\u{c}\u{b}".into())]);
+        assert_eq!(fields(br"\101\x42\7"), [Some("AB\u{7}".into())], "octal and hex bytes");
+        assert_eq!(fields(br"\\N"), [Some("\\N".into())], "an escaped backslash before N is text, not NULL");
+        assert_eq!(fields("caf\\303\\251 ☃".as_bytes()), [Some("café ☃".into())], "escaped UTF-8 bytes join up");
+        assert_eq!(fields(br"x\q"), [Some("xq".into())], "an unknown escape is the character itself");
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_an_error() {
+        assert!(CopyLine::default().parse(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn reuses_its_buffers() {
+        let mut line = CopyLine::default();
+        line.parse(b"long value one\tlong value two").unwrap();
+        let capacity = line.text.capacity();
+        line.parse(b"short\t\\N").unwrap();
+        assert_eq!((line.field(0), line.field(1), line.field(2)), (Some("short"), None, None));
+        assert_eq!(line.text.capacity(), capacity);
+    }
 }
