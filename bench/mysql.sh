@@ -13,6 +13,9 @@
 #   SERVERS=mariadb bench/mysql.sh    # one server
 #   SNAPSHOT=1 bench/mysql.sh         # initial snapshot of SNAPSHOT_ROWS (1M) existing rows instead,
 #                                     # against the client: mariadb/mysql -e "SELECT * FROM orders" > /dev/null
+#   RULES=1 bench/mysql.sh            # filters: ROWS inserts into orders plus 9 other tables with ROWS/10
+#                                     # each, in TXN_ROWS-row transactions; tailgate with all tables vs.
+#                                     # include_tables = orders (+ an excluded column and a route)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-200000}"
@@ -185,6 +188,55 @@ run_snapshot_workload() { # run_snapshot_workload <server>
   printf '%s\n' "${RESULTS[@]: -3}" >&2
 }
 fresh_snapshot() { rm -f "$WORK"/snap_*.offsets.json; }
+
+# Filter workload: what the table rules cost. The same binlog (orders + 9 other tables) read by the
+# server's decoder, by tailgate capturing every table, and by tailgate with rules that keep orders
+# only (the other tables' rows are skipped before decoding). events/s counts delivered events.
+run_filter_workload() { # run_filter_workload <server>
+  local server=$1 start_file start_pos end_file end_pos t b others=$((ROWS / 10)) limit script="$WORK/rules.sql"
+  local title="1 of 10 tables included: $ROWS + 9×$others inserts, $TXN_ROWS-row transactions"
+  case $server in
+    mariadb) limit="SET SESSION max_recursive_iterations = 100000000;" ;;
+    mysql) limit="SET SESSION cte_max_recursion_depth = 100000000;" ;;
+  esac
+  sql "$server" -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB; FLUSH BINARY LOGS"
+  sql "$server" "$DB" -e "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total decimal(10,2), status varchar(20), created_at datetime(6))"
+  for t in 1 2 3 4 5 6 7 8 9; do sql "$server" "$DB" -e "CREATE TABLE other_$t LIKE orders"; done
+  {
+    echo "$limit"
+    for ((b = 0; b < ROWS / TXN_ROWS; b++)); do
+      echo "START TRANSACTION;"
+      gen $((b * TXN_ROWS + 1)) "$TXN_ROWS"
+      for t in 1 2 3 4 5 6 7 8 9; do gen $((b * TXN_ROWS / 10 + 1)) $((TXN_ROWS / 10)) | sed "s/^INSERT INTO orders/INSERT INTO other_$t/"; done
+      echo "COMMIT;"
+    done
+  } >"$script"
+  read -r start_file start_pos < <(binlog_end "$server")
+  sql "$server" "$DB" <"$script"
+  read -r end_file end_pos < <(binlog_end "$server")
+  [[ "$start_file" == "$end_file" ]] || { echo "the workload spans binlog files $start_file..$end_file" >&2; exit 1; }
+  rm -f "$WORK"/*.offsets.json
+  config "$server" bench_stdout $'[sink]\ntype = "stdout"' >"$WORK/stdout.toml"
+  { config "$server" bench_rules $'[sink]\ntype = "stdout"'
+    printf '[filter]\ninclude_tables = ["%s\\\\.orders"]\nexclude_columns = ["%s\\\\.orders\\\\.created_at"]\n' "$DB" "$DB"
+    printf '[[route]]\nmatch = "(.*)\\\\.%s\\\\.orders"\ntopic = "$1.orders.v2"\n' "$DB"
+  } >"$WORK/rules.toml"
+  START="$start_file:$start_pos"
+  echo "### $server: $title" >&2
+  wait_idle
+  decoder "$server" "$start_file" "$start_pos" "$end_pos"
+  "${DECODER[@]}" >/dev/null # warm-up
+  RESULTS+=("**$server $(sql "$server" -e 'SELECT VERSION()'): $title**|||||")
+  BASE_WALL=""
+  local base
+  base=$(measure "$(decoder_name "$server") -v --base64-output=decode-rows, all tables → /dev/null" $((ROWS + 9 * others)) true "${DECODER[@]}")
+  BASE_WALL=$(echo "$base" | cut -d'|' -f2)
+  RESULTS+=("$base")
+  RESULTS+=("$(measure "tailgate, all tables → stdout (/dev/null)" $((ROWS + 9 * others)) reset_stdout "$BIN" run --config "$WORK/stdout.toml" --stop-at-binlog "$end_file:$end_pos")")
+  RESULTS+=("$(measure "tailgate, rules: orders only → stdout (/dev/null)" "$ROWS" reset_rules "$BIN" run --config "$WORK/rules.toml" --stop-at-binlog "$end_file:$end_pos")")
+  printf '%s\n' "${RESULTS[@]: -3}" >&2
+}
+reset_rules() { "$BIN" offsets reset --config "$WORK/rules.toml" --to-binlog "$START" >/dev/null; }
 client_name() {
   case $1 in mariadb) echo mariadb ;; mysql) echo mysql ;; esac
 }
@@ -201,6 +253,11 @@ for server in $SERVERS; do
     OUT="bench/results/$(date -u +%Y-%m-%d)-mysql-snapshot${OUT_SUFFIX:-}.md"
     continue
   fi
+  if [[ "${RULES:-0}" == 1 ]]; then
+    run_filter_workload "$server"
+    OUT="bench/results/$(date -u +%Y-%m-%d)-mysql-filters${OUT_SUFFIX:-}.md"
+    continue
+  fi
   case $server in
     mariadb) limit="SET SESSION max_recursive_iterations = 100000000;" ;;
     mysql) limit="SET SESSION cte_max_recursion_depth = 100000000;" ;;
@@ -215,7 +272,9 @@ done
   echo "# MySQL/MariaDB benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); tansu 0.6.0 (memory storage); tailgate release build."
-  if [[ "${SNAPSHOT:-0}" == 1 ]]; then
+  if [[ "${RULES:-0}" == 1 ]]; then
+    echo "Command: \`RULES=1 bench/mysql.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS, SERVERS=\"$SERVERS\", REPEAT=$REPEAT). Every reader reads the same binlog range; events/s counts the events each delivers (all rows, or the orders rows only); each row is the fastest of $REPEAT runs (peak RSS: the highest of them)."
+  elif [[ "${SNAPSHOT:-0}" == 1 ]]; then
     echo "Command: \`SNAPSHOT=1 bench/mysql.sh\` (SNAPSHOT_ROWS=${SNAPSHOT_ROWS:-1000000}, SERVERS=\"$SERVERS\", REPEAT=$REPEAT). Every reader reads the whole table from the server; each row is the fastest of $REPEAT runs (peak RSS: the highest of them)."
   else
     echo "Command: \`bench/mysql.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS, SERVERS=\"$SERVERS\", REPEAT=$REPEAT). Every reader reads the same binlog range from the server; each row is the fastest of $REPEAT runs (peak RSS: the highest of them)."
