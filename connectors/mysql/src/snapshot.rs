@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  SQL conn: START TRANSACTION WITH CONSISTENT SNAPSHOT ──▶ consistent point C (binlog file, pos, GTIDs)
-//!            per table: keyset pages ordered by primary key (one scan for tables without one)
-//!            ──▶ op "r" events ──▶ Item::Commit(MysqlSnapshot{C, done, table, after}) per page
+//!            per table: one streamed SELECT ordered by primary key (unordered without a usable key)
+//!            ──▶ op "r" events ──▶ Item::Commit(MysqlSnapshot{C, done, table, after}) per
+//!                `snapshot_fetch_rows` rows (a resumed table starts after `after`)
 //!  then the binlog from C (by GTID set when the server has GTIDs): every row exactly once.
 //! ```
 //!
@@ -485,7 +486,11 @@ fn after_filter(table: &SnapTable, after: &[Option<String>]) -> Option<String> {
     Some(format!(" WHERE {}", terms.join(" OR ")))
 }
 
-/// Reads one table in pages; `Ok(None)` when stopped (or the pipeline went away) before its end.
+/// Reads one table with one streamed query (ordered by primary key when the key orders the same in
+/// SQL and here): the server produces rows while they are converted, and the socket applies
+/// backpressure when the pipeline is full. Every `fetch_rows` rows the last key read becomes a
+/// progress marker, where a resumed snapshot starts. `Ok(None)` when stopped (or the pipeline went
+/// away) before the end.
 async fn read_table(
     conn: &mut Conn,
     job: &SnapshotJob<'_>,
@@ -495,95 +500,68 @@ async fn read_table(
     emitter: &mut SnapshotEmitter<'_>,
 ) -> Result<Option<u64>, MyError> {
     let keyset = !table.keyset.is_empty();
-    let mut after = match (&state.table, &state.after) {
+    let after = match (&state.table, &state.after) {
         (Some(t), Some(after)) if *t == table.qualified && keyset => Some(after.clone()),
         _ => None,
     };
-    let order = table.keyset.iter().map(|&(i, _)| quote_ident(&table.schema.columns[i].name)).collect::<Vec<_>>();
+    let sql = if keyset {
+        let order = table.keyset.iter().map(|&(i, _)| quote_ident(&table.schema.columns[i].name)).collect::<Vec<_>>();
+        let filter = match &after {
+            Some(values) => after_filter(table, values).ok_or_else(|| {
+                MyError::Protocol(format!(
+                    "the snapshot progress stored for {} is not a key of the table ({values:?}). Fix: `tailgate \
+                     offsets reset` and take the snapshot again",
+                    table.qualified
+                ))
+            })?,
+            None => String::new(),
+        };
+        format!("SELECT {} FROM {}{filter} ORDER BY {}", table.select_list, table.sql_name, order.join(", "))
+    } else {
+        format!("SELECT {} FROM {}", table.select_list, table.sql_name)
+    };
     let source = SourceInfo::Mysql(source.clone());
+    let fetch_rows = job.fetch_rows.max(1);
     let mut rows_done = 0u64;
     let started = Instant::now();
     let mut last_log = Instant::now();
-    loop {
-        let sql = if keyset {
-            let filter = match &after {
-                Some(values) => after_filter(table, values).ok_or_else(|| {
-                    MyError::Protocol(format!(
-                        "the snapshot progress stored for {} is not a key of the table ({values:?}). Fix: `tailgate \
-                         offsets reset` and take the snapshot again",
-                        table.qualified
-                    ))
-                })?,
-                None => String::new(),
-            };
-            format!(
-                "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
-                table.select_list,
-                table.sql_name,
-                order.join(", "),
-                job.fetch_rows
-            )
-        } else {
-            // One scan: rows stream from the server as the pipeline takes them.
-            format!("SELECT {} FROM {}", table.select_list, table.sql_name)
-        };
-        let mut result = conn.query_iter(sql).await.map_err(|e| snapshot_error(e, table))?;
-        let mut page = 0usize;
-        let mut last_key = None;
-        let mut stopped = false;
-        while let Some(row) = result.next().await.map_err(|e| snapshot_error(e, table))? {
-            if keyset && page + 1 == job.fetch_rows {
-                // The last row of a full page: where the next page (or a resumed snapshot) starts.
-                last_key = Some(
-                    table
-                        .keyset
-                        .iter()
-                        .map(|&(i, form)| match row.as_ref(i) {
-                            Some(mysql_async::Value::Bytes(b)) => Some(form.store(b)),
-                            _ => None,
-                        })
-                        .collect::<Vec<_>>(),
-                );
-            }
-            let values = convert_row(row, table)?;
-            emitter.event(ChangeEvent {
-                op: Op::Read,
-                table: table.schema.clone(),
-                before: None,
-                after: Some(values),
-                source: source.clone(),
-            });
-            page += 1;
-            if !keyset && page % job.fetch_rows == 0 {
-                rows_done += job.fetch_rows as u64;
-                job.metrics.snapshot_rows.fetch_add(job.fetch_rows as u64, Relaxed);
-                job.metrics.snapshot_rows_remaining.fetch_sub(job.fetch_rows as i64, Relaxed);
-                if !emitter.flush().await {
-                    stopped = true;
-                    break;
-                }
-                // Stopping halfway through a scan: the next run reads the table again.
-                if job.stop.is_cancelled() {
-                    stopped = true;
-                    break;
-                }
-            }
+    let mut result = conn.query_iter(sql).await.map_err(|e| snapshot_error(e, table))?;
+    let mut page = 0usize;
+    while let Some(row) = result.next().await.map_err(|e| snapshot_error(e, table))? {
+        let page_ends = page + 1 == fetch_rows;
+        // The last row of a page: where the next page (or a resumed snapshot) starts.
+        let last_key = (keyset && page_ends).then(|| {
+            table
+                .keyset
+                .iter()
+                .map(|&(i, form)| match row.as_ref(i) {
+                    Some(mysql_async::Value::Bytes(b)) => Some(form.store(b)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        });
+        let values = convert_row(row, table)?;
+        emitter.event(ChangeEvent {
+            op: Op::Read,
+            table: table.schema.clone(),
+            before: None,
+            after: Some(values),
+            source: source.clone(),
+        });
+        page += 1;
+        if !page_ends {
+            continue;
         }
-        if stopped {
-            drop(result);
-            return Ok(None);
-        }
-        drop(result);
-        let counted = if keyset { page } else { page % job.fetch_rows };
-        rows_done += counted as u64;
-        job.metrics.snapshot_rows.fetch_add(counted as u64, Relaxed);
-        job.metrics.snapshot_rows_remaining.fetch_sub(counted as i64, Relaxed);
+        page = 0;
+        rows_done += fetch_rows as u64;
+        job.metrics.snapshot_rows.fetch_add(fetch_rows as u64, Relaxed);
+        job.metrics.snapshot_rows_remaining.fetch_sub(fetch_rows as i64, Relaxed);
         if let Some(key) = last_key {
-            after = Some(key);
             state.table = Some(table.qualified.clone());
-            state.after = after.clone();
+            state.after = Some(key);
             emitter.marker(state.marker());
         }
+        // Without a key, stopping halfway through means the next run reads the table again.
         if !emitter.flush().await || job.stop.is_cancelled() {
             return Ok(None);
         }
@@ -600,10 +578,15 @@ async fn read_table(
                 "snapshot progress"
             );
         }
-        if !keyset || page < job.fetch_rows {
-            return Ok(Some(rows_done));
-        }
     }
+    drop(result);
+    rows_done += page as u64;
+    job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
+    job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
+    if !emitter.flush().await || job.stop.is_cancelled() {
+        return Ok(None);
+    }
+    Ok(Some(rows_done))
 }
 
 /// A text-protocol row into the values the binlog path gives for the same columns.
