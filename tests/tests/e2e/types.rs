@@ -15,6 +15,16 @@ async fn capture(test: &str, extra: &str, setup: &str, insert: &str) -> Value {
     db.exec(insert).await;
     let records = wait_stdout(&mut tg, 1, Duration::from_secs(20)).await;
     tg.stop().await;
+    // The snapshot reads the same row with COPY ... TO STDOUT: it must render exactly as streamed.
+    let snap_dir = scratch(&format!("{test}_snap"));
+    let snap_config = config(&format!("{name}_snap"), &db.url(), &snap_dir, &stdout_sink(), extra)
+        .replace("status_interval_ms = 200", "status_interval_ms = 200\nsnapshot = \"initial_only\"");
+    let mut snap = Tailgate::start(&snap_dir, &snap_config);
+    assert!(snap.wait_exit(Duration::from_secs(60)).await.success(), "{}", snap.log_text());
+    let read = stdout_records(&snap.stdout);
+    assert_eq!(read.len(), 1, "{}", snap.log_text());
+    assert_eq!(read[0]["value"]["op"], "r");
+    assert_eq!(read[0]["value"]["after"], records[0]["value"]["after"], "snapshot and stream disagree");
     db.drop().await;
     records[0]["value"]["after"].clone()
 }
@@ -99,8 +109,9 @@ async fn special_values() {
     let after = capture(
         "special",
         "",
-        "CREATE TABLE t (id int PRIMARY KEY, d date, ts timestamp, n numeric, f float8, a int[], bc date)",
-        "INSERT INTO t VALUES (1, 'infinity', '-infinity', 'NaN', 'NaN', '{}', '0044-03-15 BC')",
+        "CREATE TABLE t (id int PRIMARY KEY, d date, ts timestamp, n numeric, f float8, a int[], bc date, s text, b bytea)",
+        "INSERT INTO t VALUES (1, 'infinity', '-infinity', 'NaN', 'NaN', '{}', '0044-03-15 BC',
+                              'tab' || chr(9) || 'here back\\slash \\N', '\\x5c4e09')",
     )
     .await;
     assert_eq!(after["d"], Value::Null);
@@ -110,4 +121,7 @@ async fn special_values() {
     assert_eq!(after["a"], json!([]));
     // 44 BC is astronomical year -43; days from 1970-01-01.
     assert_eq!(after["bc"], -735_160);
+    // Characters COPY escapes (tab, backslash, a literal \N), which the snapshot must unescape.
+    assert_eq!(after["s"], "tab\there back\\slash \\N");
+    assert_eq!(after["b"], "XE4J", "the bytes \\ N TAB");
 }
