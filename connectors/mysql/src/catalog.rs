@@ -287,33 +287,66 @@ pub async fn collations(conn: &mut Conn, flavor: Flavor) -> Result<Collations, M
     Ok(out)
 }
 
+const COLUMNS_SELECT: &str = "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_SET_NAME, \
+     COLUMN_KEY, IS_NULLABLE, NUMERIC_PRECISION, NUMERIC_SCALE, DATETIME_PRECISION, CHARACTER_OCTET_LENGTH \
+     FROM information_schema.COLUMNS";
+
+/// A row of [`COLUMNS_SELECT`]: (database, table, column).
+fn catalog_column(r: &Row) -> (String, String, CatalogColumn) {
+    let text = |i: usize| r.get_opt::<Option<String>, _>(i).and_then(Result::ok).flatten();
+    let number = |i: usize| r.get_opt::<Option<u64>, _>(i).and_then(Result::ok).flatten();
+    let column = CatalogColumn {
+        name: text(2).unwrap_or_default(),
+        data_type: text(3).unwrap_or_default().to_ascii_lowercase(),
+        column_type: text(4).unwrap_or_default(),
+        charset: text(5),
+        primary_key: text(6).as_deref() == Some("PRI"),
+        nullable: text(7).as_deref() == Some("YES"),
+        precision: number(8),
+        scale: number(9),
+        fsp: number(10),
+        octet_length: number(11),
+    };
+    (text(0).unwrap_or_default(), text(1).unwrap_or_default(), column)
+}
+
 /// A table's columns in order, or an empty list when the table does not exist (any more).
 pub async fn table_columns(conn: &mut Conn, database: &str, table: &str) -> Result<Vec<CatalogColumn>, MyError> {
     let rows: Vec<Row> = conn
         .exec(
-            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_SET_NAME, COLUMN_KEY, IS_NULLABLE, \
-             NUMERIC_PRECISION, NUMERIC_SCALE, DATETIME_PRECISION, CHARACTER_OCTET_LENGTH \
-             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            format!("{COLUMNS_SELECT} WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"),
             (database, table),
         )
         .await?;
-    let text = |r: &Row, i: usize| r.get_opt::<Option<String>, _>(i).and_then(Result::ok).flatten();
-    let number = |r: &Row, i: usize| r.get_opt::<Option<u64>, _>(i).and_then(Result::ok).flatten();
-    Ok(rows
-        .iter()
-        .map(|r| CatalogColumn {
-            name: text(r, 0).unwrap_or_default(),
-            data_type: text(r, 1).unwrap_or_default().to_ascii_lowercase(),
-            column_type: text(r, 2).unwrap_or_default(),
-            charset: text(r, 3),
-            primary_key: text(r, 4).as_deref() == Some("PRI"),
-            nullable: text(r, 5).as_deref() == Some("YES"),
-            precision: number(r, 6),
-            scale: number(r, 7),
-            fsp: number(r, 8),
-            octet_length: number(r, 9),
-        })
-        .collect())
+    Ok(rows.iter().map(|r| catalog_column(r).2).collect())
+}
+
+/// The columns of every table in `database` (`None`: every database but the server's own), in one
+/// query: what a stream without FULL row metadata needs before its first TABLE_MAP, so that a table
+/// altered right after a row was written is not looked up only after the change.
+pub async fn all_columns(
+    conn: &mut Conn,
+    database: Option<&str>,
+) -> Result<std::collections::HashMap<tailgate_core::TableId, Vec<CatalogColumn>>, MyError> {
+    let rows: Vec<Row> = match database {
+        Some(db) => {
+            conn.exec(format!("{COLUMNS_SELECT} WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, ORDINAL_POSITION"), (db,))
+                .await?
+        }
+        None => {
+            conn.query(format!(
+                "{COLUMNS_SELECT} WHERE TABLE_SCHEMA NOT IN ({}) ORDER BY TABLE_SCHEMA, TABLE_NAME, ORDINAL_POSITION",
+                SYSTEM_DATABASES.map(|d| format!("'{d}'")).join(", ")
+            ))
+            .await?
+        }
+    };
+    let mut out: std::collections::HashMap<tailgate_core::TableId, Vec<CatalogColumn>> = Default::default();
+    for row in &rows {
+        let (schema, table, column) = catalog_column(row);
+        out.entry(tailgate_core::TableId { schema, table }).or_default().push(column);
+    }
+    Ok(out)
 }
 
 /// A table's primary-key columns in key order (empty without one).

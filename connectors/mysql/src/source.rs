@@ -183,6 +183,12 @@ impl MysqlSource {
                 });
             }
         }
+        if facts.binlog_row_metadata != "FULL" {
+            // Column names come from information_schema. Read them now, before the first event:
+            // looked up only when a table's first TABLE_MAP arrives, they could already reflect an
+            // ALTER TABLE that followed that row (DDL events refresh them later on).
+            state.catalog = catalog::all_columns(&mut catalog, state.database.as_deref()).await?;
+        }
         let mut conn = ReplicationConnection::connect(&self.info, self.config.connect_timeout).await?;
         let classify = |e| classify(e, &self.info.user, self.config.server_id, &start);
         self.prepare_dump(&mut conn, &facts, &from, state).await.map_err(classify)?;
