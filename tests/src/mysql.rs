@@ -279,11 +279,33 @@ pub async fn admin(server: Server, sql: &str) {
     let _ = conn.disconnect().await;
 }
 
-/// A global variable's value.
-pub async fn global(server: Server, name: &str) -> String {
-    let mut conn = server.connect().await;
-    let v: Option<String> = conn.query_first(format!("SELECT @@GLOBAL.{name}")).await.unwrap();
-    v.unwrap_or_default()
+/// Global settings changed by a test, put back to the values scripts/services.sh configures when the
+/// guard drops, even when the test panics: a setting left behind would fail other tests.
+pub struct GlobalSettings {
+    server: Server,
+    restore: &'static str,
+}
+
+impl GlobalSettings {
+    /// Runs `change` (`SET GLOBAL ...`) now and `restore` when dropped.
+    pub async fn set(server: Server, change: &str, restore: &'static str) -> GlobalSettings {
+        admin(server, change).await;
+        GlobalSettings { server, restore }
+    }
+}
+
+impl Drop for GlobalSettings {
+    fn drop(&mut self) {
+        let (server, restore) = (self.server, self.restore);
+        // Drop cannot await: restore on a thread with its own runtime.
+        let restored = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(admin(server, restore))
+        })
+        .join();
+        if restored.is_err() {
+            eprintln!("could not restore {restore:?} on {server:?}");
+        }
+    }
 }
 
 /// Waits until `f` holds, polling every 100 ms.

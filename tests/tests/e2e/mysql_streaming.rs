@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tailgate_e2e::mysql::{MyScenario, Server, admin, global};
+use tailgate_e2e::mysql::{GlobalSettings, MyScenario, Server};
 use tailgate_e2e::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -120,9 +120,17 @@ async fn rows_truncate_and_query(server: Server) {
 async fn compressed_binlog_events(server: Server) {
     let s = MyScenario::exclusive(server, "compress", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let mut tg = s.start("include_query = true", &stdout_sink(), "").await;
-    if server == Server::Mariadb {
-        admin(server, "SET GLOBAL log_bin_compress = ON, GLOBAL log_bin_compress_min_len = 10").await;
-    }
+    let compress = match server {
+        Server::Mariadb => Some(
+            GlobalSettings::set(
+                server,
+                "SET GLOBAL log_bin_compress = ON, GLOBAL log_bin_compress_min_len = 10",
+                "SET GLOBAL log_bin_compress = OFF, GLOBAL log_bin_compress_min_len = 256",
+            )
+            .await,
+        ),
+        Server::Mysql => None,
+    };
     // Fresh sessions see the global setting.
     use mysql_async::prelude::Queryable;
     let mut writer = s.db.another_connection().await;
@@ -135,9 +143,7 @@ async fn compressed_binlog_events(server: Server) {
     writer.query_drop(format!("UPDATE t SET v = '{long}x' WHERE id = 2")).await.unwrap();
     writer.query_drop("DELETE FROM t WHERE id = 1").await.unwrap();
     let records = wait_stdout(&mut tg, 5, WAIT).await;
-    if server == Server::Mariadb {
-        admin(server, "SET GLOBAL log_bin_compress = OFF, GLOBAL log_bin_compress_min_len = 256").await;
-    }
+    drop(compress);
     // The server really wrote compressed events.
     let events: Vec<(String, u64, String)> = writer
         .query(format!("SHOW BINLOG EVENTS IN '{file}' FROM {pos}"))
@@ -203,8 +209,12 @@ async fn without_full_metadata(server: Server) {
         "CREATE TABLE t (id int PRIMARY KEY, a varchar(10), e enum('x','y'), u int unsigned)",
     )
     .await;
-    let previous = global(server, "binlog_row_metadata").await;
-    admin(server, "SET GLOBAL binlog_row_metadata = 'MINIMAL'").await;
+    let minimal = GlobalSettings::set(
+        server,
+        "SET GLOBAL binlog_row_metadata = 'MINIMAL'",
+        "SET GLOBAL binlog_row_metadata = 'FULL'",
+    )
+    .await;
     let mut tg = s.start("", &stdout_sink(), "").await;
     s.db.exec("INSERT INTO t VALUES (1, 'one', 'y', 4294967295)").await;
     s.db.exec("ALTER TABLE t ADD COLUMN b int").await;
@@ -220,7 +230,7 @@ async fn without_full_metadata(server: Server) {
     s.db.exec("ALTER TABLE t DROP COLUMN a").await;
     let mut tg = Tailgate::start(&s.dir, &s.config("", &stdout_sink(), ""));
     let status = tg.wait_exit(WAIT).await;
-    admin(server, &format!("SET GLOBAL binlog_row_metadata = '{previous}'")).await;
+    drop(minimal);
     let log = tg.log_text();
     assert!(!status.success(), "{log}");
     assert!(log.contains("binlog_row_metadata = FULL"), "the error names the fix: {log}");
