@@ -42,6 +42,18 @@ pub struct SnapshotProgress {
     pub after: Option<Vec<Option<String>>>,
 }
 
+impl SnapshotProgress {
+    /// The checkpoint that resumes the snapshot from here.
+    fn marker(&self, consistent: Lsn) -> Position {
+        Position::PostgresSnapshot {
+            lsn: consistent,
+            done: self.done.clone(),
+            table: self.table.clone(),
+            after: self.after.clone(),
+        }
+    }
+}
+
 pub struct SnapshotJob<'a> {
     pub info: &'a ConnInfo,
     pub publication: &'a str,
@@ -72,7 +84,7 @@ pub async fn run(
     job: &SnapshotJob<'_>,
     exported: Option<&str>,
     consistent: Lsn,
-    progress: SnapshotProgress,
+    progress: &mut SnapshotProgress,
     output: &mpsc::Sender<Batch>,
 ) -> Result<bool, PgError> {
     let client = catalog::connect(job.info).await?;
@@ -105,26 +117,34 @@ pub async fn run(
         snapshot: "true",
     });
     let mut emitter = SnapshotEmitter::new(output, progress.done.is_empty() && progress.table.is_none());
-    let mut done = progress.done.clone();
     let started = Instant::now();
     let mut total = 0u64;
     for table in &tables {
-        if done.contains(&table.qualified) {
+        if progress.done.contains(&table.qualified) {
             continue;
         }
         job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
-        let resume_after = match (&progress.table, &progress.after) {
-            (Some(t), Some(after)) if *t == table.qualified && !table.pk.is_empty() => Some(after.clone()),
-            _ => None,
+        let rows = match read_table(&client, job, table, progress, &source, consistent, &mut emitter).await {
+            Ok(Some(rows)) => rows,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                // What was read is sent, so that `progress` (the last marker) matches what the
+                // pipeline got: a retry in this process goes on from there.
+                emitter.release().await;
+                return Err(e);
+            }
         };
-        let rows = read_table(&client, job, table, resume_after, &source, consistent, &done, &mut emitter).await?;
-        let Some(rows) = rows else { return Ok(false) };
         total += rows;
-        done.push(table.qualified.clone());
-        emitter.marker(Position::PostgresSnapshot { lsn: consistent, done: done.clone(), table: None, after: None });
+        progress.done.push(table.qualified.clone());
+        progress.table = None;
+        progress.after = None;
+        emitter.marker(progress.marker(consistent));
         info!(table = %table.qualified, rows, "snapshot of table done");
     }
-    client.batch_execute("COMMIT").await?;
+    if let Err(e) = client.batch_execute("COMMIT").await {
+        emitter.release().await;
+        return Err(e.into());
+    }
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);
     job.metrics.snapshot_table_started(None);
     if !emitter.finish(Position::Postgres { lsn: consistent }).await {
@@ -150,10 +170,9 @@ async fn read_table(
     client: &Client,
     job: &SnapshotJob<'_>,
     table: &SnapTable,
-    after: Option<Vec<Option<String>>>,
+    progress: &mut SnapshotProgress,
     source: &SourceInfo,
     consistent: Lsn,
-    done: &[String],
     emitter: &mut SnapshotEmitter<'_>,
 ) -> Result<Option<u64>, PgError> {
     let mut rows_done = 0u64;
@@ -161,6 +180,10 @@ async fn read_table(
     let started = Instant::now();
     let order: Vec<String> = table.pk.iter().map(|&i| quote_ident(&table.schema.columns[i].name)).collect();
     let keyset = !table.pk.is_empty();
+    let after = match (&progress.table, &progress.after) {
+        (Some(t), Some(after)) if *t == table.qualified && keyset => Some(after.clone()),
+        _ => None,
+    };
     let query = if keyset {
         let filter = match &after {
             Some(values) => format!(
@@ -228,13 +251,9 @@ async fn read_table(
             job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
             page = 0;
             if keyset {
-                let key = table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect();
-                emitter.marker(Position::PostgresSnapshot {
-                    lsn: consistent,
-                    done: done.to_vec(),
-                    table: Some(table.qualified.clone()),
-                    after: Some(key),
-                });
+                progress.table = Some(table.qualified.clone());
+                progress.after = Some(table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect());
+                emitter.marker(progress.marker(consistent));
             }
             if !emitter.flush().await || job.stop.is_cancelled() {
                 return Ok(None);

@@ -173,7 +173,7 @@ impl PostgresSource {
         let catalog_client = catalog::connect(&self.info).await?;
         let existing = catalog::slot_state(&catalog_client, &self.config.slot).await?;
         if let Some(snapshot) = self.plan_snapshot(&mut conn, &existing, state).await? {
-            let (exported, consistent, progress) = snapshot;
+            let (exported, consistent, mut progress) = snapshot;
             let job = SnapshotJob {
                 info: &self.info,
                 publication: &self.config.publication,
@@ -186,7 +186,18 @@ impl PostgresSource {
             };
             ctx.metrics.source_connected.store(true, std::sync::atomic::Ordering::Relaxed);
             ctx.metrics.source_active();
-            let completed = snapshot::run(&job, exported.as_deref(), consistent, progress, &ctx.output).await?;
+            // From here on a lost connection is retried like one lost while streaming.
+            state.ever_streamed = true;
+            let completed = match snapshot::run(&job, exported.as_deref(), consistent, &mut progress, &ctx.output).await
+            {
+                Ok(completed) => completed,
+                Err(e) => {
+                    // A retry in this process resumes after the last page handed over, streaming
+                    // still from the same consistent point.
+                    state.snapshot_progress = Some(progress);
+                    return Err(e);
+                }
+            };
             state.ever_streamed = true;
             if !completed || ctx.shutdown.is_cancelled() {
                 return self.finish(conn, ctx, state).await;
@@ -306,6 +317,7 @@ impl PostgresSource {
             // A new slot starts a new history: what was delivered before is superseded.
             state.resume_after = Some(consistent);
             state.emitted_until = None;
+            state.snapshot_progress = None;
             return Ok(Some((exported, consistent, SnapshotProgress::default())));
         };
         if let Some(progress) = state.snapshot_progress.take() {

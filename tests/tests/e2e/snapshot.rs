@@ -92,6 +92,54 @@ async fn snapshot_then_stream_delivers_every_row_exactly_once_without_locking_wr
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss() {
+    let db = TestDb::new("snaplost").await;
+    const ROWS: usize = 200_000;
+    db.exec(&format!(
+        "CREATE TABLE a (id int PRIMARY KEY, pad text); INSERT INTO a SELECT g, repeat('p', 100) FROM generate_series(1, {ROWS}) g;
+         CREATE TABLE b (id int PRIMARY KEY); INSERT INTO b SELECT generate_series(1, 1000);"
+    ))
+    .await;
+    let dir = scratch("snaplost");
+    let cfg = config("tg_snaplost", &db.url(), &dir, &stdout_sink(), "")
+        .replace("status_interval_ms = 200", "status_interval_ms = 200\nsnapshot_fetch_rows = 500");
+    let mut tg = Tailgate::start(&dir, &cfg);
+    // Once rows flow, terminate the connection that reads them (the COPY), as a network failure or
+    // a restarted pooler would.
+    wait_stdout(&mut tg, 5_000, Duration::from_secs(60)).await;
+    let terminated = db
+        .client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'tailgate' AND datname = current_database() AND query LIKE 'COPY%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(terminated.len(), 1, "the snapshot's COPY connection");
+    tg.wait_for_log("reconnecting", Duration::from_secs(30)).await;
+    tg.wait_for_log("snapshot completed", Duration::from_secs(120)).await;
+    db.exec("INSERT INTO b VALUES (1001)").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = stdout_records(&tg.stdout);
+        let (a, _) = ids_by_op(&records, ".public.a");
+        let (b, _) = ids_by_op(&records, ".public.b");
+        if a.len() == ROWS && b.len() == 1001 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a: {} of {ROWS}, b: {} of 1001:\n{}", a.len(), b.len(), tg.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reads = stdout_records(&tg.stdout).iter().filter(|r| r["value"]["op"] == "r").count();
+    assert!(reads < 2 * ROWS, "the retry went on after the last page, not from the start ({reads} reads)");
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("resuming an interrupted snapshot"), "{log}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_snapshot_resumes_from_the_last_delivered_page() {
     let db = TestDb::new("snapkill").await;
     const ROWS: usize = 300_000;
