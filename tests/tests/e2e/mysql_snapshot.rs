@@ -228,8 +228,55 @@ async fn a_million_row_snapshot_keeps_memory_flat(server: Server) {
     s.db.drop().await;
 }
 
+/// The snapshot's connection dies mid-table (KILL, as a failover or a proxy would): tailgate
+/// reconnects in-process and goes on after the last page handed over, from the same consistent point.
+async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss(server: Server) {
+    const ROWS: usize = 200_000;
+    let mut s = MyScenario::new(
+        server,
+        "snaplost",
+        "CREATE TABLE a (id int PRIMARY KEY, pad varchar(200)); CREATE TABLE b (id int PRIMARY KEY)",
+    )
+    .await;
+    s.db.insert_series("a", ROWS as u64, "n, REPEAT('p', 100)").await;
+    s.db.insert_series("b", 1000, "n").await;
+    let cfg = s.config("snapshot = \"initial\"\nsnapshot_fetch_rows = 500", &stdout_sink(), "");
+    let mut tg = Tailgate::start(&s.dir, &cfg);
+    wait_stdout(&mut tg, 5_000, Duration::from_secs(60)).await;
+    let reader: Vec<u64> = s
+        .db
+        .query(&format!(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = '{}' AND INFO LIKE 'SELECT %' AND ID <> CONNECTION_ID()",
+            s.db.name
+        ))
+        .await
+        .iter()
+        .map(|r| r.get(0).unwrap())
+        .collect();
+    assert_eq!(reader.len(), 1, "the snapshot's SELECT: {reader:?}");
+    s.db.exec(&format!("KILL {}", reader[0])).await;
+    tg.wait_for_log("reconnecting", Duration::from_secs(30)).await;
+    tg.wait_for_log("snapshot completed", Duration::from_secs(120)).await;
+    s.db.exec("INSERT INTO b VALUES (1001)").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = stdout_records(&tg.stdout);
+        let (a, _) = ids_by_op(&records, "a");
+        let (b, _) = ids_by_op(&records, "b");
+        if a.len() == ROWS && b.len() == 1001 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a: {} of {ROWS}, b: {} of 1001:\n{}", a.len(), b.len(), tg.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reads = stdout_records(&tg.stdout).iter().filter(|r| r["value"]["op"] == "r").count();
+    assert!(reads < 2 * ROWS, "the retry went on after the last page, not from the start ({reads} reads)");
+    s.finish(tg).await;
+}
+
 tailgate_e2e::both_servers!(
     snapshot_then_stream_delivers_every_row_exactly_once,
+    a_connection_lost_mid_snapshot_is_retried_in_process_without_loss,
     kill_9_mid_snapshot_resumes_from_the_last_delivered_page,
     initial_only_then_when_needed_after_a_purged_binlog,
     keys_of_every_kind_page_without_loss,
