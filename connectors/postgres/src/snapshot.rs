@@ -18,7 +18,9 @@
 //! same [`ColumnKind::convert`], so snapshot and streamed values agree by construction.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
@@ -59,6 +61,8 @@ pub struct SnapshotJob<'a> {
     pub publication: &'a str,
     pub tables: Option<&'a TablePredicate>,
     pub fetch_rows: usize,
+    /// Tables read at the same time, each on its own connection sharing the snapshot.
+    pub parallel: usize,
     /// Cancelled on shutdown: the snapshot stops after the current page (its progress is kept).
     pub stop: &'a tokio_util::sync::CancellationToken,
     pub name: Arc<str>,
@@ -87,24 +91,21 @@ pub async fn run(
     progress: &mut SnapshotProgress,
     output: &mpsc::Sender<Batch>,
 ) -> Result<bool, PgError> {
-    let client = catalog::connect(job.info).await?;
-    let settings: String = SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = {};", quote_literal(v))).collect();
-    client.batch_execute(&settings).await?;
-    client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-    if let Some(name) = exported {
-        client.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name))).await?;
-    }
+    let client = open_reader(job, exported).await?;
     let xmin: i64 = client.query_one("SELECT txid_snapshot_xmin(txid_current_snapshot())", &[]).await?.get(0);
     let tables = list_tables(&client, job).await?;
-    let remaining: i64 =
-        tables.iter().filter(|t| !progress.done.contains(&t.qualified)).map(|t| t.estimate.max(0)).sum();
+    let pending: Vec<&SnapTable> = tables.iter().filter(|t| !progress.done.contains(&t.qualified)).collect();
+    let remaining: i64 = pending.iter().map(|t| t.estimate.max(0)).sum();
     job.metrics.snapshot_rows_remaining.store(remaining, Relaxed);
+    // More readers than tables would idle: each reader reads whole tables.
+    let workers = job.parallel.clamp(1, pending.len().max(1));
     info!(
         tables = tables.len(),
         estimated_rows = remaining,
         consistent_point = %consistent,
         exported = exported.is_some(),
         resumed = !progress.done.is_empty() || progress.table.is_some(),
+        readers = workers,
         "snapshot started"
     );
     let source = SourceInfo::Postgres(PgSourceInfo {
@@ -116,34 +117,79 @@ pub async fn run(
         last_commit_lsn: None,
         snapshot: "true",
     });
-    let mut emitter = SnapshotEmitter::new(output, progress.done.is_empty() && progress.table.is_none());
+    let first = progress.done.is_empty() && progress.table.is_none();
     let started = Instant::now();
-    let mut total = 0u64;
-    for table in &tables {
-        if progress.done.contains(&table.qualified) {
-            continue;
+    let (mut emitter, total, readers) = if workers == 1 {
+        let mut emitter = SnapshotEmitter::new(output, first);
+        let mut total = 0u64;
+        for table in pending {
+            job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
+            let resume_after = resume_point(progress, table);
+            let rows = match read_table(
+                &client,
+                job,
+                table,
+                resume_after,
+                Some(&mut *progress),
+                &source,
+                consistent,
+                &mut emitter,
+            )
+            .await
+            {
+                Ok(Some(rows)) => rows,
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    // What was read is sent, so that `progress` (the last marker) matches what the
+                    // pipeline got: a retry in this process goes on from there.
+                    emitter.release().await;
+                    return Err(e);
+                }
+            };
+            total += rows;
+            progress.done.push(table.qualified.clone());
+            progress.table = None;
+            progress.after = None;
+            emitter.marker(progress.marker(consistent));
+            info!(table = %table.qualified, rows, "snapshot of table done");
         }
-        job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
-        let rows = match read_table(&client, job, table, progress, &source, consistent, &mut emitter).await {
-            Ok(Some(rows)) => rows,
-            Ok(None) => return Ok(false),
-            Err(e) => {
-                // What was read is sent, so that `progress` (the last marker) matches what the
-                // pipeline got: a retry in this process goes on from there.
-                emitter.release().await;
-                return Err(e);
-            }
+        (emitter, total, vec![client])
+    } else {
+        let mut readers = vec![client];
+        for _ in 1..workers {
+            readers.push(open_reader(job, exported).await?);
+        }
+        let shared = Workers {
+            pending,
+            next: AtomicUsize::new(0),
+            active: AtomicUsize::new(workers),
+            progress: Mutex::new(std::mem::take(progress)),
+            total: AtomicU64::new(0),
         };
-        total += rows;
-        progress.done.push(table.qualified.clone());
-        progress.table = None;
-        progress.after = None;
-        emitter.marker(progress.marker(consistent));
-        info!(table = %table.qualified, rows, "snapshot of table done");
-    }
-    if let Err(e) = client.batch_execute("COMMIT").await {
-        emitter.release().await;
-        return Err(e.into());
+        let runs = readers.iter().enumerate().map(|(w, client)| {
+            let emitter = SnapshotEmitter::new(output, first && w == 0);
+            read_tables(client, job, &shared, &source, consistent, emitter)
+        });
+        let ended = futures_util::future::try_join_all(runs).await;
+        *progress = shared.progress.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut final_emitter = None;
+        for end in ended? {
+            match end {
+                WorkerEnd::Last(emitter) => final_emitter = Some(emitter),
+                WorkerEnd::Done => {}
+                WorkerEnd::Stopped => return Ok(false),
+            }
+        }
+        let Some(emitter) = final_emitter else {
+            return Err(PgError::Protocol("parallel snapshot: no reader ended the last table (a bug)".into()));
+        };
+        (emitter, shared.total.load(Relaxed), readers)
+    };
+    for client in &readers {
+        if let Err(e) = client.batch_execute("COMMIT").await {
+            emitter.release().await;
+            return Err(e.into());
+        }
     }
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);
     job.metrics.snapshot_table_started(None);
@@ -160,6 +206,100 @@ pub async fn run(
     Ok(true)
 }
 
+/// A connection in a `REPEATABLE READ` transaction on the snapshot: the exported one when there is
+/// one (every reader sees exactly the same rows), else a fresh one.
+async fn open_reader(job: &SnapshotJob<'_>, exported: Option<&str>) -> Result<Client, PgError> {
+    let client = catalog::connect(job.info).await?;
+    let settings: String = SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = {};", quote_literal(v))).collect();
+    client.batch_execute(&settings).await?;
+    client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    if let Some(name) = exported {
+        client.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name))).await?;
+    }
+    Ok(client)
+}
+
+/// Where a table's read starts: after the key stored for it by an interrupted snapshot.
+fn resume_point(progress: &SnapshotProgress, table: &SnapTable) -> Option<Vec<Option<String>>> {
+    match (&progress.table, &progress.after) {
+        (Some(t), Some(after)) if *t == table.qualified && !table.pk.is_empty() => Some(after.clone()),
+        _ => None,
+    }
+}
+
+/// What parallel readers share. They run as futures of one task (`try_join_all`), so these are only
+/// ever touched between awaits, one reader at a time: a check and the update it decides are never
+/// split by another reader (atomics and a mutex only because the source's future must be `Send`).
+struct Workers<'t> {
+    pending: Vec<&'t SnapTable>,
+    next: AtomicUsize,
+    /// Readers that may still read a table: the one that ends the last table while it is the only
+    /// one left holds back its last event, which the snapshot's end marks `last`.
+    active: AtomicUsize,
+    progress: Mutex<SnapshotProgress>,
+    total: AtomicU64,
+}
+
+enum WorkerEnd<'a> {
+    /// This reader ended the snapshot's last table; its held event is the snapshot's last.
+    Last(SnapshotEmitter<'a>),
+    Done,
+    Stopped,
+}
+
+/// One parallel reader: takes tables until none is left. A table counts as done (in the progress
+/// markers any reader emits) only once all of its events were sent, so a marker never covers rows
+/// still held by another reader. Tables in progress have no markers of their own: after a crash they
+/// are read again from their start (duplicates, never a gap).
+async fn read_tables<'a>(
+    client: &Client,
+    job: &SnapshotJob<'_>,
+    shared: &Workers<'_>,
+    source: &SourceInfo,
+    consistent: Lsn,
+    mut emitter: SnapshotEmitter<'a>,
+) -> Result<WorkerEnd<'a>, PgError> {
+    loop {
+        let i = shared.next.load(Relaxed);
+        let Some(table) = shared.pending.get(i).copied() else {
+            shared.active.fetch_sub(1, Relaxed);
+            return Ok(if emitter.release().await { WorkerEnd::Done } else { WorkerEnd::Stopped });
+        };
+        shared.next.store(i + 1, Relaxed);
+        job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
+        let resume_after = resume_point(&shared.progress.lock().unwrap_or_else(|p| p.into_inner()), table);
+        let Some(rows) = read_table(client, job, table, resume_after, None, source, consistent, &mut emitter).await?
+        else {
+            return Ok(WorkerEnd::Stopped);
+        };
+        shared.total.fetch_add(rows, Relaxed);
+        info!(table = %table.qualified, rows, "snapshot of table done");
+        let no_more = shared.next.load(Relaxed) >= shared.pending.len();
+        if no_more && shared.active.load(Relaxed) == 1 {
+            return Ok(WorkerEnd::Last(emitter));
+        }
+        if no_more {
+            shared.active.fetch_sub(1, Relaxed);
+        }
+        if !emitter.release().await {
+            return Ok(WorkerEnd::Stopped);
+        }
+        let marker = {
+            let mut progress = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+            progress.done.push(table.qualified.clone());
+            if progress.table.as_deref() == Some(table.qualified.as_str()) {
+                progress.table = None;
+                progress.after = None;
+            }
+            progress.marker(consistent)
+        };
+        emitter.marker(marker);
+        if no_more {
+            return Ok(if emitter.release().await { WorkerEnd::Done } else { WorkerEnd::Stopped });
+        }
+    }
+}
+
 /// Reads one table with a single `COPY (SELECT … ORDER BY <primary key>) TO STDOUT`: the server
 /// streams rows while we convert them (no round trip per page), and the socket applies backpressure
 /// when the pipeline is full, so memory stays flat. Every `fetch_rows` rows the last key read becomes
@@ -170,7 +310,8 @@ async fn read_table(
     client: &Client,
     job: &SnapshotJob<'_>,
     table: &SnapTable,
-    progress: &mut SnapshotProgress,
+    after: Option<Vec<Option<String>>>,
+    mut progress: Option<&mut SnapshotProgress>,
     source: &SourceInfo,
     consistent: Lsn,
     emitter: &mut SnapshotEmitter<'_>,
@@ -180,10 +321,6 @@ async fn read_table(
     let started = Instant::now();
     let order: Vec<String> = table.pk.iter().map(|&i| quote_ident(&table.schema.columns[i].name)).collect();
     let keyset = !table.pk.is_empty();
-    let after = match (&progress.table, &progress.after) {
-        (Some(t), Some(after)) if *t == table.qualified && keyset => Some(after.clone()),
-        _ => None,
-    };
     let query = if keyset {
         let filter = match &after {
             Some(values) => format!(
@@ -250,7 +387,8 @@ async fn read_table(
             job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
             job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
             page = 0;
-            if keyset {
+            // Page markers only for a lone reader: parallel readers record whole tables.
+            if let Some(progress) = progress.as_deref_mut().filter(|_| keyset) {
                 progress.table = Some(table.qualified.clone());
                 progress.after = Some(table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect());
                 emitter.marker(progress.marker(consistent));

@@ -55,8 +55,10 @@ pub struct PostgresSourceConfig {
     /// `pg_recvlogical --endpos` does. For benchmarks and controlled catch-up runs.
     pub stop_at: Option<Lsn>,
     pub snapshot: SnapshotMode,
-    /// Rows per snapshot page (one query, one checkpoint marker).
+    /// Rows per snapshot page (one checkpoint marker).
     pub snapshot_fetch_rows: usize,
+    /// Tables read at the same time, each on its own connection sharing the exported snapshot.
+    pub snapshot_parallel: usize,
 }
 
 impl std::fmt::Debug for PostgresSourceConfig {
@@ -179,6 +181,7 @@ impl PostgresSource {
                 publication: &self.config.publication,
                 tables: self.config.tables.as_ref(),
                 fetch_rows: self.config.snapshot_fetch_rows,
+                parallel: self.config.snapshot_parallel,
                 stop: &ctx.shutdown,
                 name: state.name.clone(),
                 db: state.db.clone(),
@@ -668,6 +671,7 @@ mod tests {
             stop_at: None,
             snapshot: SnapshotMode::Never,
             snapshot_fetch_rows: 100,
+            snapshot_parallel: 1,
         };
         let mut s = StreamState::new(&cfg, "shop", resume);
         s.add_relation(

@@ -92,6 +92,105 @@ async fn snapshot_then_stream_delivers_every_row_exactly_once_without_locking_wr
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn parallel_readers_share_the_snapshot_and_deliver_every_row_once() {
+    let db = TestDb::new("snappar").await;
+    let mut schema = String::new();
+    for t in ["a", "b", "c", "d"] {
+        schema += &format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, v text); INSERT INTO {t} SELECT g, 'row ' || g FROM generate_series(1, 20000) g;"
+        );
+    }
+    db.exec(&format!(
+        "{schema} CREATE TABLE e (id int PRIMARY KEY); CREATE TABLE nokey (v int); INSERT INTO nokey VALUES (1), (2);"
+    ))
+    .await;
+    let dir = scratch("snappar");
+    let cfg = config("tg_snappar", &db.url(), &dir, &stdout_sink(), "").replace(
+        "status_interval_ms = 200",
+        "status_interval_ms = 200\nsnapshot_parallel = 3\nsnapshot_fetch_rows = 1000",
+    );
+    let writer_db = connect(&db.url()).await;
+    let writer = tokio::spawn(async move {
+        for i in 0..100 {
+            writer_db.batch_execute(&format!("INSERT INTO d VALUES ({}, 'live')", 100_000 + i)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut tg = Tailgate::start(&dir, &cfg);
+    writer.await.unwrap();
+    let records = wait_stdout(&mut tg, 80_102, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = if stdout_records(&tg.stdout).len() > records.len() { stdout_records(&tg.stdout) } else { records };
+    for (table, n) in [("a", 20_000), ("b", 20_000), ("c", 20_000), ("d", 20_100)] {
+        let (ids, _) = ids_by_op(&records, &format!(".public.{table}"));
+        assert_eq!(ids.len(), n, "table {table}: every row");
+        assert!(ids.values().all(|k| *k == 1), "table {table}: a row delivered twice");
+    }
+    assert_eq!(records.iter().filter(|r| r["topic"] == "tg_snappar.public.nokey").count(), 2);
+    let marks: Vec<&str> = records
+        .iter()
+        .filter(|r| r["value"]["op"] == "r")
+        .map(|r| r["value"]["source"]["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(marks.iter().filter(|m| **m == "first").count(), 1, "one first");
+    assert_eq!(marks.iter().filter(|m| **m == "last").count(), 1, "one last");
+    assert_eq!(marks.last(), Some(&"last"), "the last snapshot record is marked last");
+    let log = tg.log_text();
+    assert!(log.contains("readers=3"), "{log}");
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_snapshot_killed_resumes_without_the_tables_already_done() {
+    let db = TestDb::new("snapparkill").await;
+    const ROWS: usize = 60_000;
+    let mut schema = String::new();
+    for t in ["a", "b", "c", "d"] {
+        schema += &format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, pad text); INSERT INTO {t} SELECT g, repeat('p', 100) FROM generate_series(1, {ROWS}) g;"
+        );
+    }
+    db.exec(&schema).await;
+    let dir = scratch("snapparkill");
+    let cfg = config("tg_snapparkill", &db.url(), &dir, &stdout_sink(), "").replace(
+        "status_interval_ms = 200",
+        "status_interval_ms = 200\nsnapshot_parallel = 2\nsnapshot_fetch_rows = 500",
+    );
+    let first = Tailgate::start(&dir, &cfg);
+    // Kill -9 once a finished table reached the offsets file.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.join("offsets.json")).unwrap_or_default().contains("\"public.") {
+        assert!(Instant::now() < deadline, "no finished table was checkpointed:\n{}", first.log_text());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_out = first.stdout.clone();
+    first.kill9().await;
+    let delivered_first = stdout_records(&first_out).len();
+    assert!(delivered_first < 4 * ROWS, "the kill came too late to test a resume");
+
+    let mut second = Tailgate::start(&dir, &cfg);
+    second.wait_for_log("snapshot completed", Duration::from_secs(120)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut all = stdout_records(&first_out);
+        all.extend(stdout_records(&second.stdout));
+        let complete = ["a", "b", "c", "d"].iter().all(|t| ids_by_op(&all, &format!(".public.{t}")).0.len() == ROWS);
+        if complete {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rows missing after the resume:\n{}", second.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let second_reads = stdout_records(&second.stdout).iter().filter(|r| r["value"]["op"] == "r").count();
+    assert!(second_reads <= 3 * ROWS, "a finished table was read again ({second_reads} rows)");
+    let (status, log) = second.stop().await;
+    assert!(status.success(), "{log}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss() {
     let db = TestDb::new("snaplost").await;
     const ROWS: usize = 200_000;

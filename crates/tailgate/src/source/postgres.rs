@@ -41,6 +41,7 @@ pub fn source(
         stop_at,
         snapshot: config.snapshot_mode().unwrap_or(tailgate_postgres::SnapshotMode::Initial),
         snapshot_fetch_rows: pg.snapshot_fetch_rows,
+        snapshot_parallel: pg.snapshot_parallel,
     })
 }
 
