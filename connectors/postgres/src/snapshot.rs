@@ -18,15 +18,13 @@
 //! same [`ColumnKind::convert`], so snapshot and streamed values agree by construction.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
     ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, SourceInfo, TableId, TableSchema, Value,
 };
-use tailgate_pipeline::{Batch, Metrics, SnapshotEmitter};
+use tailgate_pipeline::{AfterTable, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tracing::info;
@@ -159,31 +157,26 @@ pub async fn run(
         for _ in 1..workers {
             readers.push(open_reader(job, exported).await?);
         }
-        let shared = Workers {
-            pending,
-            next: AtomicUsize::new(0),
-            active: AtomicUsize::new(workers),
-            progress: Mutex::new(std::mem::take(progress)),
-            total: AtomicU64::new(0),
-        };
+        let shared = ParallelReaders::new(pending, workers, std::mem::take(progress));
         let runs = readers.iter().enumerate().map(|(w, client)| {
             let emitter = SnapshotEmitter::new(output, first && w == 0);
             read_tables(client, job, &shared, &source, consistent, emitter)
         });
         let ended = futures_util::future::try_join_all(runs).await;
-        *progress = shared.progress.into_inner().unwrap_or_else(|p| p.into_inner());
+        let rows = shared.rows();
+        *progress = shared.into_progress();
         let mut final_emitter = None;
         for end in ended? {
             match end {
-                WorkerEnd::Last(emitter) => final_emitter = Some(emitter),
-                WorkerEnd::Done => {}
-                WorkerEnd::Stopped => return Ok(false),
+                ReaderEnd::Last(emitter) => final_emitter = Some(emitter),
+                ReaderEnd::Done => {}
+                ReaderEnd::Stopped => return Ok(false),
             }
         }
         let Some(emitter) = final_emitter else {
             return Err(PgError::Protocol("parallel snapshot: no reader ended the last table (a bug)".into()));
         };
-        (emitter, shared.total.load(Relaxed), readers)
+        (emitter, rows, readers)
     };
     for client in &readers {
         if let Err(e) = client.batch_execute("COMMIT").await {
@@ -227,75 +220,44 @@ fn resume_point(progress: &SnapshotProgress, table: &SnapTable) -> Option<Vec<Op
     }
 }
 
-/// What parallel readers share. They run as futures of one task (`try_join_all`), so these are only
-/// ever touched between awaits, one reader at a time: a check and the update it decides are never
-/// split by another reader (atomics and a mutex only because the source's future must be `Send`).
-struct Workers<'t> {
-    pending: Vec<&'t SnapTable>,
-    next: AtomicUsize,
-    /// Readers that may still read a table: the one that ends the last table while it is the only
-    /// one left holds back its last event, which the snapshot's end marks `last`.
-    active: AtomicUsize,
-    progress: Mutex<SnapshotProgress>,
-    total: AtomicU64,
-}
-
-enum WorkerEnd<'a> {
-    /// This reader ended the snapshot's last table; its held event is the snapshot's last.
-    Last(SnapshotEmitter<'a>),
-    Done,
-    Stopped,
-}
-
-/// One parallel reader: takes tables until none is left. A table counts as done (in the progress
-/// markers any reader emits) only once all of its events were sent, so a marker never covers rows
-/// still held by another reader. Tables in progress have no markers of their own: after a crash they
-/// are read again from their start (duplicates, never a gap).
+/// One parallel reader: takes whole tables until none is left ([`ParallelReaders`] states the
+/// contract). Tables in progress have no markers of their own: after a crash they are read again
+/// from their start (duplicates, never a gap).
 async fn read_tables<'a>(
     client: &Client,
     job: &SnapshotJob<'_>,
-    shared: &Workers<'_>,
+    shared: &ParallelReaders<&SnapTable, SnapshotProgress>,
     source: &SourceInfo,
     consistent: Lsn,
     mut emitter: SnapshotEmitter<'a>,
-) -> Result<WorkerEnd<'a>, PgError> {
+) -> Result<ReaderEnd<'a>, PgError> {
+    let ended = |sent: bool| if sent { ReaderEnd::Done } else { ReaderEnd::Stopped };
     loop {
-        let i = shared.next.load(Relaxed);
-        let Some(table) = shared.pending.get(i).copied() else {
-            shared.active.fetch_sub(1, Relaxed);
-            return Ok(if emitter.release().await { WorkerEnd::Done } else { WorkerEnd::Stopped });
-        };
-        shared.next.store(i + 1, Relaxed);
+        let Some(table) = shared.take() else { return Ok(ended(emitter.release().await)) };
         job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
-        let resume_after = resume_point(&shared.progress.lock().unwrap_or_else(|p| p.into_inner()), table);
+        let resume_after = shared.with_progress(|p| resume_point(p, table));
         let Some(rows) = read_table(client, job, table, resume_after, None, source, consistent, &mut emitter).await?
         else {
-            return Ok(WorkerEnd::Stopped);
+            return Ok(ReaderEnd::Stopped);
         };
-        shared.total.fetch_add(rows, Relaxed);
         info!(table = %table.qualified, rows, "snapshot of table done");
-        let no_more = shared.next.load(Relaxed) >= shared.pending.len();
-        if no_more && shared.active.load(Relaxed) == 1 {
-            return Ok(WorkerEnd::Last(emitter));
-        }
-        if no_more {
-            shared.active.fetch_sub(1, Relaxed);
+        let next = shared.table_done(rows);
+        if next == AfterTable::EndSnapshot {
+            return Ok(ReaderEnd::Last(emitter));
         }
         if !emitter.release().await {
-            return Ok(WorkerEnd::Stopped);
+            return Ok(ReaderEnd::Stopped);
         }
-        let marker = {
-            let mut progress = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+        emitter.marker(shared.with_progress(|progress| {
             progress.done.push(table.qualified.clone());
             if progress.table.as_deref() == Some(table.qualified.as_str()) {
                 progress.table = None;
                 progress.after = None;
             }
             progress.marker(consistent)
-        };
-        emitter.marker(marker);
-        if no_more {
-            return Ok(if emitter.release().await { WorkerEnd::Done } else { WorkerEnd::Stopped });
+        }));
+        if next == AfterTable::Leave {
+            return Ok(ended(emitter.release().await));
         }
     }
 }

@@ -6,6 +6,10 @@
 //! back the newest event (and the markers after it) until either another event follows or the
 //! snapshot finishes.
 
+use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+
 use tailgate_core::{ChangeEvent, Event, Position};
 use tokio::sync::mpsc;
 
@@ -62,5 +66,122 @@ impl<'a> SnapshotEmitter<'a> {
         self.batch.append(&mut self.held);
         self.batch.push(Item::Commit(end));
         self.flush().await
+    }
+}
+
+/// The bookkeeping parallel snapshot readers share: which tables are left, how many readers still
+/// read, the progress, the rows read. Readers run as futures of one task (`try_join_all`), so a
+/// check and the update it decides are never split by another reader; atomics and a mutex only
+/// because a source's future must be `Send`.
+///
+/// The contract that keeps markers honest: a table is recorded in the progress only after all its
+/// events were sent ([`SnapshotEmitter::release`]), so a marker from any reader never covers rows
+/// that another still holds. The reader that ends the last table while it is the only one left
+/// keeps its last event back, for the snapshot's end to mark `last`.
+pub struct ParallelReaders<T, P> {
+    pending: Vec<T>,
+    next: AtomicUsize,
+    active: AtomicUsize,
+    pub progress: Mutex<P>,
+    rows: AtomicU64,
+}
+
+/// What a reader does after a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterTable {
+    /// It ended the snapshot's last table: keep the held event, hand the emitter back.
+    EndSnapshot,
+    /// Release, record the table, take the next one.
+    Continue,
+    /// Release, record the table, and stop: no table is left for this reader.
+    Leave,
+}
+
+/// How a reader ended.
+pub enum ReaderEnd<'a> {
+    /// Ended the snapshot's last table; its held event is the snapshot's last.
+    Last(SnapshotEmitter<'a>),
+    Done,
+    /// Stopped early, or the pipeline went away.
+    Stopped,
+}
+
+impl<T: Copy, P> ParallelReaders<T, P> {
+    pub fn new(pending: Vec<T>, readers: usize, progress: P) -> Self {
+        ParallelReaders {
+            pending,
+            next: AtomicUsize::new(0),
+            active: AtomicUsize::new(readers),
+            progress: Mutex::new(progress),
+            rows: AtomicU64::new(0),
+        }
+    }
+
+    /// The next table to read; `None` when none is left (and this reader counts as gone).
+    pub fn take(&self) -> Option<T> {
+        let i = self.next.load(Relaxed);
+        match self.pending.get(i) {
+            Some(table) => {
+                self.next.store(i + 1, Relaxed);
+                Some(*table)
+            }
+            None => {
+                self.active.fetch_sub(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// A reader finished a table of `rows` rows: what it does next.
+    pub fn table_done(&self, rows: u64) -> AfterTable {
+        self.rows.fetch_add(rows, Relaxed);
+        if self.next.load(Relaxed) < self.pending.len() {
+            AfterTable::Continue
+        } else if self.active.load(Relaxed) == 1 {
+            AfterTable::EndSnapshot
+        } else {
+            self.active.fetch_sub(1, Relaxed);
+            AfterTable::Leave
+        }
+    }
+
+    /// Runs `f` on the progress (never across an await).
+    pub fn with_progress<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
+        f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows.load(Relaxed)
+    }
+
+    pub fn into_progress(self) -> P {
+        self.progress.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_ending_the_last_table_alone_ends_the_snapshot() {
+        let readers = ParallelReaders::new(vec!["a", "b", "c"], 2, ());
+        assert_eq!((readers.take(), readers.take()), (Some("a"), Some("b")));
+        // Reader 1 ends a while b is read: c is left for it.
+        assert_eq!(readers.table_done(10), AfterTable::Continue);
+        assert_eq!(readers.take(), Some("c"));
+        // Reader 2 ends b: nothing left, reader 1 still reads: reader 2 leaves.
+        assert_eq!(readers.table_done(20), AfterTable::Leave);
+        // Reader 1 ends c alone: its last event is the snapshot's last.
+        assert_eq!(readers.table_done(30), AfterTable::EndSnapshot);
+        assert_eq!(readers.rows(), 60);
+    }
+
+    #[test]
+    fn a_reader_finding_nothing_left_leaves() {
+        let readers = ParallelReaders::new(vec!["a"], 2, ());
+        assert_eq!(readers.take(), Some("a"));
+        assert_eq!(readers.take(), None, "the second reader finds nothing");
+        assert_eq!(readers.table_done(1), AfterTable::EndSnapshot, "the first is then alone");
     }
 }
