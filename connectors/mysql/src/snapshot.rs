@@ -44,7 +44,7 @@ use tailgate_core::{
     BinlogFile, ChangeEvent, ColumnSchema, GtidSet, MysqlGtidSet, MysqlSource as SourceBlock, Op, Position, SourceInfo,
     TableId, TableSchema, Value,
 };
-use tailgate_pipeline::{Batch, Metrics, SnapshotEmitter, TablePredicate};
+use tailgate_pipeline::{AfterTable, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePredicate};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -121,6 +121,8 @@ pub struct SnapshotJob<'a> {
     pub database: Option<&'a str>,
     pub tables: Option<&'a TablePredicate>,
     pub fetch_rows: usize,
+    /// Tables read at the same time, each on its own connection with the same read view.
+    pub parallel: usize,
     /// Cancelled on shutdown: the snapshot stops after the current page (its progress is kept).
     pub stop: &'a CancellationToken,
     pub name: Arc<str>,
@@ -137,14 +139,7 @@ pub async fn run(
     state: &mut SnapshotState,
     output: &mpsc::Sender<Batch>,
 ) -> Result<bool, MyError> {
-    let mut conn = catalog::connect(job.info).await?;
-    // Text values in one character set and UTC, as `rows::from_text` expects; a pipeline waiting on
-    // a slow sink must not make the server drop us halfway through a result.
-    conn.query_drop(
-        "SET NAMES utf8mb4, time_zone = '+00:00', SESSION net_write_timeout = 3600, SESSION net_read_timeout = 3600",
-    )
-    .await?;
-    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
+    let mut conn = open_session(job).await?;
     let (consistent, method) = match &state.consistent {
         Some(point) => {
             conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
@@ -162,14 +157,24 @@ pub async fn run(
         )));
     };
     let tables = list_tables(&mut conn, job).await?;
-    let remaining: i64 = tables.iter().filter(|t| !state.done.contains(&t.qualified)).map(|t| t.estimate).sum();
+    let pending: Vec<&SnapTable> = tables.iter().filter(|t| !state.done.contains(&t.qualified)).collect();
+    let remaining: i64 = pending.iter().map(|t| t.estimate).sum();
     job.metrics.snapshot_rows_remaining.store(remaining, Relaxed);
+    // More readers, each with exactly this read view, as far as they can be opened.
+    let mut readers = vec![conn];
+    for _ in 1..job.parallel.clamp(1, pending.len().max(1)) {
+        match open_aligned_reader(job, &consistent, method).await? {
+            Some(reader) => readers.push(reader),
+            None => break,
+        }
+    }
     info!(
         tables = tables.len(),
         estimated_rows = remaining,
         consistent_point = %consistent,
         method = ?method,
         resumed = state.started(),
+        readers = readers.len(),
         "snapshot started"
     );
     if method == (PointMethod::MysqlGtids { exact: false }) {
@@ -192,37 +197,63 @@ pub async fn run(
         query: None,
         txn_pos: *pos,
     };
-    let mut emitter = SnapshotEmitter::new(output, !state.started());
+    let first = !state.started();
     let started = Instant::now();
-    let mut total = 0u64;
-    for table in &tables {
-        if state.done.contains(&table.qualified) {
-            continue;
+    let (mut emitter, total) = if readers.len() == 1 {
+        let conn = &mut readers[0];
+        let mut emitter = SnapshotEmitter::new(output, first);
+        let mut total = 0u64;
+        for table in pending {
+            job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate)));
+            let after = resume_point(state, table);
+            match read_table(conn, job, table, after, Some(&mut *state), &source, &mut emitter).await {
+                Ok(Some(rows)) => {
+                    total += rows;
+                    state.done.push(table.qualified.clone());
+                    state.table = None;
+                    state.after = None;
+                    emitter.marker(state.marker());
+                    info!(table = %table.qualified, rows, "snapshot of table done");
+                }
+                Ok(None) => {
+                    emitter.release().await;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    // Whatever was read is delivered: `state` already counts it.
+                    emitter.release().await;
+                    return Err(e);
+                }
+            }
         }
-        job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate)));
-        let read = read_table(&mut conn, job, table, &source, state, &mut emitter).await;
-        match read {
-            Ok(Some(rows)) => {
-                total += rows;
-                state.done.push(table.qualified.clone());
-                state.table = None;
-                state.after = None;
-                emitter.marker(state.marker());
-                info!(table = %table.qualified, rows, "snapshot of table done");
-            }
-            Ok(None) => {
-                emitter.release().await;
-                return Ok(false);
-            }
-            Err(e) => {
-                // Whatever was read is delivered: `state` already counts it.
-                emitter.release().await;
-                return Err(e);
+        (emitter, total)
+    } else {
+        let shared = ParallelReaders::new(pending, readers.len(), std::mem::take(state));
+        let runs = readers.iter_mut().enumerate().map(|(r, conn)| {
+            let emitter = SnapshotEmitter::new(output, first && r == 0);
+            read_tables(conn, job, &shared, &source, emitter)
+        });
+        let ended = futures_util::future::try_join_all(runs).await;
+        let rows = shared.rows();
+        // A retry goes on from the tables whose events were all sent.
+        *state = shared.into_progress();
+        let mut last = None;
+        for end in ended? {
+            match end {
+                ReaderEnd::Last(emitter) => last = Some(emitter),
+                ReaderEnd::Done => {}
+                ReaderEnd::Stopped => return Ok(false),
             }
         }
+        let Some(emitter) = last else {
+            return Err(MyError::Protocol("parallel snapshot: no reader ended the last table (a bug)".into()));
+        };
+        (emitter, rows)
+    };
+    for mut conn in readers {
+        conn.query_drop("COMMIT").await?;
+        let _ = conn.disconnect().await;
     }
-    conn.query_drop("COMMIT").await?;
-    let _ = conn.disconnect().await;
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);
     job.metrics.snapshot_table_started(None);
     if !emitter.finish(consistent).await {
@@ -236,6 +267,119 @@ pub async fn run(
         "snapshot completed"
     );
     Ok(true)
+}
+
+/// A connection for reading rows: text values in one character set and UTC, as `rows::from_text`
+/// expects; long network timeouts, so that a pipeline waiting on a slow sink does not make the server
+/// drop it halfway through a result.
+async fn open_session(job: &SnapshotJob<'_>) -> Result<Conn, MyError> {
+    let mut conn = catalog::connect(job.info).await?;
+    conn.query_drop(
+        "SET NAMES utf8mb4, time_zone = '+00:00', SESSION net_write_timeout = 3600, SESSION net_read_timeout = 3600",
+    )
+    .await?;
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
+    Ok(conn)
+}
+
+/// Another reader whose snapshot sees exactly what the first one sees, or `None` when that cannot be
+/// had without a lock (the snapshot then goes on with the readers it has):
+/// - MariaDB: its `binlog_snapshot_file/position` equals the consistent point;
+/// - MySQL with GTIDs: `gtid_executed` did not move while it opened and equals the consistent point's;
+/// - a resumed snapshot reads from fresh views anyway (at least once): any reader will do;
+/// - behind a global read lock, or after an inexact GTID point: none.
+async fn open_aligned_reader(
+    job: &SnapshotJob<'_>,
+    consistent: &Position,
+    method: PointMethod,
+) -> Result<Option<Conn>, MyError> {
+    const START: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
+    let Position::Mysql { file, pos, gtids } = consistent else { return Ok(None) };
+    let mut conn = match method {
+        PointMethod::Resumed | PointMethod::MariadbSnapshotStatus | PointMethod::MysqlGtids { exact: true } => {
+            open_session(job).await?
+        }
+        PointMethod::MysqlGtids { exact: false } | PointMethod::GlobalReadLock { .. } => return Ok(None),
+    };
+    for _ in 0..20 {
+        let aligned = match method {
+            PointMethod::MariadbSnapshotStatus => {
+                conn.query_drop(START).await?;
+                let status: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
+                let get =
+                    |name: &str| status.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+                get("binlog_snapshot_file").as_deref() == Some(file.0.as_str())
+                    && get("binlog_snapshot_position") == Some(pos.to_string())
+            }
+            PointMethod::MysqlGtids { .. } => {
+                let read = |v: Option<String>| v.unwrap_or_default().parse::<MysqlGtidSet>().ok();
+                let before = read(conn.query_first("SELECT @@GLOBAL.gtid_executed").await?);
+                conn.query_drop(START).await?;
+                let after = read(conn.query_first("SELECT @@GLOBAL.gtid_executed").await?);
+                matches!(gtids, Some(GtidSet::Mysql(point)) if before.as_ref() == Some(point) && after.as_ref() == Some(point))
+            }
+            _ => {
+                conn.query_drop(START).await?;
+                true
+            }
+        };
+        if aligned {
+            return Ok(Some(conn));
+        }
+        conn.query_drop("ROLLBACK").await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    info!("writes kept moving the binlog while more snapshot readers opened: reading with fewer");
+    let _ = conn.disconnect().await;
+    Ok(None)
+}
+
+/// Where a table's read starts: after the key stored for it by an interrupted snapshot.
+fn resume_point(state: &SnapshotState, table: &SnapTable) -> Option<Vec<Option<String>>> {
+    match (&state.table, &state.after) {
+        (Some(t), Some(after)) if *t == table.qualified && !table.keyset.is_empty() => Some(after.clone()),
+        _ => None,
+    }
+}
+
+/// One parallel reader: takes whole tables until none is left ([`ParallelReaders`] states the
+/// contract). Tables in progress have no markers of their own: after a crash they are read again
+/// from their start (duplicates, never a gap).
+async fn read_tables<'a>(
+    conn: &mut Conn,
+    job: &SnapshotJob<'_>,
+    shared: &ParallelReaders<&SnapTable, SnapshotState>,
+    source: &SourceBlock,
+    mut emitter: SnapshotEmitter<'a>,
+) -> Result<ReaderEnd<'a>, MyError> {
+    let ended = |sent: bool| if sent { ReaderEnd::Done } else { ReaderEnd::Stopped };
+    loop {
+        let Some(table) = shared.take() else { return Ok(ended(emitter.release().await)) };
+        job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate)));
+        let after = shared.with_progress(|state| resume_point(state, table));
+        let Some(rows) = read_table(conn, job, table, after, None, source, &mut emitter).await? else {
+            return Ok(ReaderEnd::Stopped);
+        };
+        info!(table = %table.qualified, rows, "snapshot of table done");
+        let next = shared.table_done(rows);
+        if next == AfterTable::EndSnapshot {
+            return Ok(ReaderEnd::Last(emitter));
+        }
+        if !emitter.release().await {
+            return Ok(ReaderEnd::Stopped);
+        }
+        emitter.marker(shared.with_progress(|state| {
+            state.done.push(table.qualified.clone());
+            if state.table.as_deref() == Some(table.qualified.as_str()) {
+                state.table = None;
+                state.after = None;
+            }
+            state.marker()
+        }));
+        if next == AfterTable::Leave {
+            return Ok(ended(emitter.release().await));
+        }
+    }
 }
 
 /// Opens the snapshot transaction on `conn` and finds the binlog position that matches it.
@@ -263,7 +407,8 @@ pub async fn open_consistent_snapshot(
         }
         Flavor::Mysql if facts.gtid_mode => {
             let mut last = None;
-            for _ in 0..5 {
+            // A busy server commits between the two reads now and then: retry for up to ~0.5 s.
+            for _ in 0..40 {
                 let before = catalog::current_position(conn, facts).await?;
                 conn.query_drop(START).await?;
                 let after: String = conn.query_first("SELECT @@GLOBAL.gtid_executed").await?.unwrap_or_default();
@@ -274,7 +419,7 @@ pub async fn open_consistent_snapshot(
                 }
                 last = Some(before);
                 conn.query_drop("ROLLBACK").await?;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             // Still safe (see the module docs), with a possible duplicate at the seam.
             let before = match last {
@@ -495,15 +640,12 @@ async fn read_table(
     conn: &mut Conn,
     job: &SnapshotJob<'_>,
     table: &SnapTable,
+    after: Option<Vec<Option<String>>>,
+    mut progress: Option<&mut SnapshotState>,
     source: &SourceBlock,
-    state: &mut SnapshotState,
     emitter: &mut SnapshotEmitter<'_>,
 ) -> Result<Option<u64>, MyError> {
     let keyset = !table.keyset.is_empty();
-    let after = match (&state.table, &state.after) {
-        (Some(t), Some(after)) if *t == table.qualified && keyset => Some(after.clone()),
-        _ => None,
-    };
     let sql = if keyset {
         let order = table.keyset.iter().map(|&(i, _)| quote_ident(&table.schema.columns[i].name)).collect::<Vec<_>>();
         let filter = match &after {
@@ -530,7 +672,7 @@ async fn read_table(
     while let Some(row) = result.next().await.map_err(|e| snapshot_error(e, table))? {
         let page_ends = page + 1 == fetch_rows;
         // The last row of a page: where the next page (or a resumed snapshot) starts.
-        let last_key = (keyset && page_ends).then(|| {
+        let last_key = (keyset && page_ends && progress.is_some()).then(|| {
             table
                 .keyset
                 .iter()
@@ -556,7 +698,8 @@ async fn read_table(
         rows_done += fetch_rows as u64;
         job.metrics.snapshot_rows.fetch_add(fetch_rows as u64, Relaxed);
         job.metrics.snapshot_rows_remaining.fetch_sub(fetch_rows as i64, Relaxed);
-        if let Some(key) = last_key {
+        // Page markers only for a lone reader: parallel readers record whole tables.
+        if let (Some(key), Some(state)) = (last_key, progress.as_deref_mut()) {
             state.table = Some(table.qualified.clone());
             state.after = Some(key);
             emitter.marker(state.marker());

@@ -61,8 +61,10 @@ pub struct MysqlSourceConfig {
     pub connect_timeout: Duration,
     /// Whether the rows that exist before streaming starts are read first (see [`crate::snapshot`]).
     pub snapshot: SnapshotMode,
-    /// Rows per snapshot page (one query, one checkpoint marker).
+    /// Rows per snapshot page (one checkpoint marker).
     pub snapshot_fetch_rows: usize,
+    /// Tables read at the same time, each on its own connection with the same read view.
+    pub snapshot_parallel: usize,
 }
 
 impl std::fmt::Debug for MysqlSourceConfig {
@@ -323,6 +325,7 @@ impl MysqlSource {
             database: state.database.as_deref(),
             tables: state.tables_filter.as_ref(),
             fetch_rows: self.config.snapshot_fetch_rows.max(1),
+            parallel: self.config.snapshot_parallel.max(1),
             stop: &ctx.shutdown,
             name: state.name.clone(),
             metrics: &ctx.metrics,
@@ -1077,6 +1080,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             snapshot: SnapshotMode::Never,
             snapshot_fetch_rows: 100,
+            snapshot_parallel: 1,
         };
         let info = ConnInfo::from_url(&config.url).unwrap();
         let mut state = StreamState::new(&config, &info, None);

@@ -228,6 +228,52 @@ async fn a_million_row_snapshot_keeps_memory_flat(server: Server) {
     s.db.drop().await;
 }
 
+/// `snapshot_parallel = 3`: three connections with one read view (aligned on the binlog position on
+/// MariaDB, on the executed GTID set on MySQL) read whole tables at the same time, while a writer
+/// inserts: every row exactly once.
+async fn parallel_readers_share_one_read_view(server: Server) {
+    let mut s = MyScenario::new(
+        server,
+        "snappar",
+        "CREATE TABLE a (id int PRIMARY KEY, v varchar(20)); CREATE TABLE b LIKE a; CREATE TABLE c LIKE a;
+         CREATE TABLE d LIKE a; CREATE TABLE nokey (v int)",
+    )
+    .await;
+    for t in ["a", "b", "c", "d"] {
+        s.db.insert_series(t, 20_000, "n, CONCAT('row ', n)").await;
+    }
+    s.db.exec("INSERT INTO nokey VALUES (1), (2)").await;
+    let cfg = s.config("snapshot = \"initial\"\nsnapshot_parallel = 3\nsnapshot_fetch_rows = 1000", &stdout_sink(), "");
+    let mut tg = Tailgate::start(&s.dir, &cfg);
+    tg.wait_for_log("snapshot started", Duration::from_secs(30)).await;
+    let mut writer_conn = s.db.another_connection().await;
+    let writer = tokio::spawn(async move {
+        for i in 0..100 {
+            writer_conn.query_drop(format!("INSERT INTO d VALUES ({}, 'live')", 100_000 + i)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    writer.await.unwrap();
+    let records = wait_stdout(&mut tg, 80_102, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = if stdout_records(&tg.stdout).len() > records.len() { stdout_records(&tg.stdout) } else { records };
+    for (table, n) in [("a", 20_000), ("b", 20_000), ("c", 20_000), ("d", 20_100)] {
+        let (ids, _) = ids_by_op(&records, table);
+        assert_eq!(ids.len(), n, "{server:?} table {table}: every row");
+        assert!(ids.values().all(|k| *k == 1), "{server:?} table {table}: a row delivered twice");
+    }
+    let marks: Vec<&str> = records
+        .iter()
+        .filter(|r| r["value"]["op"] == "r")
+        .map(|r| r["value"]["source"]["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(marks.iter().filter(|m| **m == "last").count(), 1, "one last");
+    assert_eq!(marks.last(), Some(&"last"));
+    let log = tg.log_text();
+    assert!(log.contains("readers=3"), "{log}");
+    s.finish(tg).await;
+}
+
 /// The snapshot's connection dies mid-table (KILL, as a failover or a proxy would): tailgate
 /// reconnects in-process and goes on after the last page handed over, from the same consistent point.
 async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss(server: Server) {
@@ -277,6 +323,7 @@ async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss(serve
 tailgate_e2e::both_servers!(
     snapshot_then_stream_delivers_every_row_exactly_once,
     a_connection_lost_mid_snapshot_is_retried_in_process_without_loss,
+    parallel_readers_share_one_read_view,
     kill_9_mid_snapshot_resumes_from_the_last_delivered_page,
     initial_only_then_when_needed_after_a_purged_binlog,
     keys_of_every_kind_page_without_loss,

@@ -43,6 +43,7 @@ pub fn source(
         connect_timeout: Duration::from_millis(my.connect_timeout_ms),
         snapshot: config.snapshot_mode().unwrap_or(tailgate_pipeline::SnapshotMode::Initial),
         snapshot_fetch_rows: my.snapshot_fetch_rows,
+        snapshot_parallel: my.snapshot_parallel,
     })
 }
 
