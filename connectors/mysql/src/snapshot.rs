@@ -42,7 +42,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
 use tailgate_core::{
     BinlogFile, ChangeEvent, ColumnSchema, GtidSet, MysqlGtidSet, MysqlSource as SourceBlock, Op, Position, SourceInfo,
-    TableId, TableSchema, Value,
+    Symbol, TableId, TableSchema, Value,
 };
 use tailgate_pipeline::{AfterTable, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePredicate};
 use tokio::sync::mpsc;
@@ -125,7 +125,7 @@ pub struct SnapshotJob<'a> {
     pub parallel: usize,
     /// Cancelled on shutdown: the snapshot stops after the current page (its progress is kept).
     pub stop: &'a CancellationToken,
-    pub name: Arc<str>,
+    pub name: Symbol,
     pub metrics: &'a Metrics,
 }
 
@@ -185,7 +185,7 @@ pub async fn run(
     }
     let source = SourceBlock {
         connector: job.facts.flavor.connector(),
-        name: job.name.clone(),
+        name: job.name,
         ts_us: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64),
         snapshot: "true",
         server_id: 0,

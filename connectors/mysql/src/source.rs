@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tailgate_core::{
-    BinlogFile, ChangeEvent, Event, GtidSet, MysqlSource as SourceBlock, Op, Position, Row, TableId, TableSchema, Uuid,
-    Value,
+    BinlogFile, ChangeEvent, Event, GtidSet, MysqlSource as SourceBlock, Op, Position, Row, Symbol, TableId,
+    TableSchema, Uuid, Value,
 };
 use tailgate_pipeline::{Batch, Item, SnapshotMode, Source, SourceContext, TablePredicate};
 use tracing::{debug, info, warn};
@@ -327,7 +327,7 @@ impl MysqlSource {
             fetch_rows: self.config.snapshot_fetch_rows.max(1),
             parallel: self.config.snapshot_parallel.max(1),
             stop: &ctx.shutdown,
-            name: state.name.clone(),
+            name: state.name,
             metrics: &ctx.metrics,
         };
         // A connection lost during the snapshot is retried like one lost while streaming: the
@@ -479,7 +479,7 @@ struct MappedTable {
 
 /// Decoding state that survives reconnects.
 struct StreamState {
-    name: Arc<str>,
+    name: Symbol,
     flavor: Flavor,
     database: Option<String>,
     tables_filter: Option<TablePredicate>,
@@ -944,7 +944,7 @@ impl StreamState {
         }
         let source = SourceBlock {
             connector: self.flavor.connector(),
-            name: self.name.clone(),
+            name: self.name,
             ts_us: txn.commit_us.unwrap_or(i64::from(header.timestamp) * 1_000_000),
             snapshot: "false",
             server_id: header.server_id,

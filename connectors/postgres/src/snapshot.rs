@@ -22,7 +22,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
-    ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, SourceInfo, TableId, TableSchema, Value,
+    ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, SourceInfo, Symbol, TableId, TableSchema,
+    Value,
 };
 use tailgate_pipeline::{AfterTable, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter};
 use tokio::sync::mpsc;
@@ -63,8 +64,8 @@ pub struct SnapshotJob<'a> {
     pub parallel: usize,
     /// Cancelled on shutdown: the snapshot stops after the current page (its progress is kept).
     pub stop: &'a tokio_util::sync::CancellationToken,
-    pub name: Arc<str>,
-    pub db: Arc<str>,
+    pub name: Symbol,
+    pub db: Symbol,
     pub metrics: &'a Metrics,
 }
 
@@ -107,8 +108,8 @@ pub async fn run(
         "snapshot started"
     );
     let source = SourceInfo::Postgres(PgSourceInfo {
-        name: job.name.clone(),
-        db: job.db.clone(),
+        name: job.name,
+        db: job.db,
         commit_ts_us: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
         txid: xmin as u32,
         lsn: consistent.0,
@@ -414,20 +415,29 @@ impl CopyLine {
         let line = std::str::from_utf8(raw)?;
         self.text.clear();
         self.fields.clear();
-        for field in line.split('\t') {
+        // Tabs and backslashes are ASCII, so byte offsets found by memchr are char boundaries.
+        let mut rest = line;
+        loop {
+            let (field, next) = match memchr::memchr(b'\t', rest.as_bytes()) {
+                Some(tab) => (&rest[..tab], Some(&rest[tab + 1..])),
+                None => (rest, None),
+            };
             if field == "\\N" {
                 self.fields.push(None);
-                continue;
-            }
-            let start = self.text.len();
-            if field.contains('\\') {
-                unescape_into(field, &mut self.text);
             } else {
-                self.text.push_str(field);
+                let start = self.text.len();
+                if memchr::memchr(b'\\', field.as_bytes()).is_some() {
+                    unescape_into(field, &mut self.text);
+                } else {
+                    self.text.push_str(field);
+                }
+                self.fields.push(Some((start, self.text.len())));
             }
-            self.fields.push(Some((start, self.text.len())));
+            match next {
+                Some(after_tab) => rest = after_tab,
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     fn field(&self, i: usize) -> Option<&str> {

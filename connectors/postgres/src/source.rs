@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tailgate_core::{
     ChangeEvent, ColumnSchema, Event, LogicalMessage, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo,
-    TableId, TableSchema, Value,
+    Symbol, TableId, TableSchema, Value,
 };
 pub use tailgate_pipeline::SnapshotMode;
 use tailgate_pipeline::{Batch, Item, Source, SourceContext};
@@ -183,8 +183,8 @@ impl PostgresSource {
                 fetch_rows: self.config.snapshot_fetch_rows,
                 parallel: self.config.snapshot_parallel,
                 stop: &ctx.shutdown,
-                name: state.name.clone(),
-                db: state.db.clone(),
+                name: state.name,
+                db: state.db,
                 metrics: &ctx.metrics,
             };
             ctx.metrics.source_connected.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -420,8 +420,8 @@ struct Transaction {
 
 /// Decoding state that survives reconnects.
 struct StreamState {
-    name: Arc<str>,
-    db: Arc<str>,
+    name: Symbol,
+    db: Symbol,
     relations: HashMap<u32, TableState>,
     /// The stored checkpoint: transactions committed before it were delivered by an earlier run.
     resume_after: Option<Lsn>,
@@ -501,8 +501,8 @@ impl StreamState {
     fn source_info(&self, lsn: u64) -> SourceInfo {
         let txn = self.txn.as_ref();
         SourceInfo::Postgres(PgSourceInfo {
-            name: self.name.clone(),
-            db: self.db.clone(),
+            name: self.name,
+            db: self.db,
             commit_ts_us: txn.map_or(0, |t| t.commit_ts_us),
             txid: txn.map_or(0, |t| t.xid),
             lsn,

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::symbol::Symbol;
 use crate::value::Row;
 
 /// Debezium's `op` codes.
@@ -103,8 +104,8 @@ impl SourceInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PgSource {
     /// The connector's logical name (`name` in the config).
-    pub name: Arc<str>,
-    pub db: Arc<str>,
+    pub name: Symbol,
+    pub db: Symbol,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_ts_us: i64,
     pub txid: u32,
@@ -123,7 +124,7 @@ pub struct MysqlSource {
     /// `"mysql"` or `"mariadb"`, as Debezium's two connectors call themselves.
     pub connector: &'static str,
     /// The connector's logical name (`name` in the config).
-    pub name: Arc<str>,
+    pub name: Symbol,
     /// When the change was committed, microseconds since the Unix epoch: MySQL's GTID event carries
     /// microseconds (`original_commit_timestamp`); otherwise the event header's seconds.
     pub ts_us: i64,

@@ -5,12 +5,14 @@
 //! - [`value`]: column values already converted to Debezium's logical representation.
 //! - [`event`]: the normalized [`ChangeEvent`] a source emits for each committed row change.
 //! - [`envelope`]: rendering of keys and values as Debezium's JSON converter (schemas disabled) writes them.
+//! - [`symbol`]: interned names that every event repeats (connector, database).
 //! - [`temporal`]: calendar arithmetic and Debezium's ISO-8601 forms.
 
 pub mod envelope;
 pub mod event;
 pub mod gtid;
 pub mod position;
+pub mod symbol;
 pub mod temporal;
 pub mod value;
 
@@ -20,6 +22,7 @@ pub use event::{
 };
 pub use gtid::{GtidSet, MariadbGtidList, MysqlGtidSet, Uuid};
 pub use position::{BinlogFile, Lsn, ParsePositionError, Position};
+pub use symbol::Symbol;
 pub use value::{Decimal, Row, Value};
 
 /// The version written into `source.version` of every event.

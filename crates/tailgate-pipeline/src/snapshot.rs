@@ -17,15 +17,20 @@ use crate::source::{Batch, Item};
 
 pub struct SnapshotEmitter<'a> {
     output: &'a mpsc::Sender<Batch>,
+    /// Everything not yet sent. Items from `held_from` on (the newest event and the markers after
+    /// it) are held back; one vector for both, so that an event is moved once, not twice.
     batch: Batch,
-    held: Batch,
+    held_from: usize,
+    /// The largest batch sent so far: the next one is allocated at that size up front. Growing a
+    /// fresh multi-megabyte vector by doubling faulted in new pages for every page of rows.
+    capacity: usize,
     first_pending: bool,
 }
 
 impl<'a> SnapshotEmitter<'a> {
     /// `first`: whether the next event is the snapshot's very first (false when resuming one).
     pub fn new(output: &'a mpsc::Sender<Batch>, first: bool) -> Self {
-        SnapshotEmitter { output, batch: Vec::new(), held: Vec::new(), first_pending: first }
+        SnapshotEmitter { output, batch: Vec::new(), held_from: 0, capacity: 0, first_pending: first }
     }
 
     pub fn event(&mut self, mut event: ChangeEvent) {
@@ -33,39 +38,42 @@ impl<'a> SnapshotEmitter<'a> {
             event.source.set_snapshot("first");
             self.first_pending = false;
         }
-        self.batch.append(&mut self.held);
-        self.held.push(Item::Event(Event::Change(event)));
+        self.held_from = self.batch.len();
+        self.batch.push(Item::Event(Event::Change(event)));
     }
 
     /// A progress marker: everything emitted before it is checkpointed at `position`.
     pub fn marker(&mut self, position: Position) {
-        self.held.push(Item::Commit(position));
+        self.batch.push(Item::Commit(position));
     }
 
     /// Sends what is certain not to be the last event. Returns false when the pipeline is gone.
     pub async fn flush(&mut self) -> bool {
-        if self.batch.is_empty() {
+        if self.held_from == 0 {
             return true;
         }
-        let batch = std::mem::take(&mut self.batch);
+        self.capacity = self.capacity.max(self.batch.len());
+        let mut next = Vec::with_capacity(self.capacity);
+        next.extend(self.batch.drain(self.held_from..));
+        self.held_from = 0;
+        let batch = std::mem::replace(&mut self.batch, next);
         self.output.send(batch).await.is_ok()
     }
 
     /// Sends everything, the held event included, without marking it `last`: the snapshot stops
     /// early (an error) and will be resumed, so the source's progress must match what was sent.
     pub async fn release(&mut self) -> bool {
-        self.batch.append(&mut self.held);
+        self.held_from = self.batch.len();
         self.flush().await
     }
 
     /// Marks the held event `last`, then sends everything and `end`, where streaming starts.
     pub async fn finish(&mut self, end: Position) -> bool {
-        if let Some(Item::Event(Event::Change(e))) = self.held.first_mut() {
+        if let Some(Item::Event(Event::Change(e))) = self.batch.get_mut(self.held_from) {
             e.source.set_snapshot("last");
         }
-        self.batch.append(&mut self.held);
         self.batch.push(Item::Commit(end));
-        self.flush().await
+        self.release().await
     }
 }
 
@@ -162,6 +170,78 @@ impl<T: Copy, P> ParallelReaders<T, P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read(id: i64) -> ChangeEvent {
+        use std::sync::Arc;
+        use tailgate_core::{ColumnSchema, Op, PgSource, SourceInfo, TableId, TableSchema, Value};
+        ChangeEvent {
+            op: Op::Read,
+            table: Arc::new(TableSchema {
+                id: TableId { schema: "public".into(), table: "t".into() },
+                columns: vec![ColumnSchema { name: "id".into(), key: true }],
+            }),
+            before: None,
+            after: Some(vec![Value::Int(id)]),
+            source: SourceInfo::Postgres(PgSource {
+                name: "n".into(),
+                db: "d".into(),
+                commit_ts_us: 0,
+                txid: 0,
+                lsn: 0,
+                last_commit_lsn: None,
+                snapshot: "true",
+            }),
+        }
+    }
+
+    /// What a batch holds: `id:mark` per event, `C` per marker.
+    fn shape(batch: &Batch) -> Vec<String> {
+        batch
+            .iter()
+            .map(|item| match item {
+                Item::Event(Event::Change(e)) => {
+                    let tailgate_core::SourceInfo::Postgres(pg) = &e.source else { unreachable!() };
+                    format!("{:?}:{}", e.after.as_ref().unwrap()[0], pg.snapshot)
+                }
+                Item::Event(_) => "message".into(),
+                Item::Commit(_) => "C".into(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_newest_event_is_held_back_until_the_end_marks_it_last() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut emitter = SnapshotEmitter::new(&tx, true);
+        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(1) });
+        emitter.event(read(1));
+        emitter.event(read(2));
+        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(2) });
+        assert!(emitter.flush().await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["C", "Int(1):first"], "event 2 and its marker wait");
+        assert!(emitter.flush().await);
+        assert!(rx.try_recv().is_err(), "nothing sendable: no batch");
+        emitter.event(read(3));
+        assert!(emitter.flush().await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(2):true", "C"]);
+        assert!(emitter.finish(Position::Postgres { lsn: tailgate_core::Lsn(3) }).await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(3):last", "C"]);
+    }
+
+    #[tokio::test]
+    async fn release_sends_the_held_event_unmarked() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut emitter = SnapshotEmitter::new(&tx, false);
+        emitter.event(read(1));
+        emitter.event(read(2));
+        assert!(emitter.release().await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(1):true", "Int(2):true"]);
+        assert!(emitter.finish(Position::Postgres { lsn: tailgate_core::Lsn(3) }).await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["C"], "nothing left to mark last");
+        drop(rx);
+        emitter.event(read(4));
+        assert!(!emitter.release().await, "the pipeline is gone");
+    }
 
     #[test]
     fn the_reader_ending_the_last_table_alone_ends_the_snapshot() {

@@ -11,6 +11,11 @@ mod source;
 
 use std::process::ExitCode;
 
+// The pipeline allocates rows on the source's thread and frees them on the sink's: mimalloc's
+// per-thread free lists make that cross-thread free cheap (glibc's malloc spent ~15% of a snapshot).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     cli::main()
 }
