@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
-    ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, SourceInfo, Symbol, TableId, TableSchema,
-    Value,
+    ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo, Symbol, TableId,
+    TableSchema, Value,
 };
 use tailgate_pipeline::{AfterTable, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter};
 use tokio::sync::mpsc;
@@ -33,7 +33,7 @@ use tracing::info;
 use crate::catalog::{self, TablePredicate};
 use crate::error::PgError;
 use crate::replication::{ConnInfo, SESSION_SETTINGS, quote_ident, quote_literal};
-use crate::types::ColumnKind;
+use crate::types::{BinaryKind, ColumnKind};
 
 /// Where a snapshot stands (from the offsets file after a restart).
 #[derive(Debug, Clone, Default)]
@@ -78,6 +78,15 @@ struct SnapTable {
     /// Positions of the primary-key columns in the row, in key order.
     pk: Vec<usize>,
     estimate: i64,
+    /// Every column has a binary reader (and every key column can be written back as a literal):
+    /// the table is read with COPY's binary format, else as text.
+    binary: Option<Vec<BinaryKind>>,
+}
+
+impl SnapTable {
+    fn copy_format(&self) -> &'static str {
+        if self.binary.is_some() { "binary" } else { "text" }
+    }
 }
 
 /// Reads every published (and included) table. `exported`: the snapshot of a slot just created;
@@ -150,7 +159,7 @@ pub async fn run(
             progress.table = None;
             progress.after = None;
             emitter.marker(progress.marker(consistent));
-            info!(table = %table.qualified, rows, "snapshot of table done");
+            info!(table = %table.qualified, rows, format = table.copy_format(), "snapshot of table done");
         }
         (emitter, total, vec![client])
     } else {
@@ -241,7 +250,7 @@ async fn read_tables<'a>(
         else {
             return Ok(ReaderEnd::Stopped);
         };
-        info!(table = %table.qualified, rows, "snapshot of table done");
+        info!(table = %table.qualified, rows, format = table.copy_format(), "snapshot of table done");
         let next = shared.table_done(rows);
         if next == AfterTable::EndSnapshot {
             return Ok(ReaderEnd::Last(emitter));
@@ -301,39 +310,30 @@ async fn read_table(
     } else {
         format!("SELECT {} FROM {}", table.select_list, table.sql_name)
     };
-    let stream = client.copy_out(&format!("COPY ({query}) TO STDOUT")).await?;
+    let (mut reader, options) = match &table.binary {
+        Some(kinds) => (RowReader::Binary(BinaryRows::new(kinds)), " (FORMAT binary)"),
+        None => (RowReader::Text(CopyLine::default()), ""),
+    };
+    let stream = client.copy_out(&format!("COPY ({query}) TO STDOUT{options}")).await?;
     futures_util::pin_mut!(stream);
-    let mut line = CopyLine::default();
+    // Bytes of a row split across messages (PostgreSQL sends one row per CopyData message).
     let mut pending: Vec<u8> = Vec::new();
     let mut page = 0usize;
     let fetch_rows = job.fetch_rows.max(1);
     loop {
         let chunk = std::future::poll_fn(|cx| futures_util::Stream::poll_next(stream.as_mut(), cx)).await;
         let Some(chunk) = chunk.transpose()? else { break };
-        // PostgreSQL sends one row per CopyData message; rows split across messages are joined.
-        let mut data: &[u8] = &chunk;
-        if !pending.is_empty() {
-            pending.extend_from_slice(data);
-            if pending.last() != Some(&b'\n') {
-                continue;
-            }
-            data = &pending;
-        }
-        let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        for raw in data[..complete].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            line.parse(raw).map_err(|_| copy_error(table, raw))?;
-            let mut values = Vec::with_capacity(table.kinds.len());
-            for (i, kind) in table.kinds.iter().enumerate() {
-                values.push(match line.field(i) {
-                    None => Value::Null,
-                    Some(text) => kind.convert(text).ok_or_else(|| PgError::Value {
-                        table: table.qualified.clone(),
-                        column: table.schema.columns[i].name.clone(),
-                        oid: 0,
-                        value: text.to_owned(),
-                    })?,
-                });
-            }
+        let data: &[u8] = if pending.is_empty() {
+            &chunk
+        } else {
+            pending.extend_from_slice(&chunk);
+            &pending
+        };
+        let mut at = 0;
+        while let Some(values) = reader.next_row(data, &mut at, table)? {
+            page += 1;
+            // The last key of a full page is where a resumed snapshot starts.
+            let key = (page >= fetch_rows && keyset && progress.is_some()).then(|| reader.key(table, &values));
             emitter.event(ChangeEvent {
                 op: Op::Read,
                 table: table.schema.clone(),
@@ -341,19 +341,17 @@ async fn read_table(
                 after: Some(values),
                 source: source.clone(),
             });
-            page += 1;
             if page < fetch_rows {
                 continue;
             }
-            // A full page: its last key is where a resumed snapshot starts.
             rows_done += page as u64;
             job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
             job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
             page = 0;
             // Page markers only for a lone reader: parallel readers record whole tables.
-            if let Some(progress) = progress.as_deref_mut().filter(|_| keyset) {
+            if let (Some(progress), Some(key)) = (progress.as_deref_mut(), key) {
                 progress.table = Some(table.qualified.clone());
-                progress.after = Some(table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect());
+                progress.after = Some(key);
                 emitter.marker(progress.marker(consistent));
             }
             if !emitter.flush().await || job.stop.is_cancelled() {
@@ -373,9 +371,12 @@ async fn read_table(
                 );
             }
         }
-        let rest = data[complete..].to_vec();
-        pending.clear();
-        pending.extend_from_slice(&rest);
+        if at < data.len() {
+            let rest = data[at..].to_vec();
+            pending = rest;
+        } else {
+            pending.clear();
+        }
     }
     if !pending.is_empty() {
         return Err(copy_error(table, &pending));
@@ -387,6 +388,121 @@ async fn read_table(
         return Ok(None);
     }
     Ok(Some(rows_done))
+}
+
+/// Reads the rows of one table's COPY output, in text or binary format.
+enum RowReader {
+    Text(CopyLine),
+    Binary(BinaryRows),
+}
+
+impl RowReader {
+    /// Converts the next complete row of `data` starting at `*at`, and moves `*at` past it; `None`
+    /// when the rest of `data` holds no complete row (it waits for the next message).
+    fn next_row(&mut self, data: &[u8], at: &mut usize, table: &SnapTable) -> Result<Option<Row>, PgError> {
+        match self {
+            RowReader::Text(line) => {
+                let rest = &data[*at..];
+                let Some(end) = memchr::memchr(b'\n', rest) else { return Ok(None) };
+                let raw = &rest[..end];
+                *at += end + 1;
+                line.parse(raw).map_err(|_| copy_error(table, raw))?;
+                let mut values = Vec::with_capacity(table.kinds.len());
+                for (i, kind) in table.kinds.iter().enumerate() {
+                    values.push(match line.field(i) {
+                        None => Value::Null,
+                        Some(text) => kind.convert(text).ok_or_else(|| value_error(table, i, text.to_owned()))?,
+                    });
+                }
+                Ok(Some(values))
+            }
+            RowReader::Binary(rows) => rows.next_row(data, at, table),
+        }
+    }
+
+    /// The current row's primary key as the text of SQL literals, for a progress marker.
+    fn key(&self, table: &SnapTable, values: &Row) -> Vec<Option<String>> {
+        match self {
+            RowReader::Text(line) => table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect(),
+            // Key columns of binary tables are integers, strings and uuids (`BinaryKind::keyable`).
+            RowReader::Binary(_) => table
+                .pk
+                .iter()
+                .map(|&i| match &values[i] {
+                    Value::Null => None,
+                    Value::Int(v) => Some(v.to_string()),
+                    Value::String(v) => Some(v.clone()),
+                    other => Some(format!("{other:?}")),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// COPY's binary format: a header (signature, flags, extension), then per row a field count and,
+/// per field, a length (-1 for NULL) and the value's bytes; a count of -1 ends the data.
+struct BinaryRows {
+    kinds: Vec<BinaryKind>,
+    header_read: bool,
+}
+
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+impl BinaryRows {
+    fn new(kinds: &[BinaryKind]) -> Self {
+        BinaryRows { kinds: kinds.to_vec(), header_read: false }
+    }
+
+    fn next_row(&mut self, data: &[u8], at: &mut usize, table: &SnapTable) -> Result<Option<Row>, PgError> {
+        let start = *at;
+        let malformed = || copy_error(table, &data[start..]);
+        let mut pos = start;
+        let take = |pos: &mut usize, n: usize| -> Option<&[u8]> {
+            let bytes = data.get(*pos..pos.checked_add(n)?)?;
+            *pos += n;
+            Some(bytes)
+        };
+        let i32_at = |pos: &mut usize| take(pos, 4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        if !self.header_read {
+            let Some(signature) = take(&mut pos, BINARY_SIGNATURE.len()) else { return Ok(None) };
+            if signature != BINARY_SIGNATURE {
+                return Err(malformed());
+            }
+            let (Some(_flags), Some(extension)) = (i32_at(&mut pos), i32_at(&mut pos)) else { return Ok(None) };
+            let extension = usize::try_from(extension).map_err(|_| malformed())?;
+            if take(&mut pos, extension).is_none() {
+                return Ok(None);
+            }
+            self.header_read = true;
+            *at = pos;
+        }
+        let Some(count) = take(&mut pos, 2).map(|b| i16::from_be_bytes([b[0], b[1]])) else { return Ok(None) };
+        if count == -1 {
+            *at = pos;
+            return Ok(None);
+        }
+        if usize::try_from(count).ok() != Some(self.kinds.len()) {
+            return Err(malformed());
+        }
+        let mut values = Vec::with_capacity(self.kinds.len());
+        for (i, kind) in self.kinds.iter().enumerate() {
+            let Some(len) = i32_at(&mut pos) else { return Ok(None) };
+            if len == -1 {
+                values.push(Value::Null);
+                continue;
+            }
+            let Some(raw) = take(&mut pos, usize::try_from(len).map_err(|_| malformed())?) else {
+                return Ok(None);
+            };
+            values.push(kind.convert(raw).ok_or_else(|| value_error(table, i, format!("binary {raw:02x?}")))?);
+        }
+        *at = pos;
+        Ok(Some(values))
+    }
+}
+
+fn value_error(table: &SnapTable, column: usize, value: String) -> PgError {
+    PgError::Value { table: table.qualified.clone(), column: table.schema.columns[column].name.clone(), oid: 0, value }
 }
 
 fn copy_error(table: &SnapTable, raw: &[u8]) -> PgError {
@@ -527,12 +643,16 @@ async fn list_tables(client: &Client, job: &SnapshotJob<'_>) -> Result<Vec<SnapT
             .await?;
         let pk_names = catalog::primary_key(client, oid).await?;
         let names: Vec<String> = columns.iter().map(|c| c.get(0)).collect();
-        let pk = pk_names.iter().filter_map(|k| names.iter().position(|n| n == k)).collect();
+        let pk: Vec<usize> = pk_names.iter().filter_map(|k| names.iter().position(|n| n == k)).collect();
         let schema_arc = Arc::new(TableSchema {
             id: TableId { schema: schema.clone(), table: name.clone() },
             columns: names.iter().map(|n| ColumnSchema { name: n.clone(), key: pk_names.contains(n) }).collect(),
         });
-        let kinds = columns.iter().map(|c| ColumnKind::of(c.get::<_, u32>(1), c.get::<_, i32>(2))).collect();
+        let kinds: Vec<ColumnKind> =
+            columns.iter().map(|c| ColumnKind::of(c.get::<_, u32>(1), c.get::<_, i32>(2))).collect();
+        let binary: Option<Vec<BinaryKind>> =
+            columns.iter().zip(&kinds).map(|(c, kind)| BinaryKind::of(c.get::<_, u32>(1), kind)).collect();
+        let binary = binary.filter(|b| pk.iter().all(|&i: &usize| b[i].keyable()));
         // No casts: the simple protocol already returns each type's text output, as pgoutput does.
         let select_list = names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
         tables.push(SnapTable {
@@ -543,6 +663,7 @@ async fn list_tables(client: &Client, job: &SnapshotJob<'_>) -> Result<Vec<SnapT
             select_list,
             pk,
             estimate,
+            binary,
         });
     }
     Ok(tables)
