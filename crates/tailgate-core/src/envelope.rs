@@ -126,6 +126,39 @@ pub struct Renderer {
     last: usize,
     /// `,"ts_ms":..,"ts_us":..,"ts_ns":..` of the batch's processing time, rendered once per batch.
     now: (i64, Vec<u8>),
+    snapshot_source: SnapshotSource,
+}
+
+/// The `source` block of the previous snapshot read. Reads of one table share it entirely (same
+/// consistent point, same start time), so a snapshot renders it once per table, not once per row.
+/// Streamed changes differ in their position and are always rendered.
+#[derive(Default)]
+struct SnapshotSource {
+    /// Held, so that its address cannot be reused by another table while cached.
+    table: Option<Arc<TableSchema>>,
+    source: Option<SourceInfo>,
+    json: Vec<u8>,
+}
+
+impl SnapshotSource {
+    fn write(&mut self, out: &mut Vec<u8>, table: &Arc<TableSchema>, source: &SourceInfo, json: &TableJson) {
+        let is_read = match source {
+            SourceInfo::Postgres(pg) => pg.snapshot == "true",
+            SourceInfo::Mysql(my) => my.snapshot == "true",
+        };
+        if !is_read {
+            return write_source(out, source, Some(json));
+        }
+        if self.table.as_ref().is_some_and(|t| Arc::ptr_eq(t, table)) && self.source.as_ref() == Some(source) {
+            return out.extend_from_slice(&self.json);
+        }
+        let start = out.len();
+        write_source(out, source, Some(json));
+        self.json.clear();
+        self.json.extend_from_slice(&out[start..]);
+        self.table = Some(table.clone());
+        self.source = Some(source.clone());
+    }
 }
 
 /// Tables cached at most; beyond, the cache starts over (schema changes create new table versions).
@@ -185,7 +218,9 @@ impl Renderer {
                     self.table(&change.table);
                 }
                 let json = &self.tables[&key];
-                write_change(change, json, opts, &self.now.1, out)
+                write_change(change, json, opts, &self.now.1, out, |out| {
+                    self.snapshot_source.write(out, &change.table, &change.source, json)
+                })
             }
             Event::Message(message) => write_message(message, &self.now.1, out),
         }
@@ -212,14 +247,21 @@ pub fn write_envelope(event: &Event, opts: &FormatOptions, now: Now, out: &mut V
     Renderer::default().write_envelope(event, opts, now, out)
 }
 
-fn write_change(change: &ChangeEvent, json: &TableJson, opts: &FormatOptions, now: &[u8], out: &mut Vec<u8>) {
+fn write_change(
+    change: &ChangeEvent,
+    json: &TableJson,
+    opts: &FormatOptions,
+    now: &[u8],
+    out: &mut Vec<u8>,
+    write_source: impl FnOnce(&mut Vec<u8>),
+) {
     let format = opts.value_format();
     out.extend_from_slice(b"{\"before\":");
     write_row(out, json, change.before.as_deref(), format);
     out.extend_from_slice(b",\"after\":");
     write_row(out, json, change.after.as_deref(), format);
     out.extend_from_slice(b",\"source\":");
-    write_source(out, &change.source, Some(json));
+    write_source(out);
     out.extend_from_slice(b",\"transaction\":");
     if opts.transaction_metadata {
         out.extend_from_slice(b"{\"id\":");
@@ -650,6 +692,45 @@ mod tests {
         let mut key = Vec::new();
         assert!(write_key(&event, &FormatOptions::default(), &mut key));
         assert_eq!(key, br#"{"id":1}"#);
+    }
+
+    #[test]
+    fn snapshot_reads_reuse_their_source_block_only_while_it_is_the_same() {
+        let orders = table(true);
+        let other = Arc::new(TableSchema {
+            id: TableId { schema: "public".into(), table: "other".into() },
+            ..(*orders).clone()
+        });
+        let read = |table: &Arc<TableSchema>, lsn: u64, mark: &'static str| {
+            let SourceInfo::Postgres(mut pg) = source() else { unreachable!() };
+            (pg.lsn, pg.snapshot) = (lsn, mark);
+            Event::Change(ChangeEvent {
+                op: Op::Read,
+                table: table.clone(),
+                before: None,
+                after: Some(vec![Value::Int(1), Value::Null]),
+                source: SourceInfo::Postgres(pg),
+            })
+        };
+        let events = [
+            read(&orders, 1, "true"),
+            read(&orders, 1, "true"),
+            read(&other, 1, "true"),
+            read(&orders, 2, "true"),
+            read(&orders, 2, "last"),
+        ];
+        let mut renderer = Renderer::default();
+        let now = Now { unix_micros: 1_700_000_001_000_000 };
+        for event in &events {
+            let mut out = Vec::new();
+            renderer.write_envelope(event, &FormatOptions::default(), now, &mut out);
+            let rendered: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(rendered, render(event), "a cached block must equal a fresh rendering");
+        }
+        // The `last` read is rendered, not cached: the block of the reads before it stays.
+        assert!(
+            matches!(&renderer.snapshot_source.source, Some(SourceInfo::Postgres(pg)) if pg.lsn == 2 && pg.snapshot == "true")
+        );
     }
 
     #[test]
