@@ -51,6 +51,9 @@ print(f"{sys.argv[6]}|{wall:.2f}|{events / wall:,.0f}|{cpu / events * 1e6:.2f}|{
 PY
 }
 
+# Kafka runs start on an empty broker: tansu's memory storage keeps every record, and slows down as it fills.
+empty_broker() { bash scripts/services.sh kafka-restart 2>/dev/null; }
+
 setup() { # fresh table, publication and the three slots, created before the backlog
   "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
   "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
@@ -115,12 +118,12 @@ run_workload() { # run_workload <title> <insert SQL>
   RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_recv --start \
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
-  RESULTS+=("$(measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
+  RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
   if [[ -n "${BASELINE_BIN:-}" ]]; then
     config bench_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
     config bench_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
     RESULTS+=("$(measure "baseline → stdout (/dev/null)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_stdout.toml" --stop-at-lsn "$endpos")")
-    RESULTS+=("$(measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
+    RESULTS+=("$(PREPARE=empty_broker measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
   fi
   printf '%s\n' "${RESULTS[@]: -5}" >&2
 }
@@ -191,7 +194,7 @@ run_snapshot_workload() {
   RESULTS+=("**$title**||||")
   # Each try starts a new snapshot: a fresh slot (tailgate creates it) and no offsets.
   fresh_stdout() { fresh_snapshot snap_stdout; }
-  fresh_kafka() { fresh_snapshot snap_kafka; }
+  fresh_kafka() { empty_broker; fresh_snapshot snap_kafka; }
   export REPEAT="$SNAPSHOT_REPEAT"
   RESULTS+=("$(measure "psql \\copy (select * from orders) → /dev/null" "$n" psql -h 127.0.0.1 -U postgres -d "$DB" -c "\copy (SELECT * FROM orders) TO /dev/null")")
   RESULTS+=("$(PREPARE=fresh_stdout measure "tailgate snapshot → stdout (/dev/null)" "$n" "$BIN" run --config "$WORK/snap_stdout.toml")")
