@@ -204,18 +204,30 @@ async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss() {
         .replace("status_interval_ms = 200", "status_interval_ms = 200\nsnapshot_fetch_rows = 500");
     let mut tg = Tailgate::start(&dir, &cfg);
     // Once rows flow, terminate the connection that reads them (the COPY), as a network failure or
-    // a restarted pooler would.
-    wait_stdout(&mut tg, 5_000, Duration::from_secs(60)).await;
-    let terminated = db
-        .client
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'tailgate' AND datname = current_database() AND query LIKE 'COPY%'",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(terminated.len(), 1, "the snapshot's COPY connection");
+    // a restarted pooler would. The table takes a fraction of a second to read: watch closely, with a
+    // cheap file-size check rather than a parse of stdout.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::fs::metadata(&tg.stdout).map_or(0, |m| m.len()) > 200_000 {
+            let terminated = db
+                .client
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'tailgate' AND datname = current_database() AND query LIKE 'COPY%'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert!(terminated.len() <= 1, "one snapshot COPY connection");
+            if terminated.len() == 1 {
+                break;
+            }
+        }
+        let log = tg.log_text();
+        assert!(!log.contains("snapshot completed"), "the snapshot ended before its COPY could be terminated:\n{log}");
+        assert!(Instant::now() < deadline, "no snapshot COPY seen:\n{log}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     tg.wait_for_log("reconnecting", Duration::from_secs(30)).await;
     tg.wait_for_log("snapshot completed", Duration::from_secs(120)).await;
     db.exec("INSERT INTO b VALUES (1001)").await;
