@@ -18,6 +18,8 @@
 #                                     # include_tables = orders (+ an excluded column and a route)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 ROWS="${ROWS:-200000}"
 TXN_ROWS="${TXN_ROWS:-1000}"
 SERVERS="${SERVERS:-mariadb mysql}"
@@ -65,20 +67,10 @@ REPEAT="${REPEAT:-3}"
 RESULTS=()
 BASE_WALL=""
 measure() {
-  local label=$1 events=$2 prepare=$3; shift 3
-  local best="" rss_max=0
-  for ((run = 0; run < REPEAT; run++)); do
-    "$prepare"
-    /usr/bin/time -f '%e %U %S %M' -o "$WORK/time" "$@" >/dev/null 2>"$WORK/stderr" || {
-      echo "FAILED: $label" >&2; cat "$WORK/stderr" >&2; exit 1; }
-    read -r wall user sys rss <"$WORK/time"
-    ((rss > rss_max)) && rss_max=$rss
-    if [[ -z "$best" ]] || python3 -c "import sys; sys.exit(0 if $wall < ${best%% *} else 1)"; then
-      best="$wall $user $sys"
-    fi
-  done
-  read -r wall user sys <<<"$best"
-  python3 - "$wall" "$user" "$sys" "$rss_max" "$events" "${BASE_WALL:-$wall}" "$label" <<'PY'
+  local label=$1 events=$2 prepare=$3 wall user sys; shift 3
+  fastest_run "$label" "$REPEAT" "$prepare" "$@"
+  read -r wall user sys <<<"$FASTEST"
+  python3 - "$wall" "$user" "$sys" "$PEAK_RSS_KB" "$events" "${BASE_WALL:-$wall}" "$label" <<'PY'
 import sys
 wall, user, sys_, rss, events, base = map(float, sys.argv[1:7])
 cpu = user + sys_
@@ -145,8 +137,6 @@ wait_idle() {
 
 # Before each tailgate run: its checkpoint back to the start of the workload.
 reset_stdout() { "$BIN" offsets reset --config "$WORK/stdout.toml" --to-binlog "$START" >/dev/null; }
-# Kafka runs start on an empty broker: tansu's memory storage keeps every record, and slows down as it fills.
-empty_broker() { bash scripts/services.sh kafka-restart 2>/dev/null; }
 reset_kafka() { empty_broker; "$BIN" offsets reset --config "$WORK/kafka.toml" --to-binlog "$START" >/dev/null; }
 
 decoder_name() {

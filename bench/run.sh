@@ -13,6 +13,8 @@
 #   SNAPSHOT=1 bench/run.sh   # only the snapshot workload: 1M existing rows, vs psql \copy
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 ROWS="${ROWS:-200000}"
 TXN_ROWS="${TXN_ROWS:-1000}"
 DB=tailgate_bench
@@ -30,29 +32,16 @@ BIN=./target/release/tailgate
 # the highest peak RSS of them; the drain workloads run once (each slot's backlog is read once).
 RESULTS=()
 measure() {
-  local label=$1 events=$2; shift 2
-  local best="" rss_max=0 run wall user sys rss
-  for ((run = 0; run < ${REPEAT:-1}; run++)); do
-    [[ -n "${PREPARE:-}" ]] && "$PREPARE"
-    /usr/bin/time -f '%e %U %S %M' -o "$WORK/time" "$@" >/dev/null 2>"$WORK/stderr" || {
-      echo "FAILED: $label" >&2; cat "$WORK/stderr" >&2; exit 1; }
-    read -r wall user sys rss <"$WORK/time"
-    ((rss > rss_max)) && rss_max=$rss
-    if [[ -z "$best" ]] || python3 -c "import sys; sys.exit(0 if $wall < ${best%% *} else 1)"; then
-      best="$wall $user $sys"
-    fi
-  done
-  read -r wall user sys <<<"$best"
-  python3 - "$wall" "$user" "$sys" "$rss_max" "$events" "$label" <<'PY'
+  local label=$1 events=$2 wall user sys; shift 2
+  fastest_run "$label" "${REPEAT:-1}" "${PREPARE:-true}" "$@"
+  read -r wall user sys <<<"$FASTEST"
+  python3 - "$wall" "$user" "$sys" "$PEAK_RSS_KB" "$events" "$label" <<'PY'
 import sys
 wall, user, sys_, rss, events = map(float, sys.argv[1:6])
 cpu = user + sys_
 print(f"{sys.argv[6]}|{wall:.2f}|{events / wall:,.0f}|{cpu / events * 1e6:.2f}|{rss / 1024:.1f}")
 PY
 }
-
-# Kafka runs start on an empty broker: tansu's memory storage keeps every record, and slows down as it fills.
-empty_broker() { bash scripts/services.sh kafka-restart 2>/dev/null; }
 
 setup() { # fresh table, publication and the three slots, created before the backlog
   "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
