@@ -333,7 +333,8 @@ async fn read_table(
         while let Some(values) = reader.next_row(data, &mut at, table)? {
             page += 1;
             // The last key of a full page is where a resumed snapshot starts.
-            let key = (page >= fetch_rows && keyset && progress.is_some()).then(|| reader.key(table, &values));
+            let key =
+                (page >= fetch_rows && keyset && progress.is_some()).then(|| reader.key(table, &values)).flatten();
             emitter.event(ChangeEvent {
                 op: Op::Read,
                 table: table.schema.clone(),
@@ -420,19 +421,20 @@ impl RowReader {
         }
     }
 
-    /// The current row's primary key as the text of SQL literals, for a progress marker.
-    fn key(&self, table: &SnapTable, values: &Row) -> Vec<Option<String>> {
+    /// The current row's primary key as the text of SQL literals, for a progress marker; `None`
+    /// when a key value has no literal here (the page then gets no marker: a resume starts earlier,
+    /// never later).
+    fn key(&self, table: &SnapTable, values: &Row) -> Option<Vec<Option<String>>> {
         match self {
-            RowReader::Text(line) => table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect(),
+            RowReader::Text(line) => Some(table.pk.iter().map(|&i| line.field(i).map(str::to_owned)).collect()),
             // Key columns of binary tables are integers, strings and uuids (`BinaryKind::keyable`).
             RowReader::Binary(_) => table
                 .pk
                 .iter()
                 .map(|&i| match &values[i] {
-                    Value::Null => None,
-                    Value::Int(v) => Some(v.to_string()),
-                    Value::String(v) => Some(v.clone()),
-                    other => Some(format!("{other:?}")),
+                    Value::Int(v) => Some(Some(v.to_string())),
+                    Value::String(v) => Some(Some(v.clone())),
+                    _ => None,
                 })
                 .collect(),
         }
@@ -677,6 +679,101 @@ mod tests {
         let mut line = CopyLine::default();
         line.parse(raw).unwrap();
         (0..line.fields.len()).map(|i| line.field(i).map(str::to_owned)).collect()
+    }
+
+    fn two_column_table(binary: Vec<BinaryKind>) -> SnapTable {
+        SnapTable {
+            qualified: "public.t".into(),
+            sql_name: "public.t".into(),
+            schema: Arc::new(TableSchema {
+                id: TableId { schema: "public".into(), table: "t".into() },
+                columns: vec![
+                    ColumnSchema { name: "id".into(), key: true },
+                    ColumnSchema { name: "v".into(), key: false },
+                ],
+            }),
+            kinds: vec![ColumnKind::Int, ColumnKind::Text],
+            select_list: String::new(),
+            pk: vec![0],
+            estimate: 0,
+            binary: Some(binary),
+        }
+    }
+
+    /// COPY binary output of rows of (bigint, text).
+    fn binary_copy(rows: &[(i64, Option<&str>)]) -> Vec<u8> {
+        let mut out = BINARY_SIGNATURE.to_vec();
+        out.extend_from_slice(&0i32.to_be_bytes());
+        out.extend_from_slice(&4i32.to_be_bytes());
+        out.extend_from_slice(b"ext!");
+        for (id, v) in rows {
+            out.extend_from_slice(&2i16.to_be_bytes());
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&id.to_be_bytes());
+            match v {
+                Some(v) => {
+                    out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    out.extend_from_slice(v.as_bytes());
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn binary_rows_wait_for_complete_rows_at_any_split() {
+        let table = two_column_table(vec![BinaryKind::Int8, BinaryKind::Text]);
+        let data = binary_copy(&[(1, Some("one")), (-2, None), (3, Some(""))]);
+        let expected = [
+            vec![Value::Int(1), Value::String("one".into())],
+            vec![Value::Int(-2), Value::Null],
+            vec![Value::Int(3), Value::String(String::new())],
+        ];
+        // Every split point: what the first part holds completely is read, the rest waits, and the
+        // second part (with the rest carried over) completes the rows, as `read_table` joins them.
+        for split in 0..=data.len() {
+            let mut reader = BinaryRows::new(&[BinaryKind::Int8, BinaryKind::Text]);
+            let mut rows = Vec::new();
+            let mut at = 0;
+            while let Some(row) = reader.next_row(&data[..split], &mut at, &table).unwrap() {
+                rows.push(row);
+            }
+            let mut rest = data[at..split].to_vec();
+            rest.extend_from_slice(&data[split..]);
+            let mut at = 0;
+            while let Some(row) = reader.next_row(&rest, &mut at, &table).unwrap() {
+                rows.push(row);
+            }
+            assert_eq!(rows, expected, "split at {split}");
+            assert_eq!(at, rest.len(), "the trailer is consumed (split at {split})");
+        }
+    }
+
+    #[test]
+    fn binary_rows_refuse_what_is_not_copy_binary() {
+        let table = two_column_table(vec![BinaryKind::Int8, BinaryKind::Text]);
+        let mut reader = BinaryRows::new(&[BinaryKind::Int8, BinaryKind::Text]);
+        assert!(reader.next_row(b"PGCOPY\nXXXXXXXXXXXXXXX", &mut 0, &table).is_err(), "bad signature");
+        let mut reader = BinaryRows::new(&[BinaryKind::Int8]);
+        assert!(reader.next_row(&binary_copy(&[(1, Some("x"))]), &mut 0, &table).is_err(), "field count");
+        let mut bad_int = binary_copy(&[(1, Some("x"))]);
+        bad_int[23 + 2 + 3] = 7; // after the 23-byte header and the field count: the bigint's length, 8 → 7
+        let mut reader = BinaryRows::new(&[BinaryKind::Int8, BinaryKind::Text]);
+        let error = reader.next_row(&bad_int, &mut 0, &table).unwrap_err();
+        assert!(
+            matches!(error, PgError::Value { ref column, .. } if column == "id"),
+            "a value that does not fit its type: {error}"
+        );
+    }
+
+    #[test]
+    fn binary_keys_become_literals() {
+        let table = two_column_table(vec![BinaryKind::Int8, BinaryKind::Text]);
+        let reader = RowReader::Binary(BinaryRows::new(&[BinaryKind::Int8, BinaryKind::Text]));
+        assert_eq!(reader.key(&table, &vec![Value::Int(-5), Value::Null]), Some(vec![Some("-5".into())]));
+        assert_eq!(reader.key(&table, &vec![Value::Null, Value::Null]), None, "no literal: no marker");
     }
 
     #[test]
