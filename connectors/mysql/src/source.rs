@@ -489,7 +489,7 @@ struct StreamState {
     /// The last commit position emitted in this run.
     emitted: Option<Position>,
     /// Where the binlog is being read: file and the GTIDs of every transaction committed before.
-    file: Arc<str>,
+    file: Symbol,
     gtids: Option<GtidSet>,
     fde: FormatDescription,
     checksum_default: ChecksumAlg,
@@ -676,7 +676,7 @@ impl StreamState {
                 }
             }
             Body::Rotate { position, file } => {
-                let name: Arc<str> = String::from_utf8_lossy(file).into();
+                let name = Symbol::new(&String::from_utf8_lossy(file));
                 let real = !header.is_artificial() && header.timestamp != 0;
                 self.file = name;
                 self.tables.clear();
@@ -949,7 +949,7 @@ impl StreamState {
             snapshot: "false",
             server_id: header.server_id,
             gtid: txn.gtid.as_ref().map(|(_, text)| text.clone()),
-            file: self.file.clone(),
+            file: self.file,
             pos: self.event_start,
             row,
             thread: txn.thread,

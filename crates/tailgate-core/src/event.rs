@@ -134,7 +134,7 @@ pub struct MysqlSource {
     pub server_id: u32,
     /// The transaction's GTID (`uuid:n` on MySQL, `domain-server-seq` on MariaDB), when it has one.
     pub gtid: Option<Arc<str>>,
-    pub file: Arc<str>,
+    pub file: Symbol,
     /// Where the event holding this row starts in `file`.
     pub pos: u64,
     /// The row's index within that event.

@@ -1,11 +1,13 @@
-//! Interned strings for the few names every event repeats: the connector's name and the database.
+//! Interned strings for the few names every event repeats: the connector's name, the database, the
+//! MySQL binlog file.
 //!
 //! Copying a [`Symbol`] copies a pointer. An `Arc<str>` in their place cost two atomic updates per
 //! event on two different threads (the source clones, the sink drops), and that cache line bouncing
 //! between cores was a measurable share of a snapshot's CPU.
 //!
-//! Each distinct string is leaked once, for the life of the process: only use this for names from
-//! the configuration or the server's identity, a handful per process, never for per-event data.
+//! Each distinct string is leaked once, for the life of the process: only use this for names that
+//! come from the configuration or the server and change rarely (a binlog file name per rotation:
+//! kilobytes over a year), never for per-event data such as a GTID.
 
 use std::collections::HashSet;
 use std::fmt;
