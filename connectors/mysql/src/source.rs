@@ -28,7 +28,7 @@ use tailgate_core::{
     BinlogFile, ChangeEvent, Event, GtidSet, MysqlSource as SourceBlock, Op, Position, Row, Symbol, TableId,
     TableSchema, Uuid, Value,
 };
-use tailgate_pipeline::{Batch, Item, SnapshotMode, Source, SourceContext, TablePredicate};
+use tailgate_pipeline::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate};
 use tracing::{debug, info, warn};
 
 use crate::binlog::event::{self, Body, ChecksumAlg, FormatDescription, Header, RowsKind};
@@ -227,13 +227,16 @@ impl MysqlSource {
                 let pending = match conn.next_event().map_err(classify)? {
                     None => break,
                     Some(Packet::End) => return Err(MyError::ConnectionLost(std::io::ErrorKind::UnexpectedEof.into())),
-                    Some(Packet::Event(bytes)) => match state.handle(bytes) {
-                        Ok(()) => None,
-                        Err(Step::Fail(e)) => return Err(e),
-                        // The table's columns must come from information_schema: look them up, then
-                        // decode the same event again (nothing of it was emitted yet).
-                        Err(Step::NeedCatalog(id)) => Some((bytes.to_vec(), id)),
-                    },
+                    Some(Packet::Event(bytes)) => {
+                        state.batch_bytes += bytes.len();
+                        match state.handle(bytes) {
+                            Ok(()) => None,
+                            Err(Step::Fail(e)) => return Err(e),
+                            // The table's columns must come from information_schema: look them up,
+                            // then decode the same event again (nothing of it was emitted yet).
+                            Err(Step::NeedCatalog(id)) => Some((bytes.to_vec(), id)),
+                        }
+                    }
                 };
                 if let Some((bytes, id)) = pending {
                     let columns = catalog::table_columns(&mut catalog, &id.schema, &id.table).await?;
@@ -250,7 +253,9 @@ impl MysqlSource {
                 }
                 last_packet = Instant::now();
                 state.streamed_since_connect = true;
-                if state.batch.len() >= self.config.batch_size && !self.hand_over(ctx, state).await {
+                if (state.batch.len() >= self.config.batch_size || state.batch_bytes >= MAX_BATCH_BYTES)
+                    && !self.hand_over(ctx, state).await
+                {
                     return Ok(());
                 }
                 // With a backlog the buffer never runs dry: stop reading at the requested end.
@@ -412,6 +417,7 @@ impl MysqlSource {
     async fn hand_over(&self, ctx: &mut SourceContext, state: &mut StreamState) -> bool {
         let Ok(permit) = ctx.output.reserve().await else { return false };
         permit.send(std::mem::replace(&mut state.batch, Vec::with_capacity(self.config.batch_size)));
+        state.batch_bytes = 0;
         true
     }
 }
@@ -502,6 +508,8 @@ struct StreamState {
     /// Events of a transaction cut by a reconnect that were already emitted: skipped when it comes again.
     skip_events: u64,
     batch: Batch,
+    /// Bytes of binlog events behind `batch` (see MAX_BATCH_BYTES).
+    batch_bytes: usize,
     ever_streamed: bool,
     streamed_since_connect: bool,
     /// Where the event being handled starts (the outer one for events inside a transaction payload).
@@ -533,6 +541,7 @@ impl StreamState {
             txn: None,
             skip_events: 0,
             batch: Vec::with_capacity(config.batch_size),
+            batch_bytes: 0,
             ever_streamed: false,
             streamed_since_connect: false,
             event_start: 0,

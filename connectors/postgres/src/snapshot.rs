@@ -25,7 +25,7 @@ use tailgate_core::{
     ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo, Symbol, TableId,
     TableSchema, Value,
 };
-use tailgate_pipeline::{AfterTable, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter};
+use tailgate_pipeline::{AfterTable, Batch, MAX_BATCH_BYTES, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tracing::info;
@@ -318,6 +318,8 @@ async fn read_table(
     futures_util::pin_mut!(stream);
     // Bytes of a row split across messages (PostgreSQL sends one row per CopyData message).
     let mut pending: Vec<u8> = Vec::new();
+    // COPY bytes of the rows emitted since the last flush (see MAX_BATCH_BYTES).
+    let mut unsent_bytes = 0usize;
     let mut page = 0usize;
     let fetch_rows = job.fetch_rows.max(1);
     loop {
@@ -330,7 +332,10 @@ async fn read_table(
             &pending
         };
         let mut at = 0;
+        let mut row_start = 0;
         while let Some(values) = reader.next_row(data, &mut at, table)? {
+            unsent_bytes += at - row_start;
+            row_start = at;
             page += 1;
             // The last key of a full page is where a resumed snapshot starts.
             let key =
@@ -343,8 +348,16 @@ async fn read_table(
                 source: source.clone(),
             });
             if page < fetch_rows {
+                // Wide rows: send before the page ends (without a marker) to keep memory flat in bytes.
+                if unsent_bytes >= MAX_BATCH_BYTES {
+                    unsent_bytes = 0;
+                    if !emitter.flush().await || job.stop.is_cancelled() {
+                        return Ok(None);
+                    }
+                }
                 continue;
             }
+            unsent_bytes = 0;
             rows_done += page as u64;
             job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
             job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);

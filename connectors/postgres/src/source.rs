@@ -26,7 +26,7 @@ use tailgate_core::{
     Symbol, TableId, TableSchema, Value,
 };
 pub use tailgate_pipeline::SnapshotMode;
-use tailgate_pipeline::{Batch, Item, Source, SourceContext};
+use tailgate_pipeline::{Batch, Item, MAX_BATCH_BYTES, Source, SourceContext};
 use tracing::{debug, info, warn};
 
 use crate::catalog;
@@ -227,6 +227,8 @@ impl PostgresSource {
         let mut status_tick = tokio::time::interval(self.config.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Batch = Vec::with_capacity(self.config.batch_size);
+        // Bytes of WAL data behind `batch` (see MAX_BATCH_BYTES).
+        let mut batch_bytes = 0usize;
         let mut coalescing_since: Option<std::time::Instant> = None;
 
         loop {
@@ -234,6 +236,7 @@ impl PostgresSource {
                 match msg {
                     ReplicationMessage::XLogData { wal_start, wal_end, data } => {
                         state.received = state.received.max(wal_end);
+                        batch_bytes += data.len();
                         let decoded = pgoutput::decode(data)?;
                         if let PgOutput::Relation(rel) = &decoded {
                             let pk = if rel.replica_identity == b'f' {
@@ -255,10 +258,11 @@ impl PostgresSource {
                         }
                     }
                 }
-                if batch.len() >= self.config.batch_size
-                    && !self.hand_over(&mut conn, ctx, state, &mut batch, &mut status_tick).await?
-                {
-                    return Ok(());
+                if batch.len() >= self.config.batch_size || batch_bytes >= MAX_BATCH_BYTES {
+                    batch_bytes = 0;
+                    if !self.hand_over(&mut conn, ctx, state, &mut batch, &mut status_tick).await? {
+                        return Ok(());
+                    }
                 }
             }
             // A small batch waits up to 1 ms at a time, 5 ms in all, for more messages: when the
@@ -273,6 +277,7 @@ impl PostgresSource {
                 }
             }
             coalescing_since = None;
+            batch_bytes = 0;
             if !batch.is_empty() && !self.hand_over(&mut conn, ctx, state, &mut batch, &mut status_tick).await? {
                 return Ok(());
             }

@@ -32,7 +32,7 @@ pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
 pub use sink::{Sink, SinkError, SinkTotals};
 pub use snapshot::{AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter};
-pub use source::{Batch, Item, SnapshotMode, Source, SourceContext, TablePredicate};
+pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate};
 pub use stdout::StdoutSink;
 pub use transform::{
     FilterSpec, OutboxSpec, RawRecord, RouteSpec, RuleError, Rules, SinkItem, TransformSpec, Transformer,

@@ -38,6 +38,12 @@ pub enum Item {
 /// Items travel in batches so that channel synchronisation is paid per batch, not per event.
 pub type Batch = Vec<Item>;
 
+/// A source hands a batch over at its item limit (`batch_size`, a snapshot's `snapshot_fetch_rows`)
+/// or once the log data behind it reaches this many bytes, whichever comes first. The channel holds a
+/// few batches, so this keeps memory flat in bytes too: wide rows (large JSON or text values) would
+/// otherwise multiply it by the row width.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
 pub struct SourceContext {
     /// Bounded: when the sink falls behind, `send` waits, and the source stops reading its log.
     pub output: mpsc::Sender<Batch>,

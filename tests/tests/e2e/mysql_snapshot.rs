@@ -334,6 +334,43 @@ async fn a_connection_lost_mid_snapshot_is_retried_in_process_without_loss(serve
     s.finish(tg).await;
 }
 
+/// Wide rows (25 KB of text each, 100 MB per 4,000 rows) must not multiply memory: batches are cut at
+/// a few MB of data, not only at `snapshot_fetch_rows` rows or `batch_size` events.
+async fn wide_rows_keep_memory_flat_in_snapshot_and_stream(server: Server) {
+    const ROWS: u64 = 4_000;
+    let mut s = MyScenario::new(server, "snapwide", "CREATE TABLE wide (id int PRIMARY KEY, doc mediumtext)").await;
+    s.db.insert_series("wide", ROWS, "n, REPEAT(LPAD(n, 32, 'abcdefgh'), 800)").await;
+    let port = free_port();
+    let cfg = s.config("snapshot = \"initial\"", &stdout_sink(), &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let tg = Tailgate::start_discarding_stdout(&s.dir, &cfg);
+    let pid = tg.pid();
+    let delivered = |port| {
+        metric(&http_get(port, "/metrics").1, &format!("tailgate_records_delivered_total{{connector=\"{}\"}}", s.name))
+    };
+    let mut peak = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !tg.log_text().contains("snapshot completed") {
+        peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));
+        assert!(Instant::now() < deadline, "the snapshot did not finish:\n{}", tg.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tg.log_text().contains(&format!("rows={ROWS}")), "{}", tg.log_text());
+    // One transaction of the same size, streamed.
+    s.db.exec(&format!(
+        "INSERT INTO wide SELECT id + {ROWS}, REPEAT(LPAD(id + {ROWS}, 32, 'abcdefgh'), 800) FROM wide"
+    ))
+    .await;
+    while delivered(port).unwrap_or(0.0) < (2 * ROWS) as f64 {
+        peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));
+        assert!(Instant::now() < deadline, "the transaction was not delivered:\n{}", tg.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));
+    eprintln!("{server:?}: wide rows, peak RSS {peak:.1} MiB");
+    assert!(peak < 120.0, "peak RSS {peak:.1} MiB for 100 MB of rows: memory must not follow the row width");
+    s.finish(tg).await;
+}
+
 tailgate_e2e::both_servers!(
     snapshot_then_stream_delivers_every_row_exactly_once,
     a_connection_lost_mid_snapshot_is_retried_in_process_without_loss,
@@ -342,4 +379,5 @@ tailgate_e2e::both_servers!(
     initial_only_then_when_needed_after_a_purged_binlog,
     keys_of_every_kind_page_without_loss,
     a_million_row_snapshot_keeps_memory_flat,
+    wide_rows_keep_memory_flat_in_snapshot_and_stream,
 );

@@ -375,3 +375,47 @@ async fn a_million_row_snapshot_keeps_memory_flat() {
     assert!(peak < 128.0, "peak RSS {peak:.1} MiB: memory must stay flat");
     db.drop().await;
 }
+
+/// Wide rows (25 KB of text each, 100 MB per 4,000 rows) must not multiply memory: batches are cut at
+/// a few MB of log data, not only at `snapshot_fetch_rows` rows (snapshot) or `batch_size` events
+/// (streaming), both of which would hold the whole table or transaction here.
+#[tokio::test(flavor = "multi_thread")]
+async fn wide_rows_keep_memory_flat_in_snapshot_and_stream() {
+    const ROWS: i64 = 4_000;
+    let db = TestDb::new("snapwide").await;
+    let wide = |from: i64| {
+        format!(
+            "INSERT INTO wide SELECT g, repeat(md5(g::text), 800) FROM generate_series({from}, {}) g",
+            from + ROWS - 1
+        )
+    };
+    db.exec(&format!("CREATE TABLE wide (id int PRIMARY KEY, doc text); {}", wide(1))).await;
+    let dir = scratch("snapwide");
+    let cfg = config("tg_snapwide", &db.url(), &dir, &stdout_sink(), "");
+    let tg = Tailgate::start_discarding_stdout(&dir, &cfg);
+    let pid = tg.pid();
+    let mut peak = 0.0f64;
+    let sample = |peak: &mut f64| *peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !tg.log_text().contains("snapshot completed") {
+        sample(&mut peak);
+        assert!(Instant::now() < deadline, "the snapshot did not finish:\n{}", tg.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tg.log_text().contains(&format!("rows={ROWS}")), "{}", tg.log_text());
+    let snapshot_peak = peak;
+    // One transaction of the same size, streamed.
+    db.exec(&wide(ROWS + 1)).await;
+    let end = db.current_wal().await;
+    while db.confirmed_flush("tg_snapwide").await.unwrap_or(0) < end {
+        sample(&mut peak);
+        assert!(Instant::now() < deadline, "the transaction was not delivered:\n{}", tg.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sample(&mut peak);
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    eprintln!("wide rows: peak RSS {snapshot_peak:.1} MiB in the snapshot, {peak:.1} MiB overall");
+    assert!(peak < 120.0, "peak RSS {peak:.1} MiB for 100 MB of rows: memory must not follow the row width");
+    db.drop().await;
+}
