@@ -45,7 +45,7 @@ use tailgate_core::{
     Symbol, TableId, TableSchema, Value,
 };
 use tailgate_pipeline::{
-    AfterTable, Batch, MAX_BATCH_BYTES, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePredicate,
+    AfterRow, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages, TablePredicate,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -82,6 +82,16 @@ impl SnapshotState {
 
     fn started(&self) -> bool {
         !self.done.is_empty() || self.table.is_some()
+    }
+
+    /// Records `table` as read completely; returns the checkpoint that says so.
+    fn table_done(&mut self, table: &str) -> Position {
+        self.done.push(table.to_owned());
+        if self.table.as_deref() == Some(table) {
+            self.table = None;
+            self.after = None;
+        }
+        self.marker()
     }
 
     /// The checkpoint that records this state.
@@ -211,10 +221,7 @@ pub async fn run(
             match read_table(conn, job, table, after, Some(&mut *state), &source, &mut emitter).await {
                 Ok(Some(rows)) => {
                     total += rows;
-                    state.done.push(table.qualified.clone());
-                    state.table = None;
-                    state.after = None;
-                    emitter.marker(state.marker());
+                    emitter.marker(state.table_done(&table.qualified));
                     info!(table = %table.qualified, rows, "snapshot of table done");
                 }
                 Ok(None) => {
@@ -354,33 +361,18 @@ async fn read_tables<'a>(
     source: &SourceBlock,
     mut emitter: SnapshotEmitter<'a>,
 ) -> Result<ReaderEnd<'a>, MyError> {
-    let ended = |sent: bool| if sent { ReaderEnd::Done } else { ReaderEnd::Stopped };
     loop {
-        let Some(table) = shared.take() else { return Ok(ended(emitter.release().await)) };
+        let Some(table) = shared.take() else { return Ok(ReaderEnd::released(emitter).await) };
         job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate)));
         let after = shared.with_progress(|state| resume_point(state, table));
         let Some(rows) = read_table(conn, job, table, after, None, source, &mut emitter).await? else {
             return Ok(ReaderEnd::Stopped);
         };
         info!(table = %table.qualified, rows, "snapshot of table done");
-        let next = shared.table_done(rows);
-        if next == AfterTable::EndSnapshot {
-            return Ok(ReaderEnd::Last(emitter));
-        }
-        if !emitter.release().await {
-            return Ok(ReaderEnd::Stopped);
-        }
-        emitter.marker(shared.with_progress(|state| {
-            state.done.push(table.qualified.clone());
-            if state.table.as_deref() == Some(table.qualified.as_str()) {
-                state.table = None;
-                state.after = None;
-            }
-            state.marker()
-        }));
-        if next == AfterTable::Leave {
-            return Ok(ended(emitter.release().await));
-        }
+        emitter = match shared.after_table(emitter, rows, |state| state.table_done(&table.qualified)).await {
+            Ok(emitter) => emitter,
+            Err(end) => return Ok(end),
+        };
     }
 }
 
@@ -665,18 +657,11 @@ async fn read_table(
         format!("SELECT {} FROM {}", table.select_list, table.sql_name)
     };
     let source = SourceInfo::Mysql(source.clone());
-    let fetch_rows = job.fetch_rows.max(1);
-    let mut rows_done = 0u64;
-    let started = Instant::now();
-    let mut last_log = Instant::now();
+    let mut pages = TablePages::new(job.metrics, &table.qualified, table.estimate, job.fetch_rows);
     let mut result = conn.query_iter(sql).await.map_err(|e| snapshot_error(e, table))?;
-    let mut page = 0usize;
-    // Bytes of the rows emitted since the last flush (see MAX_BATCH_BYTES).
-    let mut unsent_bytes = 0usize;
     while let Some(row) = result.next().await.map_err(|e| snapshot_error(e, table))? {
-        let page_ends = page + 1 == fetch_rows;
         // The last row of a page: where the next page (or a resumed snapshot) starts.
-        let last_key = (keyset && page_ends && progress.is_some()).then(|| {
+        let last_key = (keyset && pages.next_ends_page() && progress.is_some()).then(|| {
             table
                 .keyset
                 .iter()
@@ -686,7 +671,7 @@ async fn read_table(
                 })
                 .collect::<Vec<_>>()
         });
-        unsent_bytes += (0..row.len())
+        let row_bytes = (0..row.len())
             .map(|i| match row.as_ref(i) {
                 Some(mysql_async::Value::Bytes(b)) => b.len(),
                 _ => 8,
@@ -700,54 +685,29 @@ async fn read_table(
             after: Some(values),
             source: source.clone(),
         });
-        page += 1;
-        if !page_ends {
-            // Wide rows: send before the page ends (without a marker) to keep memory flat in bytes.
-            if unsent_bytes >= MAX_BATCH_BYTES {
-                unsent_bytes = 0;
-                if !emitter.flush().await || job.stop.is_cancelled() {
-                    return Ok(None);
+        match pages.row(row_bytes) {
+            AfterRow::Continue => continue,
+            AfterRow::Send => {}
+            // Page markers only for a lone reader: parallel readers record whole tables.
+            AfterRow::PageEnd => {
+                if let (Some(key), Some(state)) = (last_key, progress.as_deref_mut()) {
+                    state.table = Some(table.qualified.clone());
+                    state.after = Some(key);
+                    emitter.marker(state.marker());
                 }
             }
-            continue;
-        }
-        unsent_bytes = 0;
-        page = 0;
-        rows_done += fetch_rows as u64;
-        job.metrics.snapshot_rows.fetch_add(fetch_rows as u64, Relaxed);
-        job.metrics.snapshot_rows_remaining.fetch_sub(fetch_rows as i64, Relaxed);
-        // Page markers only for a lone reader: parallel readers record whole tables.
-        if let (Some(key), Some(state)) = (last_key, progress.as_deref_mut()) {
-            state.table = Some(table.qualified.clone());
-            state.after = Some(key);
-            emitter.marker(state.marker());
         }
         // Without a key, stopping halfway through means the next run reads the table again.
         if !emitter.flush().await || job.stop.is_cancelled() {
             return Ok(None);
         }
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = Instant::now();
-            let rate = rows_done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let left = (table.estimate - rows_done as i64).max(0);
-            info!(
-                table = %table.qualified,
-                rows = rows_done,
-                estimated = table.estimate,
-                rows_per_s = rate as u64,
-                eta_s = (left as f64 / rate.max(1.0)) as u64,
-                "snapshot progress"
-            );
-        }
     }
     drop(result);
-    rows_done += page as u64;
-    job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
-    job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
+    let rows = pages.finish();
     if !emitter.flush().await || job.stop.is_cancelled() {
         return Ok(None);
     }
-    Ok(Some(rows_done))
+    Ok(Some(rows))
 }
 
 /// A text-protocol row into the values the binlog path gives for the same columns.

@@ -19,13 +19,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
     ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo, Symbol, TableId,
     TableSchema, Value,
 };
-use tailgate_pipeline::{AfterTable, Batch, MAX_BATCH_BYTES, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter};
+use tailgate_pipeline::{AfterRow, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tracing::info;
@@ -44,6 +44,16 @@ pub struct SnapshotProgress {
 }
 
 impl SnapshotProgress {
+    /// Records `table` as read completely; returns the checkpoint that says so.
+    fn table_done(&mut self, table: &SnapTable, consistent: Lsn) -> Position {
+        self.done.push(table.qualified.clone());
+        if self.table.as_deref() == Some(table.qualified.as_str()) {
+            self.table = None;
+            self.after = None;
+        }
+        self.marker(consistent)
+    }
+
     /// The checkpoint that resumes the snapshot from here.
     fn marker(&self, consistent: Lsn) -> Position {
         Position::PostgresSnapshot {
@@ -155,10 +165,7 @@ pub async fn run(
                 }
             };
             total += rows;
-            progress.done.push(table.qualified.clone());
-            progress.table = None;
-            progress.after = None;
-            emitter.marker(progress.marker(consistent));
+            emitter.marker(progress.table_done(table, consistent));
             info!(table = %table.qualified, rows, format = table.copy_format(), "snapshot of table done");
         }
         (emitter, total, vec![client])
@@ -241,9 +248,8 @@ async fn read_tables<'a>(
     consistent: Lsn,
     mut emitter: SnapshotEmitter<'a>,
 ) -> Result<ReaderEnd<'a>, PgError> {
-    let ended = |sent: bool| if sent { ReaderEnd::Done } else { ReaderEnd::Stopped };
     loop {
-        let Some(table) = shared.take() else { return Ok(ended(emitter.release().await)) };
+        let Some(table) = shared.take() else { return Ok(ReaderEnd::released(emitter).await) };
         job.metrics.snapshot_table_started(Some((&table.qualified, table.estimate.max(0))));
         let resume_after = shared.with_progress(|p| resume_point(p, table));
         let Some(rows) = read_table(client, job, table, resume_after, None, source, consistent, &mut emitter).await?
@@ -251,24 +257,10 @@ async fn read_tables<'a>(
             return Ok(ReaderEnd::Stopped);
         };
         info!(table = %table.qualified, rows, format = table.copy_format(), "snapshot of table done");
-        let next = shared.table_done(rows);
-        if next == AfterTable::EndSnapshot {
-            return Ok(ReaderEnd::Last(emitter));
-        }
-        if !emitter.release().await {
-            return Ok(ReaderEnd::Stopped);
-        }
-        emitter.marker(shared.with_progress(|progress| {
-            progress.done.push(table.qualified.clone());
-            if progress.table.as_deref() == Some(table.qualified.as_str()) {
-                progress.table = None;
-                progress.after = None;
-            }
-            progress.marker(consistent)
-        }));
-        if next == AfterTable::Leave {
-            return Ok(ended(emitter.release().await));
-        }
+        emitter = match shared.after_table(emitter, rows, |progress| progress.table_done(table, consistent)).await {
+            Ok(emitter) => emitter,
+            Err(end) => return Ok(end),
+        };
     }
 }
 
@@ -288,9 +280,6 @@ async fn read_table(
     consistent: Lsn,
     emitter: &mut SnapshotEmitter<'_>,
 ) -> Result<Option<u64>, PgError> {
-    let mut rows_done = 0u64;
-    let mut last_log = Instant::now();
-    let started = Instant::now();
     let order: Vec<String> = table.pk.iter().map(|&i| quote_ident(&table.schema.columns[i].name)).collect();
     let keyset = !table.pk.is_empty();
     let query = if keyset {
@@ -318,10 +307,7 @@ async fn read_table(
     futures_util::pin_mut!(stream);
     // Bytes of a row split across messages (PostgreSQL sends one row per CopyData message).
     let mut pending: Vec<u8> = Vec::new();
-    // COPY bytes of the rows emitted since the last flush (see MAX_BATCH_BYTES).
-    let mut unsent_bytes = 0usize;
-    let mut page = 0usize;
-    let fetch_rows = job.fetch_rows.max(1);
+    let mut pages = TablePages::new(job.metrics, &table.qualified, table.estimate, job.fetch_rows);
     loop {
         let chunk = std::future::poll_fn(|cx| futures_util::Stream::poll_next(stream.as_mut(), cx)).await;
         let Some(chunk) = chunk.transpose()? else { break };
@@ -334,12 +320,11 @@ async fn read_table(
         let mut at = 0;
         let mut row_start = 0;
         while let Some(values) = reader.next_row(data, &mut at, table)? {
-            unsent_bytes += at - row_start;
+            let row_bytes = at - row_start;
             row_start = at;
-            page += 1;
             // The last key of a full page is where a resumed snapshot starts.
             let key =
-                (page >= fetch_rows && keyset && progress.is_some()).then(|| reader.key(table, &values)).flatten();
+                (pages.next_ends_page() && keyset && progress.is_some()).then(|| reader.key(table, &values)).flatten();
             emitter.event(ChangeEvent {
                 op: Op::Read,
                 table: table.schema.clone(),
@@ -347,42 +332,20 @@ async fn read_table(
                 after: Some(values),
                 source: source.clone(),
             });
-            if page < fetch_rows {
-                // Wide rows: send before the page ends (without a marker) to keep memory flat in bytes.
-                if unsent_bytes >= MAX_BATCH_BYTES {
-                    unsent_bytes = 0;
-                    if !emitter.flush().await || job.stop.is_cancelled() {
-                        return Ok(None);
+            match pages.row(row_bytes) {
+                AfterRow::Continue => continue,
+                AfterRow::Send => {}
+                // Page markers only for a lone reader: parallel readers record whole tables.
+                AfterRow::PageEnd => {
+                    if let (Some(progress), Some(key)) = (progress.as_deref_mut(), key) {
+                        progress.table = Some(table.qualified.clone());
+                        progress.after = Some(key);
+                        emitter.marker(progress.marker(consistent));
                     }
                 }
-                continue;
-            }
-            unsent_bytes = 0;
-            rows_done += page as u64;
-            job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
-            job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
-            page = 0;
-            // Page markers only for a lone reader: parallel readers record whole tables.
-            if let (Some(progress), Some(key)) = (progress.as_deref_mut(), key) {
-                progress.table = Some(table.qualified.clone());
-                progress.after = Some(key);
-                emitter.marker(progress.marker(consistent));
             }
             if !emitter.flush().await || job.stop.is_cancelled() {
                 return Ok(None);
-            }
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                last_log = Instant::now();
-                let rate = rows_done as f64 / started.elapsed().as_secs_f64().max(0.001);
-                let left = (table.estimate - rows_done as i64).max(0);
-                info!(
-                    table = %table.qualified,
-                    rows = rows_done,
-                    estimated = table.estimate,
-                    rows_per_s = rate as u64,
-                    eta_s = (left as f64 / rate.max(1.0)) as u64,
-                    "snapshot progress"
-                );
             }
         }
         if at < data.len() {
@@ -395,13 +358,11 @@ async fn read_table(
     if !pending.is_empty() {
         return Err(copy_error(table, &pending));
     }
-    rows_done += page as u64;
-    job.metrics.snapshot_rows.fetch_add(page as u64, Relaxed);
-    job.metrics.snapshot_rows_remaining.fetch_sub(page as i64, Relaxed);
+    let rows = pages.finish();
     if !emitter.flush().await || job.stop.is_cancelled() {
         return Ok(None);
     }
-    Ok(Some(rows_done))
+    Ok(Some(rows))
 }
 
 /// Reads the rows of one table's COPY output, in text or binary format.

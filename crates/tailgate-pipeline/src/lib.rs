@@ -31,7 +31,7 @@ pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
 pub use sink::{Sink, SinkError, SinkTotals};
-pub use snapshot::{AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter};
+pub use snapshot::{AfterRow, AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
 pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate};
 pub use stdout::StdoutSink;
 pub use transform::{

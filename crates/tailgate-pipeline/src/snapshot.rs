@@ -9,11 +9,14 @@
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::{Duration, Instant};
 
 use tailgate_core::{ChangeEvent, Event, Position};
 use tokio::sync::mpsc;
+use tracing::info;
 
-use crate::source::{Batch, Item};
+use crate::metrics::Metrics;
+use crate::source::{Batch, Item, MAX_BATCH_BYTES};
 
 pub struct SnapshotEmitter<'a> {
     output: &'a mpsc::Sender<Batch>,
@@ -77,6 +80,101 @@ impl<'a> SnapshotEmitter<'a> {
     }
 }
 
+/// What a source does after emitting a row of a table's snapshot ([`TablePages::row`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterRow {
+    /// Read on.
+    Continue,
+    /// Send what was emitted (wide rows reached [`MAX_BATCH_BYTES`]), without a progress marker.
+    Send,
+    /// The row ended a page: add its progress marker (a lone reader with a key), then send.
+    PageEnd,
+}
+
+/// The page bookkeeping of one table's read, the same for every source: rows per page
+/// (`snapshot_fetch_rows`), bytes since the last send, the rows metrics, and a progress line in the
+/// log every few seconds.
+pub struct TablePages<'a> {
+    metrics: &'a Metrics,
+    table: &'a str,
+    estimate: i64,
+    fetch_rows: usize,
+    page: usize,
+    unsent_bytes: usize,
+    rows: u64,
+    started: Instant,
+    last_log: Instant,
+}
+
+impl<'a> TablePages<'a> {
+    pub fn new(metrics: &'a Metrics, table: &'a str, estimate: i64, fetch_rows: usize) -> Self {
+        let now = Instant::now();
+        TablePages {
+            metrics,
+            table,
+            estimate: estimate.max(0),
+            fetch_rows: fetch_rows.max(1),
+            page: 0,
+            unsent_bytes: 0,
+            rows: 0,
+            started: now,
+            last_log: now,
+        }
+    }
+
+    /// Whether the next row ends a page: its key is then where a resumed read starts.
+    pub fn next_ends_page(&self) -> bool {
+        self.page + 1 >= self.fetch_rows
+    }
+
+    /// Counts an emitted row that took `bytes` bytes of the server's output.
+    pub fn row(&mut self, bytes: usize) -> AfterRow {
+        self.page += 1;
+        self.unsent_bytes += bytes;
+        if self.page >= self.fetch_rows {
+            self.count_page();
+            self.log_progress();
+            AfterRow::PageEnd
+        } else if self.unsent_bytes >= MAX_BATCH_BYTES {
+            self.unsent_bytes = 0;
+            AfterRow::Send
+        } else {
+            AfterRow::Continue
+        }
+    }
+
+    /// Counts the last, partial page; returns the rows the table had.
+    pub fn finish(mut self) -> u64 {
+        self.count_page();
+        self.rows
+    }
+
+    fn count_page(&mut self) {
+        self.rows += self.page as u64;
+        self.metrics.snapshot_rows.fetch_add(self.page as u64, Relaxed);
+        self.metrics.snapshot_rows_remaining.fetch_sub(self.page as i64, Relaxed);
+        self.page = 0;
+        self.unsent_bytes = 0;
+    }
+
+    fn log_progress(&mut self) {
+        if self.last_log.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.last_log = Instant::now();
+        let rate = self.rows as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let left = (self.estimate - self.rows as i64).max(0);
+        info!(
+            table = %self.table,
+            rows = self.rows,
+            estimated = self.estimate,
+            rows_per_s = rate as u64,
+            eta_s = (left as f64 / rate.max(1.0)) as u64,
+            "snapshot progress"
+        );
+    }
+}
+
 /// The bookkeeping parallel snapshot readers share: which tables are left, how many readers still
 /// read, the progress, the rows read. Readers run as futures of one task (`try_join_all`), so a
 /// check and the update it decides are never split by another reader; atomics and a mutex only
@@ -112,6 +210,13 @@ pub enum ReaderEnd<'a> {
     Done,
     /// Stopped early, or the pipeline went away.
     Stopped,
+}
+
+impl<'a> ReaderEnd<'a> {
+    /// A reader with nothing left to read: sends what it holds.
+    pub async fn released(mut emitter: SnapshotEmitter<'a>) -> ReaderEnd<'a> {
+        if emitter.release().await { ReaderEnd::Done } else { ReaderEnd::Stopped }
+    }
 }
 
 impl<T: Copy, P> ParallelReaders<T, P> {
@@ -151,6 +256,29 @@ impl<T: Copy, P> ParallelReaders<T, P> {
             self.active.fetch_sub(1, Relaxed);
             AfterTable::Leave
         }
+    }
+
+    /// What a reader does once it has emitted a whole table of `rows` rows: the contract above,
+    /// in one place. `record` notes the table as done in the progress and returns the marker for
+    /// it. `Ok` hands the emitter back for the next table; `Err` is how the reader ends.
+    pub async fn after_table<'a>(
+        &self,
+        mut emitter: SnapshotEmitter<'a>,
+        rows: u64,
+        record: impl FnOnce(&mut P) -> Position,
+    ) -> Result<SnapshotEmitter<'a>, ReaderEnd<'a>> {
+        let next = self.table_done(rows);
+        if next == AfterTable::EndSnapshot {
+            return Err(ReaderEnd::Last(emitter));
+        }
+        if !emitter.release().await {
+            return Err(ReaderEnd::Stopped);
+        }
+        emitter.marker(self.with_progress(record));
+        if next == AfterTable::Leave {
+            return Err(ReaderEnd::released(emitter).await);
+        }
+        Ok(emitter)
     }
 
     /// Runs `f` on the progress (never across an await).
@@ -241,6 +369,22 @@ mod tests {
         drop(rx);
         emitter.event(read(4));
         assert!(!emitter.release().await, "the pipeline is gone");
+    }
+
+    #[test]
+    fn table_pages_end_pages_by_rows_send_wide_rows_by_bytes_and_count_every_row() {
+        let metrics = Metrics::new("t");
+        metrics.snapshot_rows_remaining.store(10, Relaxed);
+        let mut pages = TablePages::new(&metrics, "public.t", 10, 3);
+        assert!(!pages.next_ends_page());
+        assert_eq!(pages.row(10), AfterRow::Continue);
+        assert_eq!(pages.row(MAX_BATCH_BYTES), AfterRow::Send, "a wide row is sent before the page ends");
+        assert!(pages.next_ends_page());
+        assert_eq!(pages.row(10), AfterRow::PageEnd);
+        assert_eq!(metrics.snapshot_rows.load(Relaxed), 3, "counted per page");
+        assert_eq!(pages.row(10), AfterRow::Continue, "the byte count starts over with the page");
+        assert_eq!(pages.finish(), 4, "the partial last page counts");
+        assert_eq!((metrics.snapshot_rows.load(Relaxed), metrics.snapshot_rows_remaining.load(Relaxed)), (4, 6));
     }
 
     #[test]
