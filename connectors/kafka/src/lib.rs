@@ -21,8 +21,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use tailgate_core::Position;
-use tailgate_pipeline::{AckTracker, Encoder, Sink, SinkError, SinkItem, SinkTotals};
+use tailgate_pipeline::{AckTracker, Checkpoint, Encoder, Sink, SinkError, SinkItem, SinkTotals};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -334,12 +333,12 @@ impl Sink for KafkaSink {
         self.serve_deliveries()
     }
 
-    fn poll_acks(&mut self) -> Result<Option<Position>, SinkError> {
+    fn poll_acks(&mut self) -> Result<Option<Checkpoint>, SinkError> {
         self.serve_deliveries()?;
         Ok(self.tracker.take_checkpoint())
     }
 
-    async fn flush(&mut self, timeout: Duration) -> Result<Option<Position>, SinkError> {
+    async fn flush(&mut self, timeout: Duration) -> Result<Option<Checkpoint>, SinkError> {
         let deadline = Instant::now() + timeout;
         while self.tracker.in_flight() > 0 && Instant::now() < deadline {
             self.serve_deliveries()?;

@@ -49,7 +49,7 @@ use tailgate_pipeline::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::binlog::rows::{self, Charset, ColumnCodec, ColumnDecoder};
 use crate::catalog::{self, Flavor, ServerFacts};
@@ -259,8 +259,14 @@ pub async fn run(
         };
         (emitter, rows)
     };
+    // Every row is read, and the last one is still held for the end to mark it `last`: nothing may
+    // fail between here and `finish` (a retry would start streaming without that row). The read
+    // views were read-only, so ending them can fail harmlessly: the server drops them with the
+    // connection.
     for mut conn in readers {
-        conn.query_drop("COMMIT").await?;
+        if let Err(e) = conn.query_drop("COMMIT").await {
+            debug!(error = %e, "ending a snapshot read view failed (harmless: it was read-only)");
+        }
         let _ = conn.disconnect().await;
     }
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);

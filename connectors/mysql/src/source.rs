@@ -28,7 +28,10 @@ use tailgate_core::{
     BinlogFile, ChangeEvent, Event, GtidSet, MysqlSource as SourceBlock, Op, Position, Row, Symbol, TableId,
     TableSchema, Uuid, Value,
 };
-use tailgate_pipeline::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate};
+use tailgate_pipeline::stream::COALESCE_WINDOW;
+use tailgate_pipeline::{
+    HandOver, Reconnecting, SnapshotMode, Source, SourceContext, StreamBatcher, TablePredicate, run_reconnecting,
+};
 use tracing::{debug, info, warn};
 
 use crate::binlog::event::{self, Body, ChecksumAlg, FormatDescription, Header, RowsKind};
@@ -99,30 +102,38 @@ impl Source for MysqlSource {
             state.resume = interrupted.consistent.clone();
             state.snapshot = Some(interrupted);
         }
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            match self.stream(&mut ctx, &mut state).await {
-                Ok(()) => return Ok(()),
-                // At start-up a failure is reported at once: the operator is watching. Once streaming,
-                // the connector rides out server restarts and network trouble by itself.
-                Err(e) if e.is_transient() && state.ever_streamed && !ctx.shutdown.is_cancelled() => {
-                    if state.streamed_since_connect {
-                        backoff = Duration::from_millis(500);
-                    }
-                    ctx.metrics.source_connected.store(false, std::sync::atomic::Ordering::Relaxed);
-                    ctx.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    ctx.metrics.error("source_transient");
-                    warn!(error = %e, retry_in = ?backoff, "MySQL connection failed; reconnecting");
-                    state.prepare_reconnect();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = ctx.shutdown.cancelled() => return Ok(()),
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        run_reconnecting(&mut Session { source: &self, state }, &mut ctx).await
+    }
+}
+
+/// One binlog connection's worth of streaming, retried by [`run_reconnecting`].
+struct Session<'a> {
+    source: &'a MysqlSource,
+    state: StreamState,
+}
+
+impl Reconnecting for Session<'_> {
+    type Error = MyError;
+
+    fn engine(&self) -> &'static str {
+        "MySQL"
+    }
+
+    async fn session(&mut self, ctx: &mut SourceContext) -> Result<(), MyError> {
+        self.source.stream(ctx, &mut self.state).await
+    }
+
+    // Once streaming, the connector rides out server restarts and network trouble by itself.
+    fn retry(&self, e: &MyError) -> bool {
+        e.is_transient() && self.state.ever_streamed
+    }
+
+    fn made_progress(&self) -> bool {
+        self.state.streamed_since_connect
+    }
+
+    fn disconnected(&mut self) {
+        self.state.disconnected();
     }
 }
 
@@ -221,14 +232,13 @@ impl MysqlSource {
 
         let silence_limit = self.config.heartbeat * 3;
         let mut last_packet = Instant::now();
-        let mut coalescing_since: Option<Instant> = None;
         loop {
             loop {
                 let pending = match conn.next_event().map_err(classify)? {
                     None => break,
                     Some(Packet::End) => return Err(MyError::ConnectionLost(std::io::ErrorKind::UnexpectedEof.into())),
                     Some(Packet::Event(bytes)) => {
-                        state.batch_bytes += bytes.len();
+                        state.batcher.add_bytes(bytes.len());
                         match state.handle(bytes) {
                             Ok(()) => None,
                             Err(Step::Fail(e)) => return Err(e),
@@ -253,9 +263,7 @@ impl MysqlSource {
                 }
                 last_packet = Instant::now();
                 state.streamed_since_connect = true;
-                if (state.batch.len() >= self.config.batch_size || state.batch_bytes >= MAX_BATCH_BYTES)
-                    && !self.hand_over(ctx, state).await
-                {
+                if state.batcher.is_full() && state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
                     return Ok(());
                 }
                 // With a backlog the buffer never runs dry: stop reading at the requested end.
@@ -263,18 +271,15 @@ impl MysqlSource {
                     break;
                 }
             }
-            // A small batch waits up to 1 ms at a time, 5 ms in all, for more events: when the server
-            // sends one event at a time, this turns a wake-up per event into one per batch.
-            let first_item = *coalescing_since.get_or_insert_with(Instant::now);
-            if !state.batch.is_empty() && state.batch.len() < COALESCE_BELOW && first_item.elapsed() < COALESCE_MAX {
+            // A small batch waits a little for more events (see StreamBatcher::wait_for_more).
+            if state.batcher.wait_for_more() {
                 if let Ok(read) = tokio::time::timeout(COALESCE_WINDOW, conn.fill()).await {
                     read?;
                     ctx.metrics.source_active();
                     continue;
                 }
             }
-            coalescing_since = None;
-            if !state.batch.is_empty() && !self.hand_over(ctx, state).await {
+            if state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
                 return Ok(());
             }
             conn.trim_buffer();
@@ -412,14 +417,6 @@ impl MysqlSource {
         }
         Ok(())
     }
-
-    /// Hands the batch to the pipeline. Returns `false` when the pipeline is gone.
-    async fn hand_over(&self, ctx: &mut SourceContext, state: &mut StreamState) -> bool {
-        let Ok(permit) = ctx.output.reserve().await else { return false };
-        permit.send(std::mem::replace(&mut state.batch, Vec::with_capacity(self.config.batch_size)));
-        state.batch_bytes = 0;
-        true
-    }
 }
 
 /// Names what the server's refusal means for the operator.
@@ -437,11 +434,6 @@ fn classify(e: MyError, user: &str, server_id: u32, start: &Position) -> MyError
         _ => e,
     }
 }
-
-/// Batches smaller than this wait up to [`COALESCE_WINDOW`] for more events.
-const COALESCE_BELOW: usize = 256;
-const COALESCE_WINDOW: Duration = Duration::from_millis(1);
-const COALESCE_MAX: Duration = Duration::from_millis(5);
 
 /// Why an event could not be handled now.
 enum Step {
@@ -470,11 +462,14 @@ struct Transaction {
     commit_us: Option<i64>,
     thread: Option<u32>,
     begin_pos: u64,
-    /// Saw BEGIN: only XID/COMMIT/ROLLBACK end it. Otherwise the first statement does (DDL).
+    /// Saw BEGIN (or a MariaDB GTID that is not standalone): only XID/COMMIT/ROLLBACK end it.
+    /// Otherwise the first statement does (DDL).
     begun: bool,
     query: Option<Arc<str>>,
-    /// Change events emitted so far (for skipping them when the server sends the transaction again).
-    events: u64,
+    /// A DDL statement outside BEGIN ended here; whether the transaction ends with it is known only
+    /// from the next event: MySQL 8.0.21+ logs `CREATE TABLE … SELECT` as one transaction (GTID,
+    /// the DDL, rows, XID), so rows or an XID continue it and anything else ends it here.
+    ddl_end: Option<u64>,
 }
 
 /// A table id's current mapping: its TABLE_MAP body and what decodes its rows (`None`: not captured).
@@ -492,8 +487,6 @@ struct StreamState {
     include_query: bool,
     /// The stored checkpoint (from the offsets file).
     resume: Option<Position>,
-    /// The last commit position emitted in this run.
-    emitted: Option<Position>,
     /// Where the binlog is being read: file and the GTIDs of every transaction committed before.
     file: Symbol,
     gtids: Option<GtidSet>,
@@ -505,11 +498,9 @@ struct StreamState {
     /// The last schema seen per table, for TRUNCATE events.
     known: HashMap<TableId, Arc<TableSchema>>,
     txn: Option<Transaction>,
-    /// Events of a transaction cut by a reconnect that were already emitted: skipped when it comes again.
-    skip_events: u64,
-    batch: Batch,
-    /// Bytes of binlog events behind `batch` (see MAX_BATCH_BYTES).
-    batch_bytes: usize,
+    /// The batch being filled, the last commit in it (where a reconnect starts), and what makes a
+    /// reconnect inside a transaction exact (see [`StreamBatcher`]).
+    batcher: StreamBatcher,
     ever_streamed: bool,
     streamed_since_connect: bool,
     /// Where the event being handled starts (the outer one for events inside a transaction payload).
@@ -529,7 +520,6 @@ impl StreamState {
             tables_filter: config.tables.clone(),
             include_query: config.include_query,
             resume,
-            emitted: None,
             file: "".into(),
             gtids: None,
             fde: FormatDescription::initial(ChecksumAlg::Off),
@@ -539,9 +529,7 @@ impl StreamState {
             collations: Collations::new(),
             known: HashMap::new(),
             txn: None,
-            skip_events: 0,
-            batch: Vec::with_capacity(config.batch_size),
-            batch_bytes: 0,
+            batcher: StreamBatcher::new(config.batch_size, None),
             ever_streamed: false,
             streamed_since_connect: false,
             event_start: 0,
@@ -553,7 +541,7 @@ impl StreamState {
 
     /// Where a (re)connection starts: after everything handed over in this run, else the checkpoint.
     fn restart_position(&self) -> Option<Position> {
-        self.emitted.clone().or_else(|| self.resume.clone())
+        self.batcher.resume_point().cloned().or_else(|| self.resume.clone())
     }
 
     fn begin_stream(&mut self, file: &BinlogFile, _pos: u64, facts: &ServerFacts) {
@@ -564,11 +552,11 @@ impl StreamState {
         self.txn = None;
     }
 
-    /// Before reconnecting: the open transaction will come again; skip what of it was emitted.
-    fn prepare_reconnect(&mut self) {
-        if let Some(txn) = self.txn.take() {
-            self.skip_events += txn.events;
-        }
+    /// The connection is gone: the open transaction will come again; what of it was emitted is
+    /// dropped from the replay.
+    fn disconnected(&mut self) {
+        self.txn = None;
+        self.batcher.disconnected();
     }
 
     fn in_transaction(&self) -> bool {
@@ -576,7 +564,7 @@ impl StreamState {
     }
 
     fn reached(&self, end: &(BinlogFile, u64)) -> bool {
-        match &self.emitted {
+        match self.batcher.resume_point() {
             Some(Position::Mysql { file, pos, .. }) => (file, *pos) >= (&end.0, end.1),
             _ => false,
         }
@@ -676,6 +664,31 @@ impl StreamState {
 
     fn handle_parsed(&mut self, ev: event::Event<'_>) -> Result<(), Step> {
         let header = ev.header;
+        if let Some(end) = self.txn.as_ref().and_then(|t| t.ddl_end) {
+            match ev.body {
+                // What starts something new (or says the server is idle): the DDL was a
+                // transaction of its own.
+                Body::MysqlGtid(_)
+                | Body::MariadbGtid(_)
+                | Body::TaggedGtid
+                | Body::Query(_)
+                | Body::Rotate { .. }
+                | Body::FormatDescription(_)
+                | Body::Heartbeat
+                | Body::MariadbGtidList(_)
+                | Body::TransactionPayload(_)
+                | Body::Incident { .. } => self.commit_at(end),
+                // Rows (or an XID) continue it (CREATE TABLE … SELECT): it ends at its XID. Events
+                // in between change nothing; waiting longer is always safe, ending early is not.
+                Body::TableMap(_) | Body::Rows(_) | Body::Xid => {
+                    if let Some(txn) = &mut self.txn {
+                        txn.ddl_end = None;
+                        txn.begun = true;
+                    }
+                }
+                _ => {}
+            }
+        }
         match ev.body {
             Body::FormatDescription(fde) => {
                 // A new binlog file (or the stream's start): table ids restart with the server.
@@ -708,6 +721,11 @@ impl StreamState {
                     Arc::<str>::from(format!("{}-{}-{}", g.domain, header.server_id, g.seq)),
                 );
                 self.open(Some(gtid), None);
+                // A group that is not standalone ends with its COMMIT or XID, whatever statements
+                // it holds; a standalone one (DDL) ends with its statement.
+                if let Some(txn) = &mut self.txn {
+                    txn.begun = !g.standalone();
+                }
             }
             Body::Query(q) => self.query(&header, &q)?,
             Body::Xid | Body::XaPrepare => self.commit(),
@@ -759,8 +777,9 @@ impl StreamState {
             begin_pos: self.event_start,
             begun: false,
             query: None,
-            events: 0,
+            ddl_end: None,
         });
+        self.batcher.begin();
     }
 
     fn query(&mut self, header: &Header, q: &event::Query<'_>) -> Result<(), Step> {
@@ -838,8 +857,12 @@ impl StreamState {
                 }
             }
         }
-        if !self.txn.as_ref().is_some_and(|t| t.begun) {
-            self.commit();
+        match &mut self.txn {
+            Some(txn) if txn.begun => {}
+            // A DDL's own transaction: ended by the next event unless rows follow (see `ddl_end`).
+            // MariaDB marks it standalone; MySQL says nothing, so the next event decides.
+            Some(txn) if self.flavor == Flavor::Mysql => txn.ddl_end = Some(self.event_end),
+            _ => self.commit(),
         }
         Ok(())
     }
@@ -945,10 +968,8 @@ impl StreamState {
         after: Option<Row>,
         row: u32,
     ) {
-        let Some(txn) = &mut self.txn else { return };
-        txn.events += 1;
-        if self.skip_events > 0 {
-            self.skip_events -= 1;
+        let Some(txn) = &self.txn else { return };
+        if !self.batcher.admit() {
             return;
         }
         let source = SourceBlock {
@@ -965,13 +986,13 @@ impl StreamState {
             query: txn.query.clone(),
             txn_pos: txn.begin_pos,
         };
-        self.batch.push(Item::Event(Event::Change(ChangeEvent {
+        self.batcher.push(Event::Change(ChangeEvent {
             op,
             table,
             before,
             after,
             source: tailgate_core::SourceInfo::Mysql(source),
-        })));
+        }));
     }
 
     /// Ends the open transaction: its GTID joins the set, and the commit marker follows its events.
@@ -984,8 +1005,15 @@ impl StreamState {
                 _ => {}
             }
         }
-        self.skip_events = 0;
-        self.push_commit(self.event_end);
+        self.batcher.commit(self.commit_position(self.event_end));
+    }
+
+    /// Ends a DDL's transaction at `end`, where its statement ended (the event being handled now
+    /// belongs to what comes next).
+    fn commit_at(&mut self, end: u64) {
+        let current = std::mem::replace(&mut self.event_end, end);
+        self.commit();
+        self.event_end = current;
     }
 
     fn push_commit_at(&mut self, file: &BinlogFile, pos: u64) {
@@ -993,10 +1021,13 @@ impl StreamState {
         self.push_commit(pos);
     }
 
+    fn commit_position(&self, pos: u64) -> Position {
+        Position::Mysql { file: BinlogFile(self.file.to_string()), pos, gtids: self.gtids.clone() }
+    }
+
+    /// Progress between transactions (a fresh connector's start, a rotation to the next file).
     fn push_commit(&mut self, pos: u64) {
-        let position = Position::Mysql { file: BinlogFile(self.file.to_string()), pos, gtids: self.gtids.clone() };
-        self.batch.push(Item::Commit(position.clone()));
-        self.emitted = Some(position);
+        self.batcher.marker(self.commit_position(pos));
     }
 }
 
@@ -1064,6 +1095,8 @@ pub fn parse_binlog_position(text: &str) -> Option<(BinlogFile, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use tailgate_pipeline::Item;
+
     use super::*;
 
     #[test]
@@ -1137,7 +1170,8 @@ mod tests {
             }
         };
         state
-            .batch
+            .batcher
+            .take_batch()
             .iter()
             .map(|item| match item {
                 Item::Event(Event::Change(c)) => {

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use tailgate_core::Position;
+use crate::sink::Checkpoint;
 
 #[derive(Debug, Default)]
 pub struct AckTracker {
@@ -16,7 +16,7 @@ pub struct AckTracker {
     /// `true` once acknowledged, for records `base..base+len`.
     pending: VecDeque<bool>,
     /// Commit positions with the number of records registered before them.
-    commits: VecDeque<(u64, Position)>,
+    commits: VecDeque<(u64, Checkpoint)>,
 }
 
 impl AckTracker {
@@ -31,7 +31,7 @@ impl AckTracker {
     }
 
     /// Marks a transaction boundary after every record registered so far.
-    pub fn commit(&mut self, position: Position) {
+    pub fn commit(&mut self, position: Checkpoint) {
         let end = self.base + self.pending.len() as u64;
         match self.commits.back_mut() {
             // Consecutive commits with no record between them: only the newest matters.
@@ -52,7 +52,7 @@ impl AckTracker {
     }
 
     /// The newest commit position whose preceding records are all acknowledged, if it moved.
-    pub fn take_checkpoint(&mut self) -> Option<Position> {
+    pub fn take_checkpoint(&mut self) -> Option<Checkpoint> {
         let mut newest = None;
         while let Some((end, _)) = self.commits.front() {
             if *end > self.base {
@@ -71,12 +71,12 @@ impl AckTracker {
 
 #[cfg(test)]
 mod tests {
-    use tailgate_core::Lsn;
+    use tailgate_core::{Lsn, Position};
 
     use super::*;
 
-    fn pos(n: u64) -> Position {
-        Position::Postgres { lsn: Lsn(n) }
+    fn pos(n: u64) -> Checkpoint {
+        Checkpoint { seq: n, position: Position::Postgres { lsn: Lsn(n) } }
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use tailgate_core::envelope::{Now, Renderer};
 use tailgate_core::{Event, FormatOptions, Op};
 
-use crate::transform::{SinkItem, dead_letter};
+use crate::sink::SinkItem;
+use crate::transform::dead_letter;
 
 #[derive(Debug, Clone)]
 pub struct EncoderOptions {

@@ -22,6 +22,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod source;
 pub mod stdout;
+pub mod stream;
 pub mod transform;
 
 pub use ack::AckTracker;
@@ -30,10 +31,9 @@ pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
-pub use sink::{Sink, SinkError, SinkTotals};
+pub use sink::{Checkpoint, RawRecord, Sink, SinkError, SinkItem, SinkTotals};
 pub use snapshot::{AfterRow, AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
 pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate};
 pub use stdout::StdoutSink;
-pub use transform::{
-    FilterSpec, OutboxSpec, RawRecord, RouteSpec, RuleError, Rules, SinkItem, TransformSpec, Transformer,
-};
+pub use stream::{HandOver, Reconnecting, StreamBatcher, run_reconnecting};
+pub use transform::{FilterSpec, OutboxSpec, RouteSpec, RuleError, Rules, TransformSpec, Transformer};

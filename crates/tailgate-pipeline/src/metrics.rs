@@ -37,6 +37,11 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
         self.sum_micros.fetch_add((seconds * 1e6) as u64, Relaxed);
     }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
 }
 
 /// Counts of one batch, applied to [`Metrics`] in one go.

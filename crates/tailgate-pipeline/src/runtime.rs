@@ -12,9 +12,9 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::{BatchCounts, Metrics, now_ms};
 use crate::offsets::{OffsetStore, OffsetsError};
-use crate::sink::{Sink, SinkError, SinkTotals};
+use crate::sink::{Checkpoint, Sink, SinkError, SinkItem, SinkTotals};
 use crate::source::{Batch, Item, Source, SourceContext};
-use crate::transform::{Rules, SinkItem, TransformCounts, TransformError, Transformer};
+use crate::transform::{Rules, TransformCounts, TransformError, Transformer};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -135,10 +135,10 @@ pub async fn run<S: Source, K: Sink>(
                 },
                 _ = tick.tick() => {}
             }
-            if let Some(position) = sink.poll_acks()? {
-                record_progress(&metrics, &position, &mut stage.pending_commits);
-                summary.checkpoint = Some(position.clone());
-                acked_tx.send_replace(Some(position));
+            if let Some(acked) = sink.poll_acks()? {
+                record_progress(&metrics, &acked, &mut stage.pending_commits);
+                summary.checkpoint = Some(acked.position.clone());
+                acked_tx.send_replace(Some(acked.position));
             }
             let totals = sink.totals();
             publish_totals(&metrics, totals, sink.in_flight());
@@ -174,9 +174,9 @@ pub async fn run<S: Source, K: Sink>(
     };
     let mut result = outcome;
     match drained {
-        Ok(Some(position)) => {
-            record_progress(&metrics, &position, &mut stage.pending_commits);
-            summary.checkpoint = Some(position);
+        Ok(Some(acked)) => {
+            record_progress(&metrics, &acked, &mut stage.pending_commits);
+            summary.checkpoint = Some(acked.position);
         }
         Ok(None) => {}
         Err(e) => {
@@ -249,14 +249,17 @@ fn publish_totals(metrics: &Metrics, totals: SinkTotals, in_flight: usize) {
 pub struct Stage {
     transformer: Transformer,
     rules: watch::Receiver<Arc<Rules>>,
-    /// Commits handed to the sink and their commit time, for the delivery-lag histogram.
-    pub pending_commits: VecDeque<(Position, i64)>,
+    /// Commits handed to the sink (their [`Checkpoint::seq`]) and their commit time, for the
+    /// delivery-lag histogram. Bounded by the commits in flight: acknowledged ones leave it.
+    pub pending_commits: VecDeque<(u64, i64)>,
+    /// The next commit's [`Checkpoint::seq`].
+    next_seq: u64,
 }
 
 impl Stage {
     pub fn new(mut rules: watch::Receiver<Arc<Rules>>) -> Self {
         let current = rules.borrow_and_update().clone();
-        Stage { transformer: Transformer::new(current), rules, pending_commits: VecDeque::new() }
+        Stage { transformer: Transformer::new(current), rules, pending_commits: VecDeque::new(), next_seq: 0 }
     }
 
     /// Transforms and counts one batch. Per-table counts are kept per run of consecutive events of
@@ -289,11 +292,13 @@ impl Stage {
                     self.transformer.apply(event, &mut out, &mut transform_counts)?;
                 }
                 Item::Commit(position) => {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
                     if let Some(ts) = last_commit_ts.take() {
                         counts.transactions += 1;
-                        self.pending_commits.push_back((position.clone(), ts));
+                        self.pending_commits.push_back((seq, ts));
                     }
-                    out.push(SinkItem::Commit(position));
+                    out.push(SinkItem::Commit(Checkpoint { seq, position }));
                     if self.rules.has_changed().unwrap_or(false) {
                         let rules = self.rules.borrow_and_update().clone();
                         info!("new filter, route and outbox rules in effect from the next transaction");
@@ -308,13 +313,79 @@ impl Stage {
     }
 }
 
-fn record_progress(metrics: &Metrics, position: &Position, pending: &mut VecDeque<(Position, i64)>) {
+fn record_progress(metrics: &Metrics, acked: &Checkpoint, pending: &mut VecDeque<(u64, i64)>) {
     let now_us = now_ms() as i64 * 1000;
-    while pending.front().is_some_and(|(p, _)| p <= position) {
+    while pending.front().is_some_and(|(seq, _)| *seq <= acked.seq) {
         if let Some((_, ts)) = pending.pop_front() {
             metrics.delivery_lag.observe((now_us - ts) as f64 / 1e6);
         }
     }
-    metrics.checkpoint_position.store(position.as_number(), Relaxed);
+    metrics.checkpoint_position.store(acked.position.as_number(), Relaxed);
     metrics.last_progress_ms.store(now_ms(), Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use tailgate_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgSource, SourceInfo, TableId};
+
+    use super::*;
+    use crate::transform::TransformSpec;
+
+    fn event(snapshot: &'static str) -> Item {
+        Item::Event(Event::Change(ChangeEvent {
+            op: if snapshot == "false" { Op::Create } else { Op::Read },
+            table: Arc::new(TableSchema {
+                id: TableId { schema: "public".into(), table: "t".into() },
+                columns: vec![ColumnSchema { name: "id".into(), key: true }],
+            }),
+            before: None,
+            after: Some(vec![tailgate_core::Value::Int(1)]),
+            source: SourceInfo::Postgres(PgSource {
+                name: "n".into(),
+                db: "d".into(),
+                commit_ts_us: 1,
+                txid: 0,
+                lsn: 0,
+                last_commit_lsn: None,
+                snapshot,
+            }),
+        }))
+    }
+
+    /// After a snapshot, streamed transactions must leave the lag queue once acknowledged: a
+    /// snapshot marker once stayed at its front for good (positions compared across kinds), so the
+    /// lag histogram never counted again and the queue grew by one entry per transaction.
+    #[test]
+    fn acknowledged_commits_leave_the_lag_queue_after_a_snapshot() {
+        let rules =
+            Arc::new(Rules::compile(&TransformSpec { topic_prefix: "p".into(), ..Default::default() }).unwrap());
+        let (_tx, rx) = watch::channel(rules);
+        let mut stage = Stage::new(rx);
+        let metrics = Metrics::new("t");
+        let snapshot_marker =
+            Position::PostgresSnapshot { lsn: Lsn(100), done: vec![], table: Some("public.t".into()), after: None };
+        let mut last = None;
+        let mut batch = vec![
+            event("true"),
+            Item::Commit(snapshot_marker),
+            event("last"),
+            Item::Commit(Position::Postgres { lsn: Lsn(100) }),
+        ];
+        for i in 0..1000 {
+            batch.push(event("false"));
+            batch.push(Item::Commit(Position::Postgres { lsn: Lsn(200 + i) }));
+        }
+        let (items, counts) = stage.process(batch).unwrap();
+        assert_eq!(counts.transactions, 1002);
+        for item in items {
+            if let SinkItem::Commit(c) = item {
+                last = Some(c);
+            }
+        }
+        let last = last.unwrap();
+        assert_eq!(last.position, Position::Postgres { lsn: Lsn(1199) });
+        record_progress(&metrics, &last, &mut stage.pending_commits);
+        assert!(stage.pending_commits.is_empty(), "{} commits left waiting", stage.pending_commits.len());
+        assert_eq!(metrics.delivery_lag.count(), 1002);
+    }
 }

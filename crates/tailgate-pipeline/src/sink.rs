@@ -9,9 +9,41 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tailgate_core::Position;
+use std::sync::Arc;
 
-use crate::transform::SinkItem;
+use tailgate_core::{Event, Position};
+
+/// A record whose bytes the transform stage produced itself (outbox events, dead letters).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRecord {
+    pub topic: Arc<str>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub dead_letter: bool,
+}
+
+/// What the sink receives, in order.
+#[derive(Debug, Clone)]
+pub enum SinkItem {
+    /// A change event to render as Debezium's envelope under `topic`.
+    Change {
+        topic: Arc<str>,
+        event: Event,
+    },
+    Raw(RawRecord),
+    /// As [`crate::Item::Commit`]: every record before it forms complete transactions.
+    Commit(Checkpoint),
+}
+
+/// A commit marker as sinks see it: the source's position, numbered in the order the run handed
+/// commits over. Progress is ordered by `seq`, never by comparing positions (a snapshot's markers
+/// and the stream's positions are different kinds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub position: Position,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -35,11 +67,11 @@ pub trait Sink: Send {
     fn send(&mut self, batch: Vec<SinkItem>) -> impl Future<Output = Result<(), SinkError>> + Send;
 
     /// Serves pending acknowledgements; returns the newest fully acknowledged position, if it moved.
-    fn poll_acks(&mut self) -> Result<Option<Position>, SinkError>;
+    fn poll_acks(&mut self) -> Result<Option<Checkpoint>, SinkError>;
 
     /// Waits up to `timeout` for everything handed over to be acknowledged; returns the newest fully
     /// acknowledged position, if it moved.
-    fn flush(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Position>, SinkError>> + Send;
+    fn flush(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Checkpoint>, SinkError>> + Send;
 
     /// Records handed over and not yet acknowledged.
     fn in_flight(&self) -> usize;

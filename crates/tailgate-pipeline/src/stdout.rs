@@ -8,12 +8,10 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use tailgate_core::Position;
 use tailgate_core::envelope::write_str;
 
 use crate::encode::Encoder;
-use crate::sink::{Sink, SinkError, SinkTotals};
-use crate::transform::SinkItem;
+use crate::sink::{Checkpoint, Sink, SinkError, SinkItem, SinkTotals};
 
 pub struct StdoutSink {
     out: Box<dyn Write + Send>,
@@ -21,9 +19,9 @@ pub struct StdoutSink {
     buf: Vec<u8>,
     encoder: Encoder,
     /// The newest commit written but not yet flushed.
-    written: Option<Position>,
+    written: Option<Checkpoint>,
     /// The newest commit flushed, not yet reported.
-    acked: Option<Position>,
+    acked: Option<Checkpoint>,
     last_flush: Instant,
     totals: SinkTotals,
 }
@@ -44,7 +42,7 @@ impl StdoutSink {
         }
     }
 
-    fn write_batch(&mut self, batch: &[SinkItem]) -> std::io::Result<Option<Position>> {
+    fn write_batch(&mut self, batch: &[SinkItem]) -> std::io::Result<Option<Checkpoint>> {
         self.encoder.begin_batch();
         let mut last_commit = None;
         for item in batch {
@@ -123,14 +121,14 @@ impl Sink for StdoutSink {
 
     /// Called after every batch and on the run loop's 20 ms tick: written data is flushed within
     /// 20 ms even when no more batches come.
-    fn poll_acks(&mut self) -> Result<Option<Position>, SinkError> {
+    fn poll_acks(&mut self) -> Result<Option<Checkpoint>, SinkError> {
         if self.written.is_some() && self.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush_now()?;
         }
         Ok(self.acked.take())
     }
 
-    async fn flush(&mut self, _timeout: Duration) -> Result<Option<Position>, SinkError> {
+    async fn flush(&mut self, _timeout: Duration) -> Result<Option<Checkpoint>, SinkError> {
         self.flush_now()?;
         Ok(self.acked.take())
     }

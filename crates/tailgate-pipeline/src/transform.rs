@@ -24,7 +24,9 @@ use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tailgate_core::envelope::{DecimalHandling, ValueFormat, write_value};
-use tailgate_core::{ChangeEvent, ColumnSchema, Event, LogicalMessage, Op, Position, SourceInfo, TableSchema, Value};
+use tailgate_core::{ChangeEvent, ColumnSchema, Event, LogicalMessage, Op, SourceInfo, TableSchema, Value};
+
+use crate::sink::{RawRecord, SinkItem};
 use tracing::{error, warn};
 
 // ---------------------------------------------------------------------------------------------
@@ -359,29 +361,6 @@ impl Rules {
 
 // ---------------------------------------------------------------------------------------------
 // Output of the stage.
-
-/// A record whose bytes the transform stage produced itself (outbox events, dead letters).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawRecord {
-    pub topic: Arc<str>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub dead_letter: bool,
-}
-
-/// What the sink receives, in order.
-#[derive(Debug, Clone)]
-pub enum SinkItem {
-    /// A change event to render as Debezium's envelope under `topic`.
-    Change {
-        topic: Arc<str>,
-        event: Event,
-    },
-    Raw(RawRecord),
-    /// As [`crate::Item::Commit`].
-    Commit(Position),
-}
 
 /// A definite failure decided by a rule (outbox `on_update = "fatal"`).
 #[derive(Debug, thiserror::Error)]
