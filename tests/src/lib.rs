@@ -46,21 +46,49 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Held shared by every PostgreSQL test ([`TestDb`]) and exclusively by those that restart the
+/// server. Take [`broker_lock`] first when a test needs both.
+pub fn pg_server_lock() -> &'static tokio::sync::RwLock<()> {
+    static LOCK: OnceLock<tokio::sync::RwLock<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::RwLock::new(()))
+}
+
+/// A test's hold on [`pg_server_lock`].
+pub enum PgGuard {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 /// A database of its own for one test. Created fresh (a leftover from an earlier run is dropped
 /// together with its slots).
 pub struct TestDb {
     pub name: String,
     pub client: Client,
+    _server: PgGuard,
 }
 
 impl TestDb {
     pub async fn new(test: &str) -> TestDb {
+        Self::with_guard(test, PgGuard::Shared(pg_server_lock().read().await)).await
+    }
+
+    /// For tests that restart the server: no other PostgreSQL test runs meanwhile.
+    pub async fn exclusive(test: &str) -> TestDb {
+        Self::with_guard(test, PgGuard::Exclusive(pg_server_lock().write().await)).await
+    }
+
+    async fn with_guard(test: &str, guard: PgGuard) -> TestDb {
         let name = format!("tg_{test}");
         let admin = connect(&format!("{}/postgres", pg_admin_url())).await;
         drop_database(&admin, &name).await;
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         let client = connect(&self_url(&name)).await;
-        TestDb { name, client }
+        TestDb { name, client, _server: guard }
+    }
+
+    /// Connects again (after a server restart).
+    pub async fn reconnect(&mut self) {
+        self.client = connect(&self.url()).await;
     }
 
     /// URL for this database as the admin user.
@@ -226,6 +254,27 @@ impl Tailgate {
                 panic!("tailgate exited ({status}) before logging {needle:?}:\n{}", self.log_text());
             }
             assert!(Instant::now() < deadline, "no {needle:?} in the log within {timeout:?}:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How often `needle` occurs in the log so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text().matches(needle).count()
+    }
+
+    /// Waits until the log contains `needle` at least `n` times.
+    pub async fn wait_for_log_count(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.log_count(needle) < n {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tailgate exited ({status}) before logging {needle:?} {n} times:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not {n} times in the log within {timeout:?}:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -33,6 +33,13 @@ fn main() {
         }
     }
     consumer.assign(&tpl).expect("assign");
+    if args.iter().any(|a| a == "--watermarks") {
+        for p in tpl.elements() {
+            let (low, high) =
+                consumer.fetch_watermarks(&topic, p.partition(), Duration::from_secs(10)).expect("watermarks");
+            eprintln!("partition {}: low {low} high {high}", p.partition());
+        }
+    }
     let mut seen = 0;
     let mut idle_since = Instant::now();
     while seen < max && idle_since.elapsed() < Duration::from_secs(3) {

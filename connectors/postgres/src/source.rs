@@ -27,7 +27,7 @@ use tailgate_core::{
 };
 pub use tailgate_pipeline::SnapshotMode;
 use tailgate_pipeline::stream::COALESCE_WINDOW;
-use tailgate_pipeline::{HandOver, Reconnecting, Source, SourceContext, StreamBatcher, run_reconnecting};
+use tailgate_pipeline::{HandOver, Reconnecting, Source, SourceContext, StreamBatcher, TableRules, run_reconnecting};
 use tracing::{debug, info, warn};
 
 use crate::catalog;
@@ -46,8 +46,9 @@ pub struct PostgresSourceConfig {
     pub publication: String,
     /// Create the publication when it is missing.
     pub create_publication: bool,
-    /// The tables to capture (`None`: all). A publication tailgate manages covers exactly these.
-    pub tables: Option<catalog::TablePredicate>,
+    /// The tables to capture, as the rules say now (a reload changes them). A publication tailgate
+    /// manages covers exactly these.
+    pub tables: TableRules,
     /// Items per batch handed to the pipeline, at most.
     pub batch_size: usize,
     /// How often a standby status update is sent.
@@ -68,7 +69,7 @@ impl std::fmt::Debug for PostgresSourceConfig {
             .field("name", &self.name)
             .field("slot", &self.slot)
             .field("publication", &self.publication)
-            .field("filtered", &self.tables.is_some())
+            .field("tables", &self.tables)
             .finish_non_exhaustive()
     }
 }
@@ -140,7 +141,9 @@ impl PostgresSource {
             return Err(PgError::WalLevel { found: wal_level });
         }
         let publication = &self.config.publication;
-        let tables = self.config.tables.as_ref();
+        // The rules in force now: a reload since start-up changed what the publication must cover.
+        let predicate = self.config.tables.predicate();
+        let tables = predicate.as_ref();
         match catalog::sync_publication(&mut client, publication, tables, self.config.create_publication).await? {
             catalog::PublicationSync::Created => {
                 info!(publication = %publication, filtered = tables.is_some(), "publication created")
@@ -151,7 +154,7 @@ impl PostgresSource {
             catalog::PublicationSync::Unchanged | catalog::PublicationSync::NotManaged => {}
         }
         let outside = catalog::tables_outside_publication(&client, &self.config.publication).await?;
-        if !outside.is_empty() && self.config.tables.is_none() {
+        if !outside.is_empty() && tables.is_none() {
             warn!(publication = %self.config.publication, tables = %outside.join(", "), "tables outside the publication are not captured");
         }
         match catalog::slot_state(&client, &self.config.slot).await? {
@@ -181,10 +184,11 @@ impl PostgresSource {
         let existing = catalog::slot_state(&catalog_client, &self.config.slot).await?;
         if let Some(snapshot) = self.plan_snapshot(&mut conn, &existing, state).await? {
             let (exported, consistent, mut progress) = snapshot;
+            let tables = self.config.tables.predicate();
             let job = SnapshotJob {
                 info: &self.info,
                 publication: &self.config.publication,
-                tables: self.config.tables.as_ref(),
+                tables: tables.as_ref(),
                 fetch_rows: self.config.snapshot_fetch_rows,
                 parallel: self.config.snapshot_parallel,
                 stop: &ctx.shutdown,
@@ -685,7 +689,7 @@ mod tests {
             slot: "s".into(),
             publication: "p".into(),
             create_publication: true,
-            tables: None,
+            tables: TableRules::fixed(tailgate_pipeline::Rules::compile(&Default::default()).unwrap()),
             batch_size: 100,
             status_interval: Duration::from_secs(1),
             stop_at: None,

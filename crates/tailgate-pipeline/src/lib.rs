@@ -33,7 +33,7 @@ pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
 pub use sink::{Checkpoint, RawRecord, Sink, SinkError, SinkItem, SinkTotals};
 pub use snapshot::{AfterRow, AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
-pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate};
+pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate, TableRules};
 pub use stdout::StdoutSink;
 pub use stream::{HandOver, Reconnecting, StreamBatcher, run_reconnecting};
 pub use transform::{FilterSpec, OutboxSpec, RouteSpec, RuleError, Rules, TransformSpec, Transformer};

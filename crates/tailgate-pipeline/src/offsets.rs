@@ -2,7 +2,10 @@
 //!
 //! One JSON file may hold several connectors, keyed by their `name`. It is replaced atomically
 //! (write a temporary file, fsync it, rename it over the old one, fsync the folder), so a crash
-//! leaves either the old or the new checkpoint, never a torn one. The format is frozen by a test.
+//! leaves either the old or the new checkpoint, never a torn one. Connectors sharing the file (in one
+//! process or several) take an exclusive lock on `<file>.lock` around each read-modify-write, so one
+//! never overwrites another's entry. The file is created readable by its owner only (0600). The
+//! format is frozen by a test.
 //!
 //! ```json
 //! {"format":1,"connectors":{"shop":{"position":{"type":"postgres","lsn":"0/16B3748"},"updated_at_ms":1700000000000}}}
@@ -85,6 +88,7 @@ impl OffsetStore {
 
     /// Stores `position` for this connector, keeping other connectors' entries.
     pub fn save(&self, position: &Position) -> Result<(), OffsetsError> {
+        let _lock = self.lock()?;
         let mut file = self.read_file()?;
         let updated_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -96,6 +100,7 @@ impl OffsetStore {
 
     /// Removes this connector's entry (used by `offsets reset`).
     pub fn clear(&self) -> Result<bool, OffsetsError> {
+        let _lock = self.lock()?;
         let mut file = self.read_file()?;
         let removed = file.connectors.remove(&self.name).is_some();
         if removed {
@@ -104,14 +109,27 @@ impl OffsetStore {
         Ok(removed)
     }
 
+    /// Holds `<file>.lock` exclusively until dropped: the read-modify-write of one saver never
+    /// interleaves with another's, in this process or another.
+    fn lock(&self) -> Result<File, OffsetsError> {
+        let path = self.sibling(".lock");
+        let locked = owner_only().write(true).truncate(false).open(&path).and_then(|f| f.lock().map(|()| f));
+        locked.map_err(|source| OffsetsError::Write { path, source })
+    }
+
+    /// `<file><suffix>` beside the offsets file.
+    fn sibling(&self, suffix: &str) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_owned();
+        name.push(suffix);
+        self.path.with_file_name(name)
+    }
+
     fn write_atomically(&self, file: &OffsetsFile) -> std::io::Result<()> {
-        let mut tmp_name = self.path.file_name().unwrap_or_default().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = self.path.with_file_name(tmp_name);
+        let tmp = self.sibling(".tmp");
         let mut bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
         {
-            let mut f = File::create(&tmp)?;
+            let mut f = owner_only().write(true).truncate(true).open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
         }
@@ -123,6 +141,14 @@ impl OffsetStore {
         };
         File::open(dir)?.sync_all()
     }
+}
+
+/// Creates files readable and writable by their owner only: checkpoints name databases and hosts.
+fn owner_only() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).mode(0o600);
+    options
 }
 
 #[cfg(test)]
@@ -153,6 +179,37 @@ mod tests {
         assert!(a.clear().unwrap());
         assert_eq!(a.load().unwrap(), None);
         assert!(!dir.join("o.json.tmp").exists(), "temporary file is renamed away");
+    }
+
+    /// Two connectors sharing one file, saving as fast as they can from two threads: neither loses
+    /// its entry, and no save fails (an unlocked read-modify-write with one temporary name lost
+    /// entries and failed renames).
+    #[test]
+    fn busy_connectors_sharing_a_file_keep_each_others_entries() {
+        let dir = tmpdir("shared");
+        let path = dir.join("o.json");
+        let savers: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| {
+                let store = OffsetStore::new(&path, name);
+                std::thread::spawn(move || {
+                    for i in 1..=300u64 {
+                        store.save(&Position::Postgres { lsn: Lsn(i) }).unwrap();
+                        let mine = store.load().unwrap().expect("my entry is there").position;
+                        assert_eq!(mine, Position::Postgres { lsn: Lsn(i) });
+                    }
+                })
+            })
+            .collect();
+        for saver in savers {
+            saver.join().unwrap();
+        }
+        for name in ["a", "b", "c"] {
+            let stored = OffsetStore::new(&path, name).load().unwrap().unwrap();
+            assert_eq!(stored.position, Position::Postgres { lsn: Lsn(300) }, "{name}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     /// Frozen: files written by earlier releases must keep loading.

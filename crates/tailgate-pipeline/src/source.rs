@@ -8,10 +8,60 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::transform::Rules;
 
 /// Which tables a source captures: called with `schema.table` (PostgreSQL) or `database.table`
 /// (MySQL). Sources use it to avoid reading (PostgreSQL: publishing) what the rules exclude.
 pub type TablePredicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The table rules as they are now: a reload (SIGHUP) replaces them while the source runs, and a
+/// source that reconnects, re-creates its publication or snapshots must use the current ones, never
+/// those it started with.
+#[derive(Clone)]
+pub struct TableRules(watch::Receiver<Arc<Rules>>);
+
+impl TableRules {
+    pub fn new(rules: watch::Receiver<Arc<Rules>>) -> Self {
+        TableRules(rules)
+    }
+
+    /// Rules that never change (tests, one-shot commands).
+    pub fn fixed(rules: Rules) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(rules));
+        // The receiver keeps the value; the sender may go.
+        drop(tx);
+        TableRules(rx)
+    }
+
+    /// The current rules.
+    pub fn current(&self) -> Arc<Rules> {
+        self.0.borrow().clone()
+    }
+
+    /// The current rules' table predicate; `None` when they select no tables (all are captured).
+    pub fn predicate(&self) -> Option<TablePredicate> {
+        let rules = self.current();
+        if !rules.filters_tables() {
+            return None;
+        }
+        Some(Arc::new(move |table: &str| rules.table_included(table)))
+    }
+
+    /// A predicate that asks the rules in force at each call (a reader that outlives a reload).
+    pub fn live_predicate(&self) -> TablePredicate {
+        let rules = self.0.clone();
+        Arc::new(move |table: &str| {
+            let current = rules.borrow();
+            !current.filters_tables() || current.table_included(table)
+        })
+    }
+}
+
+impl std::fmt::Debug for TableRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableRules").field("filters_tables", &self.current().filters_tables()).finish()
+    }
+}
 
 /// When the existing rows are read (Debezium's `snapshot.mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -275,7 +275,7 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> any
             if stop_at.binlog.is_some() {
                 anyhow::bail!("--stop-at-binlog is for MySQL sources; use --stop-at-lsn");
             }
-            let source = postgres::source(&config, pg, stop_at.lsn, &rules)?;
+            let source = postgres::source(&config, pg, stop_at.lsn, &rules_rx)?;
             run_pipeline(source, &config, &rules, context, opts).await?
         }
         SourceConfig::Mysql(my) => {

@@ -3,6 +3,7 @@
 //! scripts/services.sh sets up. One test binary; each test owns its database, slot and topics.
 
 mod auth;
+mod faults;
 mod mysql_resilience;
 mod mysql_snapshot;
 mod mysql_streaming;

@@ -212,3 +212,32 @@ fn example_configs_are_valid() {
     }
     assert!(checked >= 4, "example configs missing");
 }
+
+/// After an initial snapshot, streamed transactions are still counted by the lag histogram once
+/// acknowledged (a snapshot marker used to block the queue behind it for good, so the count stayed
+/// at the snapshot's and memory grew with every transaction).
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_histogram_counts_streamed_transactions_after_a_snapshot() {
+    let s =
+        Scenario::new("lagsnap", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 2000);")
+            .await;
+    let port = free_port();
+    let http = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut tg = s.start(&stdout_sink(), &http).await;
+    wait_stdout(&mut tg, 2000, Duration::from_secs(30)).await;
+    for i in 0..30 {
+        s.db.exec(&format!("INSERT INTO t VALUES ({})", 10_000 + i)).await;
+    }
+    wait_stdout(&mut tg, 2030, Duration::from_secs(30)).await;
+    let series = format!("tailgate_delivery_lag_seconds_count{{connector=\"{}\"}}", s.name);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = metric(&http_get(port, "/metrics").1, &series).unwrap_or(0.0);
+        if count >= 30.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{series} = {count} after 30 streamed transactions");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.finish(tg).await;
+}

@@ -27,10 +27,10 @@ pub fn source(
     config: &Config,
     pg: &PostgresConfig,
     stop_at: Option<Lsn>,
-    rules: &Arc<Rules>,
+    rules: &tokio::sync::watch::Receiver<Arc<Rules>>,
 ) -> Result<PostgresSource, PgError> {
     PostgresSource::new(PostgresSourceConfig {
-        tables: table_predicate(rules),
+        tables: tailgate_pipeline::TableRules::new(rules.clone()),
         name: config.name.clone(),
         url: pg.url.clone(),
         slot: config.slot_name(),
