@@ -393,14 +393,14 @@ pub async fn open_consistent_snapshot(
             conn.query_drop(START).await?;
             let status: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
             let get = |name: &str| status.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
-            if let (Some(file), Some(pos)) = (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
-                if !file.is_empty() {
-                    let pos: u64 =
-                        pos.parse().map_err(|_| MyError::Protocol(format!("binlog_snapshot_position {pos:?}")))?;
-                    let gtids = catalog::mariadb_gtid_pos(conn, &file, pos).await?;
-                    let point = Position::Mysql { file: BinlogFile(file), pos, gtids: Some(GtidSet::Mariadb(gtids)) };
-                    return Ok((point, PointMethod::MariadbSnapshotStatus));
-                }
+            if let (Some(file), Some(pos)) = (get("binlog_snapshot_file"), get("binlog_snapshot_position"))
+                && !file.is_empty()
+            {
+                let pos: u64 =
+                    pos.parse().map_err(|_| MyError::Protocol(format!("binlog_snapshot_position {pos:?}")))?;
+                let gtids = catalog::mariadb_gtid_pos(conn, &file, pos).await?;
+                let point = Position::Mysql { file: BinlogFile(file), pos, gtids: Some(GtidSet::Mariadb(gtids)) };
+                return Ok((point, PointMethod::MariadbSnapshotStatus));
             }
             conn.query_drop("ROLLBACK").await?;
             global_read_lock(conn, facts).await
@@ -518,7 +518,7 @@ impl KeyForm {
             }
             KeyForm::Text => Some(format!("_utf8mb4 X'{}'", hex(stored.as_bytes()))),
             KeyForm::Binary => {
-                let ok = stored.len() % 2 == 0 && stored.bytes().all(|b| b.is_ascii_hexdigit());
+                let ok = stored.len().is_multiple_of(2) && stored.bytes().all(|b| b.is_ascii_hexdigit());
                 ok.then(|| format!("X'{stored}'"))
             }
         }

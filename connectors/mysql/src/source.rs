@@ -162,10 +162,8 @@ impl MysqlSource {
             Some(p) => (p, true),
             None => (catalog::current_position(&mut catalog, &facts).await?, false),
         };
-        if from_checkpoint {
-            if let Err(message) = catalog::position_available(&mut catalog, &facts, &start).await? {
-                return Err(MyError::PositionPurged { position: start.to_string(), message });
-            }
+        if from_checkpoint && let Err(message) = catalog::position_available(&mut catalog, &facts, &start).await? {
+            return Err(MyError::PositionPurged { position: start.to_string(), message });
         }
         let Position::Mysql { file, pos, gtids } = &start else {
             return Err(MyError::Protocol(format!(
@@ -188,13 +186,13 @@ impl MysqlSource {
         // server notices the dead connection only at its next write): the server replaces it.
         let label = format!("tailgate {} pid {}", self.config.name, std::process::id());
         let own = format!("tailgate {} pid ", self.config.name);
-        if let Some(host) = crate::check::replica_using(&mut catalog, self.config.server_id).await {
-            if !host.starts_with(&own) {
-                return Err(MyError::ServerIdInUse {
-                    server_id: self.config.server_id,
-                    message: format!("SHOW REPLICAS lists it for {host:?}"),
-                });
-            }
+        if let Some(host) = crate::check::replica_using(&mut catalog, self.config.server_id).await
+            && !host.starts_with(&own)
+        {
+            return Err(MyError::ServerIdInUse {
+                server_id: self.config.server_id,
+                message: format!("SHOW REPLICAS lists it for {host:?}"),
+            });
         }
         if facts.binlog_row_metadata != "FULL" {
             // Column names come from information_schema. Read them now, before the first event:
@@ -272,12 +270,12 @@ impl MysqlSource {
                 }
             }
             // A small batch waits a little for more events (see StreamBatcher::wait_for_more).
-            if state.batcher.wait_for_more() {
-                if let Ok(read) = tokio::time::timeout(COALESCE_WINDOW, conn.fill()).await {
-                    read?;
-                    ctx.metrics.source_active();
-                    continue;
-                }
+            if state.batcher.wait_for_more()
+                && let Ok(read) = tokio::time::timeout(COALESCE_WINDOW, conn.fill()).await
+            {
+                read?;
+                ctx.metrics.source_active();
+                continue;
             }
             if state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
                 return Ok(());
@@ -628,10 +626,10 @@ impl StreamState {
         let fde = self.fde.clone();
         for bytes in event::payload_events(&data) {
             let bytes = bytes.map_err(|e| self.decode_err(e))?;
-            if let Ok(ev) = event::parse(bytes, &fde, false) {
-                if let Body::TableMap(map) = &ev.body {
-                    self.check_table_map(map)?;
-                }
+            if let Ok(ev) = event::parse(bytes, &fde, false)
+                && let Body::TableMap(map) = &ev.body
+            {
+                self.check_table_map(map)?;
             }
         }
         for bytes in event::payload_events(&data) {
@@ -732,10 +730,10 @@ impl StreamState {
             Body::TableMap(map) => self.table_map(&map)?,
             Body::Rows(rows) => self.rows(&header, &rows)?,
             Body::RowsQuery(text) => {
-                if self.include_query {
-                    if let Some(txn) = &mut self.txn {
-                        txn.query = Some(String::from_utf8_lossy(&text).into());
-                    }
+                if self.include_query
+                    && let Some(txn) = &mut self.txn
+                {
+                    txn.query = Some(String::from_utf8_lossy(&text).into());
                 }
             }
             Body::Heartbeat | Body::MariadbGtidList(_) | Body::Ignored => {}
@@ -839,23 +837,22 @@ impl StreamState {
         // TRUNCATE event when asked for, and end the transaction unless it had a BEGIN.
         debug!(statement = %String::from_utf8_lossy(&stmt[..stmt.len().min(200)]), "DDL");
         self.catalog.clear();
-        if word == "TRUNCATE" {
-            if let Some(id) = truncated_table(stmt, q.schema) {
-                if self.captured(&id) {
-                    let schema = self
-                        .known
-                        .get(&id)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(TableSchema { id: id.clone(), columns: Vec::new() }));
-                    if self.txn.is_none() {
-                        self.open(None, None);
-                    }
-                    if let Some(txn) = &mut self.txn {
-                        txn.thread = Some(q.thread_id);
-                    }
-                    self.emit(header, Op::Truncate, schema, None, None, 0);
-                }
+        if word == "TRUNCATE"
+            && let Some(id) = truncated_table(stmt, q.schema)
+            && self.captured(&id)
+        {
+            let schema = self
+                .known
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(TableSchema { id: id.clone(), columns: Vec::new() }));
+            if self.txn.is_none() {
+                self.open(None, None);
             }
+            if let Some(txn) = &mut self.txn {
+                txn.thread = Some(q.thread_id);
+            }
+            self.emit(header, Op::Truncate, schema, None, None, 0);
         }
         match &mut self.txn {
             Some(txn) if txn.begun => {}

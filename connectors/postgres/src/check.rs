@@ -105,9 +105,10 @@ pub async fn run_checks(input: &CheckInput<'_>) -> Vec<CheckResult> {
     match catalog::publication_exists(&client, input.publication).await {
         Ok(true) => {
             out.push(ok("publication", format!("{} exists", input.publication)));
-            if let Ok(tables) = catalog::tables_outside_publication(&client, input.publication).await {
-                if !tables.is_empty() {
-                    out.push(warn(
+            if let Ok(tables) = catalog::tables_outside_publication(&client, input.publication).await
+                && !tables.is_empty()
+            {
+                out.push(warn(
                         "tables outside the publication",
                         format!(
                             "{}: their changes are not captured. Fix, if they should be: ALTER PUBLICATION {} ADD TABLE ...;",
@@ -115,18 +116,17 @@ pub async fn run_checks(input: &CheckInput<'_>) -> Vec<CheckResult> {
                             input.publication
                         ),
                     ));
-                }
             }
-            if let Ok(tables) = catalog::published_tables_without_key(&client, input.publication).await {
-                if !tables.is_empty() {
-                    out.push(warn(
+            if let Ok(tables) = catalog::published_tables_without_key(&client, input.publication).await
+                && !tables.is_empty()
+            {
+                out.push(warn(
                         "tables without primary key",
                         format!(
                             "{}: their events have a null Kafka key, and their UPDATE/DELETE fail unless they have a replica identity. Fix: add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL",
                             tables.join(", ")
                         ),
                     ));
-                }
             }
         }
         Ok(false) if input.create_publication => out.push(ok(

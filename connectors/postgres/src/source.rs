@@ -268,12 +268,12 @@ impl PostgresSource {
                 }
             }
             // A small batch waits a little for more messages (see StreamBatcher::wait_for_more).
-            if state.batcher.wait_for_more() {
-                if let Ok(read) = tokio::time::timeout(COALESCE_WINDOW, conn.fill()).await {
-                    read?;
-                    ctx.metrics.source_active();
-                    continue;
-                }
+            if state.batcher.wait_for_more()
+                && let Ok(read) = tokio::time::timeout(COALESCE_WINDOW, conn.fill()).await
+            {
+                read?;
+                ctx.metrics.source_active();
+                continue;
             }
             if !self.hand_over(&mut conn, ctx, state, &mut status_tick).await? {
                 return Ok(());

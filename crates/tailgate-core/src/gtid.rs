@@ -74,10 +74,10 @@ impl MysqlGtidSet {
             }
         }
         let at = intervals.partition_point(|&(_, end)| end < gno);
-        if let Some(iv) = intervals.get(at) {
-            if iv.0 <= gno {
-                return;
-            }
+        if let Some(iv) = intervals.get(at)
+            && iv.0 <= gno
+        {
+            return;
         }
         intervals.insert(at, (gno, gno));
         // Merge with neighbours that now touch.

@@ -185,11 +185,11 @@ pub async fn run<S: Source, K: Sink>(
             }
         }
     }
-    if summary.checkpoint != persisted {
-        if let Some(p) = &summary.checkpoint {
-            store.save(p)?;
-            info!(position = %p, "final checkpoint written");
-        }
+    if summary.checkpoint != persisted
+        && let Some(p) = &summary.checkpoint
+    {
+        store.save(p)?;
+        info!(position = %p, "final checkpoint written");
     }
     if let Some(p) = &summary.checkpoint {
         acked_tx.send_replace(Some(p.clone()));

@@ -393,10 +393,11 @@ impl Config {
                 return Err(key_error("http.ready_window_s", "must be at least 1"));
             }
         }
-        if let Some(f) = self.log.format.as_deref() {
-            if f != "text" && f != "json" {
-                return Err(key_error("log.format", "use \"text\" or \"json\""));
-            }
+        if let Some(f) = self.log.format.as_deref()
+            && f != "text"
+            && f != "json"
+        {
+            return Err(key_error("log.format", "use \"text\" or \"json\""));
         }
         Ok(())
     }

@@ -177,10 +177,10 @@ async fn until_done(target: &Target, conn: &mut Option<Conn>, sql: &str) {
 async fn scalar_until_done(target: &Target, sql: &str) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some(mut c) = Conn::open(target).await {
-            if let Ok(v) = c.scalar(sql).await {
-                return v;
-            }
+        if let Some(mut c) = Conn::open(target).await
+            && let Ok(v) = c.scalar(sql).await
+        {
+            return v;
         }
         assert!(Instant::now() < deadline, "{sql} kept failing");
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -308,7 +308,7 @@ fn read_value(c: &mut Cursor<'_>, col: &ColumnDecoder) -> Result<Value, DecodeEr
         Vector { len_bytes } => {
             let len = c.uint_le(usize::from(*len_bytes), "vector length")? as usize;
             let bytes = c.take(len, "vector")?;
-            if len % 4 != 0 {
+            if !len.is_multiple_of(4) {
                 return Err(DecodeError::Invalid(format!("VECTOR of {len} bytes")));
             }
             Value::Array(
@@ -409,7 +409,7 @@ fn bits_value(bytes: &[u8], bits: u16) -> Value {
 
 /// MySQL 9 VECTOR: little-endian f32s.
 fn vector_value(bytes: &[u8]) -> Result<Value, DecodeError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(DecodeError::Invalid(format!("VECTOR of {} bytes", bytes.len())));
     }
     Ok(Value::Array(
@@ -564,7 +564,7 @@ fn decode_text(bytes: &[u8], charset: &Charset, pad_to: u16) -> Result<Value, De
             Err(_) => String::from_utf8_lossy(bytes).into_owned(),
         }),
         Charset::Utf32 => {
-            if bytes.len() % 4 != 0 {
+            if !bytes.len().is_multiple_of(4) {
                 return Err(DecodeError::Invalid(format!("utf32 text of {} bytes", bytes.len())));
             }
             Value::String(

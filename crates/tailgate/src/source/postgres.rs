@@ -71,10 +71,10 @@ pub async fn ensure_not_running(config: &Config, pg: &PostgresConfig) -> anyhow:
     let info = ConnInfo::from_url(&pg.url)?;
     let client = catalog::connect(&info).await.context("checking whether the connector runs")?;
     let slot = config.slot_name();
-    if let Some(state) = catalog::slot_state(&client, &slot).await? {
-        if let Some(pid) = state.active_pid {
-            anyhow::bail!("slot {slot} is in use by pid {pid}: stop the running connector first");
-        }
+    if let Some(state) = catalog::slot_state(&client, &slot).await?
+        && let Some(pid) = state.active_pid
+    {
+        anyhow::bail!("slot {slot} is in use by pid {pid}: stop the running connector first");
     }
     Ok(())
 }
