@@ -259,6 +259,29 @@ impl MysqlSource {
                         }
                     }
                 }
+                // A compressed transaction: its events, batch by batch.
+                let mut looked_up = None;
+                loop {
+                    match state.drain_payload() {
+                        Ok(true) => break,
+                        Ok(false) => {
+                            if state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
+                                return Ok(());
+                            }
+                        }
+                        Err(Step::Fail(e)) => return Err(e),
+                        Err(Step::NeedCatalog(id)) if looked_up.as_ref() != Some(&id) => {
+                            let columns = catalog::table_columns(&mut catalog, &id.schema, &id.table).await?;
+                            state.catalog.insert(id.clone(), columns);
+                            looked_up = Some(id);
+                        }
+                        Err(Step::NeedCatalog(id)) => {
+                            return Err(MyError::Schema(crate::schema::SchemaError::NoColumnNames {
+                                table: id.to_string(),
+                            }));
+                        }
+                    }
+                }
                 last_packet = Instant::now();
                 state.streamed_since_connect = true;
                 if state.batcher.is_full() && state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
@@ -470,6 +493,13 @@ struct Transaction {
     ddl_end: Option<u64>,
 }
 
+/// A TRANSACTION_PAYLOAD being read: its inner events, and where the payload event sits.
+struct Payload {
+    reader: event::PayloadReader,
+    start: u64,
+    end: u64,
+}
+
 /// A table id's current mapping: its TABLE_MAP body and what decodes its rows (`None`: not captured).
 struct MappedTable {
     body: Vec<u8>,
@@ -503,6 +533,8 @@ struct StreamState {
     streamed_since_connect: bool,
     /// Where the event being handled starts (the outer one for events inside a transaction payload).
     event_start: u64,
+    /// A transaction payload whose inner events are still being read.
+    payload: Option<Payload>,
     event_end: u64,
     /// The snapshot still to read (or finish), if any; decided once per run.
     snapshot: Option<SnapshotState>,
@@ -531,6 +563,7 @@ impl StreamState {
             ever_streamed: false,
             streamed_since_connect: false,
             event_start: 0,
+            payload: None,
             event_end: 0,
             snapshot: None,
             snapshot_planned: false,
@@ -554,6 +587,7 @@ impl StreamState {
     /// dropped from the replay.
     fn disconnected(&mut self) {
         self.txn = None;
+        self.payload = None;
         self.batcher.disconnected();
     }
 
@@ -618,46 +652,50 @@ impl StreamState {
         self.handle_parsed(parsed)
     }
 
-    /// MySQL's binlog transaction compression: the inner events, as if they had come one by one,
-    /// all at the payload event's position. Their tables are resolved before anything is emitted,
-    /// so that a catalog lookup can restart the payload safely.
+    /// MySQL's binlog transaction compression: the inner events are read one at a time by
+    /// [`StreamState::drain_payload`], as if they had come one by one, all at the payload event's
+    /// position, through the same batch limits as everything else.
     fn handle_payload(&mut self, header: &Header, tp: &event::TransactionPayload<'_>) -> Result<(), Step> {
-        let data = event::decompress_payload(tp).map_err(|e| self.decode_err(e))?;
-        let fde = self.fde.clone();
-        for bytes in event::payload_events(&data) {
-            let bytes = bytes.map_err(|e| self.decode_err(e))?;
-            if let Ok(ev) = event::parse(bytes, &fde, false)
-                && let Body::TableMap(map) = &ev.body
-            {
-                self.check_table_map(map)?;
-            }
-        }
-        for bytes in event::payload_events(&data) {
-            let bytes = bytes.map_err(|e| self.decode_err(e))?;
-            let mut inner = event::parse(bytes, &fde, false).map_err(|e| self.decode_err(e))?;
-            // Inner events share the payload's place in the binlog.
-            inner.header.log_pos = header.log_pos;
-            self.event_start = header.start_pos();
-            self.event_end = u64::from(header.log_pos);
-            self.handle_parsed(inner)?;
-        }
+        let reader = event::PayloadReader::new(tp).map_err(|e| self.decode_err(e))?;
+        self.payload = Some(Payload { reader, start: header.start_pos(), end: u64::from(header.log_pos) });
         Ok(())
     }
 
-    /// Whether a TABLE_MAP can be resolved now (else which table's columns are needed).
-    fn check_table_map(&self, map: &event::TableMap<'_>) -> Result<(), Step> {
-        if self.mapping_current(map) {
-            return Ok(());
+    /// Handles the open transaction payload's events until it ends (`true`) or the batch is full
+    /// (`false`: hand it over, then call again). A `NeedCatalog` leaves the event to be handled
+    /// again after the lookup.
+    fn drain_payload(&mut self) -> Result<bool, Step> {
+        let fde = self.fde.clone();
+        loop {
+            if self.batcher.is_full() {
+                return Ok(false);
+            }
+            let Some(payload) = &mut self.payload else { return Ok(true) };
+            let (start, end) = (payload.start, payload.end);
+            let bytes = match payload.reader.next_event() {
+                Ok(Some(bytes)) => bytes.to_vec(),
+                Ok(None) => {
+                    self.payload = None;
+                    return Ok(true);
+                }
+                Err(e) => {
+                    self.payload = None;
+                    return Err(self.decode_err(e).into());
+                }
+            };
+            self.batcher.add_bytes(bytes.len());
+            let mut inner = event::parse(&bytes, &fde, false).map_err(|e| self.decode_err(e))?;
+            // Inner events share the payload's place in the binlog.
+            inner.header.log_pos = end as u32;
+            self.event_start = start;
+            self.event_end = end;
+            if let Err(step) = self.handle_parsed(inner) {
+                if let (Step::NeedCatalog(_), Some(payload)) = (&step, &mut self.payload) {
+                    payload.reader.unread();
+                }
+                return Err(step);
+            }
         }
-        let id = table_id(map);
-        if !self.captured(&id) {
-            return Ok(());
-        }
-        let parsed = ParsedTableMap::parse(map).map_err(MyError::from)?;
-        if parsed.needs_catalog() && !self.catalog.contains_key(&id) {
-            return Err(Step::NeedCatalog(id));
-        }
-        Ok(())
     }
 
     fn handle_parsed(&mut self, ev: event::Event<'_>) -> Result<(), Step> {
@@ -1138,14 +1176,23 @@ mod tests {
         state.file = "golden-file".into();
         assert_eq!(&bytes[..4], b"\xfebin", "binlog magic");
         let mut rest = &bytes[4..];
+        let mut items = Vec::new();
         while !rest.is_empty() {
             let size = u32::from_le_bytes([rest[9], rest[10], rest[11], rest[12]]) as usize;
             let (event, tail) = rest.split_at(size);
-            match state.handle(event) {
+            let step = state.handle(event).and_then(|()| {
+                // A compressed transaction comes out batch by batch.
+                while !state.drain_payload()? {
+                    items.extend(state.batcher.take_batch());
+                }
+                Ok(())
+            });
+            match step {
                 Ok(()) => {}
                 Err(Step::Fail(e)) => panic!("{e}"),
                 Err(Step::NeedCatalog(id)) => panic!("FULL metadata should name {id}'s columns"),
             }
+            items.extend(state.batcher.take_batch());
             rest = tail;
         }
         let format = tailgate_core::ValueFormat::default();
@@ -1166,9 +1213,7 @@ mod tests {
                 parts.join(" ")
             }
         };
-        state
-            .batcher
-            .take_batch()
+        items
             .iter()
             .map(|item| match item {
                 Item::Event(Event::Change(c)) => {

@@ -165,6 +165,13 @@ impl ChangeEvent {
             _ => self.after.as_ref().or(self.before.as_ref()),
         }
     }
+
+    /// A lower bound of the bytes its envelope takes, computed without rendering it: a record far
+    /// over the size limit (a 1 GB value) is recognised before the renderer allocates it.
+    pub fn min_json_len(&self) -> usize {
+        let row = |r: &Option<Row>| r.as_ref().map_or(0, |r| r.iter().map(crate::Value::min_json_len).sum());
+        row(&self.before) + row(&self.after)
+    }
 }
 
 /// A PostgreSQL logical decoding message (`pg_logical_emit_message`).

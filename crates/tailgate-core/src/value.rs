@@ -34,6 +34,22 @@ pub enum Value {
     },
 }
 
+impl Value {
+    /// A lower bound of the bytes this value takes in JSON, whatever the format options: the
+    /// payload of strings and bytes (base64 makes 4 characters of 3 bytes), nested values summed.
+    pub fn min_json_len(&self) -> usize {
+        match self {
+            Value::String(s) => s.len() + 2,
+            Value::Bytes(b) => b.len() / 3 * 4 + 2,
+            Value::Array(items) => items.iter().map(Value::min_json_len).sum::<usize>() + 2,
+            Value::Struct(fields) => {
+                fields.iter().map(|(name, v)| name.len() + 3 + v.min_json_len()).sum::<usize>() + 2
+            }
+            _ => 1,
+        }
+    }
+}
+
 /// An exact decimal number in its canonical text form (`-123.4500`: optional sign, digits, optional
 /// point and fraction, no exponent), with the column's declared scale when it has one.
 #[derive(Debug, Clone, PartialEq, Eq)]

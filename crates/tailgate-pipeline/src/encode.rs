@@ -88,15 +88,27 @@ impl Encoder {
         self.headers.clear();
         let prepared = match item {
             SinkItem::Commit(_) => return None,
+            SinkItem::DeadLetterTopic(topic) => {
+                self.opts.dead_letter_topic = topic.clone();
+                return None;
+            }
             SinkItem::Change { topic, event } => {
                 self.has_key = self.renderer.write_key(event, &self.opts.format, &mut self.key);
+                // Far over the limit before rendering (a 1 GB value): never render it at all.
+                if let (Some(max), Event::Change(change)) = (self.opts.max_record_bytes, event) {
+                    let at_least = change.min_json_len();
+                    if at_least > max {
+                        return Some(self.oversized_dead_letter(topic, event, at_least));
+                    }
+                }
                 self.renderer.write_envelope(event, &self.opts.format, self.now, &mut self.value);
                 self.has_value = true;
                 let is_delete = matches!(event, Event::Change(c) if c.op == Op::Delete);
                 // A tombstone without a key would be meaningless to compaction; Debezium skips it too.
                 let tombstone = is_delete && self.opts.tombstones && self.has_key;
                 if self.oversized() {
-                    return Some(self.oversized_dead_letter(topic, event));
+                    let size = self.key.len() + self.value.len();
+                    return Some(self.oversized_dead_letter(topic, event, size));
                 }
                 Prepared { topic: topic.clone(), tombstone, dead_letter: false, raw: false }
             }
@@ -106,13 +118,19 @@ impl Encoder {
                 self.has_value = record.value.is_some();
                 self.value.extend_from_slice(record.value.as_deref().unwrap_or_default());
                 self.headers.extend(record.headers.iter().cloned());
-                if !record.dead_letter && self.oversized() {
+                if self.oversized() {
+                    // Too large for its topic, or a dead letter too large for the dead-letter topic
+                    // (its payload is the row): the record is replaced by a description of it, which
+                    // fits, and goes to the dead-letter topic with the cause in its headers.
+                    let size = self.record_size();
                     self.value.clear();
-                    let size = self.key.len() + record.value.as_ref().map_or(0, Vec::len);
                     self.value.extend_from_slice(self.oversize_description(&record.topic, size).as_bytes());
                     self.has_value = true;
-                    self.headers.push(("tailgate.error.cause".into(), b"record too large".to_vec()));
-                    self.headers.push(("tailgate.error.topic".into(), record.topic.as_bytes().to_vec()));
+                    if !record.dead_letter {
+                        self.headers.push(("tailgate.error.cause".into(), b"record too large".to_vec()));
+                        self.headers.push(("tailgate.error.topic".into(), record.topic.as_bytes().to_vec()));
+                    }
+                    self.truncate_headers();
                     return Some(Prepared {
                         topic: self.opts.dead_letter_topic.clone(),
                         tombstone: false,
@@ -126,8 +144,21 @@ impl Encoder {
         Some(prepared)
     }
 
+    /// Key, value and headers: what the broker counts against its record size limit.
+    fn record_size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.key.len() + self.value.len() + headers
+    }
+
     fn oversized(&self) -> bool {
-        self.opts.max_record_bytes.is_some_and(|max| self.key.len() + self.value.len() > max)
+        self.opts.max_record_bytes.is_some_and(|max| self.record_size() > max)
+    }
+
+    /// Header values of a replacement record are cut to 1 KiB each, so that it always fits.
+    fn truncate_headers(&mut self) {
+        for (_, v) in &mut self.headers {
+            v.truncate(1024);
+        }
     }
 
     fn oversize_description(&self, topic: &str, size: usize) -> String {
@@ -142,8 +173,7 @@ impl Encoder {
 
     /// Replaces an oversized envelope by a small dead letter describing it (the original cannot be
     /// delivered anywhere); the key and the source position identify the row.
-    fn oversized_dead_letter(&mut self, topic: &Arc<str>, event: &Event) -> Prepared {
-        let size = self.key.len() + self.value.len();
+    fn oversized_dead_letter(&mut self, topic: &Arc<str>, event: &Event, size: usize) -> Prepared {
         let description = self.oversize_description(topic, size);
         let letter = dead_letter(
             &self.opts.dead_letter_topic,
@@ -188,6 +218,8 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use tailgate_core::{ChangeEvent, ColumnSchema, PgSource, SourceInfo, TableId, TableSchema, Value};
+
+    use crate::sink::RawRecord;
 
     use super::*;
 
@@ -270,5 +302,49 @@ mod tests {
         assert!(enc.value().unwrap().len() < 600);
         // Small records pass.
         assert_eq!(records(&mut enc, &delete_event("x"))[0].0, "shop.public.t");
+    }
+
+    /// A value far over the limit is dead-lettered without being rendered: the encoder's buffers
+    /// never grow to its size.
+    #[test]
+    fn a_huge_value_is_dead_lettered_without_rendering_it() {
+        let mut enc = encoder(true, Some(1 << 20));
+        let out = records(&mut enc, &delete_event(&"x".repeat(64 << 20)));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, "shop.dlq");
+        assert!(enc.value.capacity() < 1 << 20, "rendered {} bytes", enc.value.capacity());
+        let text = String::from_utf8_lossy(&enc.value).into_owned();
+        assert!(text.contains("record too large"), "{text}");
+    }
+
+    /// A dead letter is size-checked too, headers counted: one too large for the dead-letter topic
+    /// is replaced by its description (it would otherwise stop the connector on every restart).
+    #[test]
+    fn an_oversized_dead_letter_is_replaced_by_its_description() {
+        let mut enc = encoder(true, Some(2000));
+        let letter = RawRecord {
+            topic: "outbox.event.order".into(),
+            key: Some(b"42".to_vec()),
+            value: Some(vec![b'p'; 1500]),
+            headers: vec![
+                ("tailgate.error.cause".into(), b"payload is not JSON".to_vec()),
+                ("big".into(), vec![b'h'; 4000]),
+            ],
+            dead_letter: true,
+        };
+        let out = records(&mut enc, &SinkItem::Raw(letter));
+        assert_eq!(out[0].0, "shop.dlq");
+        assert!(enc.record_size() <= 2000, "{} bytes", enc.record_size());
+        assert!(String::from_utf8_lossy(&enc.value).contains("record too large"));
+        assert!(out[0].3.iter().any(|k| k == "tailgate.error.cause"));
+    }
+
+    /// A reload's dead-letter topic applies to oversized records from the item on.
+    #[test]
+    fn the_dead_letter_topic_follows_a_reload() {
+        let mut enc = encoder(true, Some(600));
+        assert!(records(&mut enc, &SinkItem::DeadLetterTopic("shop.dlq2".into())).is_empty());
+        let out = records(&mut enc, &delete_event(&"x".repeat(1000)));
+        assert_eq!(out[0].0, "shop.dlq2");
     }
 }

@@ -302,6 +302,7 @@ impl Stage {
                     if self.rules.has_changed().unwrap_or(false) {
                         let rules = self.rules.borrow_and_update().clone();
                         info!("new filter, route and outbox rules in effect from the next transaction");
+                        out.push(SinkItem::DeadLetterTopic(rules.dead_letter_topic.clone()));
                         self.transformer = Transformer::new(rules);
                     }
                 }

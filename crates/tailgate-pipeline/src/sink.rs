@@ -34,6 +34,9 @@ pub enum SinkItem {
     Raw(RawRecord),
     /// As [`crate::Item::Commit`]: every record before it forms complete transactions.
     Commit(Checkpoint),
+    /// From here on, records too large for their topic go to this dead-letter topic (the rules
+    /// were reloaded; this comes right after the commit where they took effect).
+    DeadLetterTopic(Arc<str>),
 }
 
 /// A commit marker as sinks see it: the source's position, numbered in the order the run handed

@@ -408,6 +408,9 @@ struct OutboxColumns {
     columns: HashMap<String, usize>,
 }
 
+/// Plans cached before the first prune.
+const PLAN_CACHE_MIN: usize = 256;
+
 pub struct Transformer {
     rules: Arc<Rules>,
     /// The plan of the last table seen: consecutive events mostly share a table, so most events
@@ -417,6 +420,8 @@ pub struct Transformer {
     skip_mask: u8,
     /// Keyed by schema address; the `Arc` is held so that the address stays unique.
     plans: HashMap<usize, (Arc<TableSchema>, Arc<TablePlan>)>,
+    /// The cache size at which unused plans are dropped ([`Transformer::prune_plans`]).
+    prune_at: usize,
     message_topic: Arc<str>,
 }
 
@@ -424,7 +429,7 @@ impl Transformer {
     pub fn new(rules: Arc<Rules>) -> Self {
         let message_topic = rules.route(&format!("{}.message", rules.topic_prefix)).into();
         let skip_mask = rules.skip_ops.iter().fold(0u8, |m, op| m | op_bit(*op));
-        Transformer { rules, last: None, skip_mask, plans: HashMap::new(), message_topic }
+        Transformer { rules, last: None, skip_mask, plans: HashMap::new(), prune_at: PLAN_CACHE_MIN, message_topic }
     }
 
     /// Makes `self.last` the plan of `table`.
@@ -443,9 +448,21 @@ impl Transformer {
         if let Some((_, plan)) = self.plans.get(&addr) {
             return plan.clone();
         }
+        if self.plans.len() >= self.prune_at {
+            self.prune_plans();
+        }
         let plan = Arc::new(self.build_plan(table));
         self.plans.insert(addr, (table.clone(), plan.clone()));
         plan
+    }
+
+    /// Drops the plans of schemas nobody else holds any more: a source replaces its schemas on every
+    /// reconnect, binlog rotation and DDL, so without this the cache grew for the life of the run.
+    /// A schema still in use (by the source, or by events on their way) keeps its plan. The next
+    /// prune waits until the cache has doubled again, so pruning costs O(1) per lookup on average.
+    fn prune_plans(&mut self) {
+        self.plans.retain(|_, (schema, _)| Arc::strong_count(schema) > 1);
+        self.prune_at = (self.plans.len() * 2).max(PLAN_CACHE_MIN);
     }
 
     fn build_plan(&self, table: &TableSchema) -> TablePlan {
@@ -889,6 +906,23 @@ mod tests {
         let mut counts = TransformCounts::default();
         t.apply(event, &mut out, &mut counts).unwrap();
         (out, counts)
+    }
+
+    /// A source replaces its schemas (reconnects, rotations, DDL): plans of schemas nobody holds any
+    /// more are dropped, so the cache stays bounded by the schemas in use; a live one keeps its plan.
+    #[test]
+    fn the_plan_cache_forgets_schemas_no_longer_in_use() {
+        let mut t = transformer(|_| {});
+        let live = table("public", "kept", &[("id", true)]);
+        run(&mut t, insert(&live, vec![Value::Int(1)]));
+        for i in 0..100_000 {
+            // A new schema version per "reconnect", dropped by its source right after.
+            let replaced = table("public", "t", &[("id", true)]);
+            run(&mut t, insert(&replaced, vec![Value::Int(i)]));
+        }
+        assert!(t.plans.len() <= 2 * PLAN_CACHE_MIN, "{} plans cached", t.plans.len());
+        let addr = Arc::as_ptr(&live) as usize;
+        assert!(t.plans.contains_key(&addr), "the schema still in use keeps its plan");
     }
 
     #[test]

@@ -167,6 +167,55 @@ async fn compressed_binlog_events(server: Server) {
     s.finish(tg).await;
 }
 
+/// One large compressed transaction (MySQL's zstd TRANSACTION_PAYLOAD) streams with flat memory:
+/// its events are inflated and handed over batch by batch, not inflated and pushed whole (1M rows
+/// used to take hundreds of MB, and a payload over 1 GiB stopped the connector for good).
+/// `TAILGATE_BIG_TXN_ROWS` sets the size (default 1,000,000).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_compressed_transaction_streams_with_flat_memory() {
+    let rows: u64 = std::env::var("TAILGATE_BIG_TXN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let server = Server::Mysql;
+    let s = MyScenario::new(server, "bigzstd", "CREATE TABLE t (id int PRIMARY KEY, v varchar(40))").await;
+    let port = free_port();
+    let mut tg = Tailgate::start_discarding_stdout(
+        &s.dir,
+        &s.config("", &stdout_sink(), &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n")),
+    );
+    tg.wait_streaming().await;
+    use mysql_async::prelude::Queryable;
+    let mut writer = s.db.another_connection().await;
+    writer.query_drop("SET SESSION binlog_transaction_compression = ON").await.unwrap();
+    let (file, pos) = binlog_end(&mut writer).await;
+    let mut db = tailgate_e2e::mysql::MyDb { conn: writer, server, name: s.db.name.clone() };
+    db.insert_series("t", rows, "n, LPAD(n, 40, 'compressible ')").await;
+    let events: Vec<String> = db
+        .conn
+        .query(format!("SHOW BINLOG EVENTS IN '{file}' FROM {pos}"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r: mysql_async::Row| r.get(2).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e == "Transaction_payload"), "not compressed: {events:?}");
+    let series = format!("tailgate_events_read_total{{connector=\"{}\"}}", s.name);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut peak: f64 = 0.0;
+    loop {
+        peak = peak.max(peak_rss_mib(tg.pid()).unwrap_or(0.0));
+        let read = metric(&http_get(port, "/metrics").1, &series).unwrap_or(0.0);
+        if read >= rows as f64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{read} of {rows} events after 300 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    peak = peak.max(peak_rss_mib(tg.pid()).unwrap_or(0.0));
+    eprintln!("{rows}-row compressed transaction: peak RSS {peak:.1} MiB");
+    assert!(peak < 100.0, "peak RSS {peak:.1} MiB for one {rows}-row compressed transaction: memory must stay flat");
+    drop(db);
+    s.finish(tg).await;
+}
+
 /// Columns added, dropped and moved while streaming: every row arrives under the names it had when
 /// it was written.
 async fn alter_table_mid_stream(server: Server) {

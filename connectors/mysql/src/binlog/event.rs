@@ -584,6 +584,88 @@ pub fn decompress_payload(tp: &TransactionPayload<'_>) -> Result<Vec<u8>, Decode
     }
 }
 
+/// The events of a TRANSACTION_PAYLOAD, inflated one at a time: memory holds the compressed
+/// payload, the decompressor's window and one event, whatever the transaction's size (a 5-million-row
+/// compressed transaction must not be inflated whole).
+pub struct PayloadReader {
+    source: PayloadSource,
+    /// Uncompressed bytes the payload still holds, as it declared them.
+    remaining: u64,
+    /// The event last returned.
+    event: Vec<u8>,
+    /// Return `event` again on the next call (its handling had to wait for a catalog lookup).
+    again: bool,
+}
+
+enum PayloadSource {
+    Plain(std::io::Cursor<Vec<u8>>),
+    Zstd(Box<zstd::stream::read::Decoder<'static, std::io::BufReader<std::io::Cursor<Vec<u8>>>>>),
+}
+
+impl std::fmt::Debug for PayloadReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadReader").field("remaining", &self.remaining).finish_non_exhaustive()
+    }
+}
+
+impl PayloadReader {
+    const WHAT: &'static str = "transaction payload";
+
+    pub fn new(tp: &TransactionPayload<'_>) -> Result<Self, DecodeError> {
+        let data = std::io::Cursor::new(tp.payload.to_vec());
+        let source = match tp.compression {
+            255 => PayloadSource::Plain(data),
+            0 => PayloadSource::Zstd(Box::new(
+                zstd::stream::read::Decoder::new(data)
+                    .map_err(|e| DecodeError::Decompress { what: Self::WHAT, reason: e.to_string() })?,
+            )),
+            other => return Err(DecodeError::Unsupported(format!("transaction payload compression type {other}"))),
+        };
+        Ok(PayloadReader { source, remaining: tp.uncompressed_size, event: Vec::new(), again: false })
+    }
+
+    /// The next inner event, `None` after the last.
+    pub fn next_event(&mut self) -> Result<Option<&[u8]>, DecodeError> {
+        if std::mem::take(&mut self.again) {
+            return Ok(Some(&self.event));
+        }
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let truncated = || DecodeError::Truncated("event inside a transaction payload");
+        if self.remaining < HEADER_LEN as u64 {
+            return Err(truncated());
+        }
+        self.event.clear();
+        self.read(HEADER_LEN)?;
+        let size = u32::from_le_bytes([self.event[9], self.event[10], self.event[11], self.event[12]]) as usize;
+        // The declared size bounds what is read (and allocated): at most what the payload holds.
+        if size < HEADER_LEN || size as u64 > self.remaining + HEADER_LEN as u64 {
+            return Err(truncated());
+        }
+        self.read(size - HEADER_LEN)?;
+        Ok(Some(&self.event))
+    }
+
+    /// Hands the last event out again on the next call.
+    pub fn unread(&mut self) {
+        self.again = true;
+    }
+
+    fn read(&mut self, n: usize) -> Result<(), DecodeError> {
+        let start = self.event.len();
+        self.event.resize(start + n, 0);
+        let buf = &mut self.event[start..];
+        let read = match &mut self.source {
+            PayloadSource::Plain(c) => c.read_exact(buf),
+            PayloadSource::Zstd(d) => d.read_exact(buf),
+        };
+        read.map_err(|e| DecodeError::Decompress { what: Self::WHAT, reason: e.to_string() })?;
+        self.remaining -= n as u64;
+        Ok(())
+    }
+}
+
 /// Splits decompressed payload bytes into events (no checksums inside a payload).
 pub fn payload_events(bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], DecodeError>> {
     let mut rest = bytes;
