@@ -1,0 +1,231 @@
+//! The transactional outbox router (Debezium's EventRouter): an outbox table's insert, or a
+//! logical decoding message with the outbox prefix, becomes one record on the topic its template
+//! names, keyed by the aggregate id, valued by the payload, with the event id in the `id` header.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tailgate_core::envelope::{DecimalHandling, ValueFormat, write_value};
+use tailgate_core::{ChangeEvent, LogicalMessage, Op, SourceInfo, Value};
+use tracing::{error, warn};
+
+use super::columns::value_text;
+use super::dead_letter::dead_letter;
+use super::rules::{OnInvalid, OutboxRule, Placement, valid_topic};
+use super::{TransformCounts, TransformError, Transformer};
+use crate::sink::{RawRecord, SinkItem};
+
+#[derive(Debug)]
+pub(crate) struct OutboxColumns {
+    pub(crate) rule: usize,
+    pub(crate) id: Option<usize>,
+    pub(crate) aggregate_type: Option<usize>,
+    pub(crate) aggregate_id: Option<usize>,
+    pub(crate) payload: Option<usize>,
+    pub(crate) columns: HashMap<String, usize>,
+}
+
+impl Transformer {
+    pub(super) fn outbox_change(
+        &self,
+        cols: &OutboxColumns,
+        change: &ChangeEvent,
+        out: &mut Vec<SinkItem>,
+        counts: &mut TransformCounts,
+    ) -> Result<(), TransformError> {
+        let rule = &self.rules.outboxes[cols.rule];
+        match change.op {
+            Op::Create | Op::Read => {}
+            // The recommended pattern inserts and deletes in one transaction: deletes are ignored.
+            Op::Delete | Op::Truncate => return Ok(()),
+            Op::Update => {
+                let message = "an UPDATE of an outbox row (outbox rows are insert-only); the update is not published";
+                return match rule.on_update {
+                    OnInvalid::Warn => {
+                        warn!(table = %change.table.id, "{message}");
+                        Ok(())
+                    }
+                    OnInvalid::Error => {
+                        error!(table = %change.table.id, "{message}");
+                        Ok(())
+                    }
+                    OnInvalid::Fatal => {
+                        Err(TransformError { table: change.table.id.to_string(), message: message.into() })
+                    }
+                };
+            }
+        }
+        let Some(row) = &change.after else { return Ok(()) };
+        let text = |i: Option<usize>| i.and_then(|i| value_text(&row[i]));
+        let fields = OutboxFields {
+            id: text(cols.id),
+            aggregate_type: text(cols.aggregate_type),
+            aggregate_id: text(cols.aggregate_id),
+            payload: cols.payload.map(|i| payload_bytes(&row[i])).unwrap_or(None),
+            lookup: &|name: &str| cols.columns.get(name).and_then(|&i| value_json(&row[i])),
+        };
+        let record = build_outbox(rule, &fields, &change.source, &self.rules.dead_letter_topic);
+        counts.outbox += 1;
+        if record.dead_letter {
+            counts.dead_lettered += 1;
+        }
+        out.push(SinkItem::Raw(record));
+        Ok(())
+    }
+
+    pub(super) fn outbox_message(
+        &mut self,
+        rule_index: usize,
+        m: &LogicalMessage,
+        out: &mut Vec<SinkItem>,
+        counts: &mut TransformCounts,
+    ) {
+        let rule = &self.rules.outboxes[rule_index];
+        counts.outbox += 1;
+        let parsed: Result<serde_json::Map<String, serde_json::Value>, _> = serde_json::from_slice(&m.content);
+        let Ok(object) = parsed else {
+            counts.dead_lettered += 1;
+            out.push(SinkItem::Raw(dead_letter(
+                &self.rules.dead_letter_topic,
+                None,
+                Some(m.content.clone()),
+                "outbox message content is not a JSON object",
+                &rule.topic,
+                &m.source,
+            )));
+            return;
+        };
+        let text = |name: &str| {
+            object.get(name).and_then(|v| match v {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            })
+        };
+        let payload = object.get(&rule.payload).and_then(|v| match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone().into_bytes()),
+            other => Some(other.to_string().into_bytes()),
+        });
+        let fields = OutboxFields {
+            id: text(&rule.id),
+            aggregate_type: text(&rule.aggregate_type),
+            aggregate_id: text(&rule.aggregate_id),
+            payload,
+            lookup: &|name: &str| object.get(name).cloned().filter(|v| !v.is_null()),
+        };
+        let record = build_outbox(rule, &fields, &m.source, &self.rules.dead_letter_topic);
+        if record.dead_letter {
+            counts.dead_lettered += 1;
+        }
+        out.push(SinkItem::Raw(record));
+    }
+}
+
+struct OutboxFields<'a> {
+    id: Option<String>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    payload: Option<Vec<u8>>,
+    lookup: &'a dyn Fn(&str) -> Option<serde_json::Value>,
+}
+
+fn build_outbox(rule: &OutboxRule, f: &OutboxFields<'_>, source: &SourceInfo, dlq: &Arc<str>) -> RawRecord {
+    let key = f.aggregate_id.clone().map(String::into_bytes);
+    // Topic from the template.
+    let mut topic = String::new();
+    let mut rest = rule.topic.as_str();
+    while let Some(start) = rest.find("${") {
+        topic.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else { break };
+        let name = &rest[start + 2..start + end];
+        let value = if name == "routedByValue" {
+            f.aggregate_type.clone()
+        } else {
+            (f.lookup)(name).map(|v| match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            })
+        };
+        topic.push_str(&value.unwrap_or_default());
+        rest = &rest[start + end + 1..];
+    }
+    topic.push_str(rest);
+    if !valid_topic(&topic) {
+        return dead_letter(
+            dlq,
+            key,
+            f.payload.clone(),
+            "outbox topic is not a valid Kafka topic name",
+            &topic,
+            source,
+        );
+    }
+    let payload_json: Option<serde_json::Value> = f.payload.as_deref().and_then(|p| serde_json::from_slice(p).ok());
+    if rule.require_json && f.payload.is_some() && payload_json.is_none() {
+        return dead_letter(
+            dlq,
+            key,
+            f.payload.clone(),
+            "outbox payload is not valid JSON (require_json = true)",
+            &topic,
+            source,
+        );
+    }
+    let mut headers = Vec::new();
+    if let Some(id) = &f.id {
+        headers.push(("id".to_owned(), id.clone().into_bytes()));
+    }
+    let mut envelope = serde_json::Map::new();
+    for field in &rule.additional {
+        let value = (f.lookup)(&field.column);
+        match field.placement {
+            Placement::Header => {
+                if let Some(v) = value {
+                    let text = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    headers.push((field.name.clone(), text.into_bytes()));
+                }
+            }
+            Placement::Envelope => {
+                envelope.insert(field.name.clone(), value.unwrap_or(serde_json::Value::Null));
+            }
+        }
+    }
+    let value = if envelope.is_empty() {
+        f.payload.clone()
+    } else {
+        let payload = match (&payload_json, &f.payload) {
+            (Some(json), _) => json.clone(),
+            (None, Some(raw)) => serde_json::Value::String(String::from_utf8_lossy(raw).into_owned()),
+            (None, None) => serde_json::Value::Null,
+        };
+        envelope.insert("payload".into(), payload);
+        Some(serde_json::Value::Object(envelope).to_string().into_bytes())
+    };
+    RawRecord { topic: topic.into(), key, value, headers, dead_letter: false }
+}
+
+/// A value as JSON (decimals as their text).
+pub(crate) fn value_json(value: &Value) -> Option<serde_json::Value> {
+    match value {
+        Value::Null | Value::Unavailable { .. } => None,
+        other => {
+            let mut out = Vec::new();
+            write_value(&mut out, other, ValueFormat { decimals: DecimalHandling::String, ..ValueFormat::default() });
+            serde_json::from_slice(&out).ok()
+        }
+    }
+}
+
+/// The outbox payload's bytes: text (JSON or not) as is, binary as is, anything else as JSON.
+pub(crate) fn payload_bytes(value: &Value) -> Option<Vec<u8>> {
+    match value {
+        Value::Null | Value::Unavailable { .. } => None,
+        Value::String(s) => Some(s.clone().into_bytes()),
+        Value::Bytes(b) => Some(b.clone()),
+        other => value_json(other).map(|j| j.to_string().into_bytes()),
+    }
+}
