@@ -312,7 +312,7 @@ impl Sink for KafkaSink {
                 self.tracker.commit(position.clone());
                 continue;
             }
-            let Some(prepared) = self.encoder.prepare(item) else { continue };
+            let Some(prepared) = self.encoder.prepare(item)? else { continue };
             if !self.known_topics.contains(&prepared.topic) {
                 self.ensure_topic(&prepared.topic).await?;
             }

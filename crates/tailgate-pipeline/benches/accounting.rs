@@ -107,6 +107,7 @@ fn main() {
         format: Default::default(),
         max_record_bytes: Some(1_000_000),
         dead_letter_topic: "bench.dlq".into(),
+        stop_on_dead_letter: false,
     });
     let routed: Vec<SinkItem> = template
         .iter()
@@ -120,7 +121,7 @@ fn main() {
     for _ in 0..batches {
         encoder.begin_batch();
         for item in &routed {
-            encoder.encode(item, |r, _| bytes += r.value.map_or(0, <[u8]>::len));
+            encoder.encode(item, |r, _| bytes += r.value.map_or(0, <[u8]>::len)).expect("no limit is reached");
         }
     }
     let encode = start.elapsed().as_nanos() as f64 / events;

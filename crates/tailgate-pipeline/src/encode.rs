@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tailgate_core::envelope::{Now, Renderer};
 use tailgate_core::{Event, FormatOptions, Op};
 
-use crate::sink::SinkItem;
+use crate::sink::{SinkError, SinkItem};
 use crate::transform::dead_letter;
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,9 @@ pub struct EncoderOptions {
     /// them for good). `None`: no limit.
     pub max_record_bytes: Option<usize>,
     pub dead_letter_topic: Arc<str>,
+    /// `[dead_letter] on_error = "stop"`: a record too large fails the run instead of becoming a
+    /// dead letter.
+    pub stop_on_dead_letter: bool,
 }
 
 /// A record ready for a sink. Borrowed from the encoder's reusable buffers.
@@ -43,6 +46,8 @@ pub struct Prepared {
     pub dead_letter: bool,
     /// Key and value were produced upstream (outbox, dead letters): not necessarily JSON.
     pub raw: bool,
+    /// The record replaces one too large to deliver.
+    pub oversized: bool,
 }
 
 pub struct Encoder {
@@ -54,6 +59,9 @@ pub struct Encoder {
     headers: Vec<(String, Vec<u8>)>,
     now: Now,
     renderer: Renderer,
+    /// The topic and size of the last record found too large (for the error under `stop`).
+    intended: String,
+    oversize_bytes: usize,
 }
 
 impl Encoder {
@@ -67,6 +75,8 @@ impl Encoder {
             headers: Vec::new(),
             now: Now::system(),
             renderer: Renderer::default(),
+            intended: String::new(),
+            oversize_bytes: 0,
         }
     }
 
@@ -81,15 +91,35 @@ impl Encoder {
     }
 
     /// Renders a `Change` or `Raw` item into the encoder's buffers; read them with [`Encoder::key`],
-    /// [`Encoder::value`] and [`Encoder::headers`] until the next call. `None` for commits.
-    pub fn prepare(&mut self, item: &SinkItem) -> Option<Prepared> {
+    /// [`Encoder::value`] and [`Encoder::headers`] until the next call. `None` for commits. An error
+    /// only for a record too large under `on_error = "stop"`.
+    pub fn prepare(&mut self, item: &SinkItem) -> Result<Option<Prepared>, SinkError> {
+        let prepared = self.prepare_record(item);
+        match &prepared {
+            Some(p) if p.dead_letter && p.oversized && self.opts.stop_on_dead_letter => Err(SinkError::Delivery {
+                topic: self.intended.clone(),
+                reason: format!(
+                    "a record of {} bytes is over the limit of {} bytes, and [dead_letter] on_error = \"stop\" halts \
+                     before it (nothing after it is delivered)",
+                    self.oversize_bytes,
+                    self.opts.max_record_bytes.unwrap_or_default()
+                ),
+                fix: "raise the limit (message.max.bytes in [sink.librdkafka] and on the broker), exclude the large \
+                      column, or set on_error = \"continue\" to dead-letter such records",
+            }),
+            _ => Ok(prepared),
+        }
+    }
+
+    fn prepare_record(&mut self, item: &SinkItem) -> Option<Prepared> {
         self.key.clear();
         self.value.clear();
         self.headers.clear();
         let prepared = match item {
             SinkItem::Commit(_) => return None,
-            SinkItem::DeadLetterTopic(topic) => {
-                self.opts.dead_letter_topic = topic.clone();
+            SinkItem::DeadLetters(policy) => {
+                self.opts.dead_letter_topic = policy.topic.clone();
+                self.opts.stop_on_dead_letter = policy.stop;
                 return None;
             }
             SinkItem::Change { topic, event } => {
@@ -110,7 +140,7 @@ impl Encoder {
                     let size = self.key.len() + self.value.len();
                     return Some(self.oversized_dead_letter(topic, event, size));
                 }
-                Prepared { topic: topic.clone(), tombstone, dead_letter: false, raw: false }
+                Prepared { topic: topic.clone(), tombstone, dead_letter: false, raw: false, oversized: false }
             }
             SinkItem::Raw(record) => {
                 self.has_key = record.key.is_some();
@@ -131,14 +161,22 @@ impl Encoder {
                         self.headers.push(("tailgate.error.topic".into(), record.topic.as_bytes().to_vec()));
                     }
                     self.truncate_headers();
+                    self.note_oversize(&record.topic, size);
                     return Some(Prepared {
                         topic: self.opts.dead_letter_topic.clone(),
                         tombstone: false,
                         dead_letter: true,
                         raw: true,
+                        oversized: true,
                     });
                 }
-                Prepared { topic: record.topic.clone(), tombstone: false, dead_letter: record.dead_letter, raw: true }
+                Prepared {
+                    topic: record.topic.clone(),
+                    tombstone: false,
+                    dead_letter: record.dead_letter,
+                    raw: true,
+                    oversized: false,
+                }
             }
         };
         Some(prepared)
@@ -173,7 +211,13 @@ impl Encoder {
 
     /// Replaces an oversized envelope by a small dead letter describing it (the original cannot be
     /// delivered anywhere); the key and the source position identify the row.
+    fn note_oversize(&mut self, topic: &str, size: usize) {
+        self.intended = topic.to_owned();
+        self.oversize_bytes = size;
+    }
+
     fn oversized_dead_letter(&mut self, topic: &Arc<str>, event: &Event, size: usize) -> Prepared {
+        self.note_oversize(topic, size);
         let description = self.oversize_description(topic, size);
         let letter = dead_letter(
             &self.opts.dead_letter_topic,
@@ -187,7 +231,7 @@ impl Encoder {
         self.value.extend_from_slice(letter.value.as_deref().unwrap_or_default());
         self.has_value = true;
         self.headers = letter.headers;
-        Prepared { topic: letter.topic, tombstone: false, dead_letter: true, raw: true }
+        Prepared { topic: letter.topic, tombstone: false, dead_letter: true, raw: true, oversized: true }
     }
 
     /// The key rendered by the last [`Encoder::prepare`] (`None`: no key).
@@ -205,13 +249,14 @@ impl Encoder {
     }
 
     /// Calls `emit` once per record of `item` (twice for a delete followed by its tombstone).
-    pub fn encode(&mut self, item: &SinkItem, mut emit: impl FnMut(Record<'_>, &Prepared)) {
-        let Some(prepared) = self.prepare(item) else { return };
+    pub fn encode(&mut self, item: &SinkItem, mut emit: impl FnMut(Record<'_>, &Prepared)) -> Result<(), SinkError> {
+        let Some(prepared) = self.prepare(item)? else { return Ok(()) };
         let key = self.key();
         emit(Record { topic: &prepared.topic, key, value: self.value(), headers: &self.headers }, &prepared);
         if prepared.tombstone {
             emit(Record { topic: &prepared.topic, key, value: None, headers: &[] }, &prepared);
         }
+        Ok(())
     }
 }
 
@@ -219,7 +264,7 @@ impl Encoder {
 mod tests {
     use tailgate_core::{ChangeEvent, ColumnSchema, PgSource, SourceInfo, TableId, TableSchema, Value};
 
-    use crate::sink::RawRecord;
+    use crate::sink::{DeadLetterPolicy, RawRecord};
 
     use super::*;
 
@@ -256,6 +301,7 @@ mod tests {
             format: FormatOptions::default(),
             max_record_bytes: max,
             dead_letter_topic: "shop.dlq".into(),
+            stop_on_dead_letter: false,
         })
     }
 
@@ -264,7 +310,7 @@ mod tests {
 
     fn records(enc: &mut Encoder, item: &SinkItem) -> Vec<Rendered> {
         let mut out = Vec::new();
-        enc.encode(item, |r, _| {
+        let _ = enc.encode(item, |r, _| {
             out.push((
                 r.topic.to_owned(),
                 r.key.map(<[u8]>::to_vec),
@@ -343,8 +389,14 @@ mod tests {
     #[test]
     fn the_dead_letter_topic_follows_a_reload() {
         let mut enc = encoder(true, Some(600));
-        assert!(records(&mut enc, &SinkItem::DeadLetterTopic("shop.dlq2".into())).is_empty());
+        let policy = |stop| SinkItem::DeadLetters(DeadLetterPolicy { topic: "shop.dlq2".into(), stop });
+        assert!(records(&mut enc, &policy(false)).is_empty());
         let out = records(&mut enc, &delete_event(&"x".repeat(1000)));
         assert_eq!(out[0].0, "shop.dlq2");
+        // on_error = "stop": the run fails before the record, naming the limit and the fix.
+        assert!(records(&mut enc, &policy(true)).is_empty());
+        let err = enc.prepare(&delete_event(&"x".repeat(1000))).unwrap_err().to_string();
+        assert!(err.contains("over the limit of 600 bytes") && err.contains("on_error"), "{err}");
+        assert!(enc.prepare(&delete_event("small")).unwrap().is_some(), "records that fit still go");
     }
 }

@@ -31,7 +31,7 @@ pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
-pub use sink::{Checkpoint, RawRecord, Sink, SinkError, SinkItem, SinkTotals};
+pub use sink::{Checkpoint, DeadLetterPolicy, RawRecord, Sink, SinkError, SinkItem, SinkTotals};
 pub use snapshot::{AfterRow, AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
 pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate, TableRules};
 pub use stdout::StdoutSink;

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::{BatchCounts, Metrics, now_ms};
 use crate::offsets::{OffsetStore, OffsetsError};
-use crate::sink::{Checkpoint, Sink, SinkError, SinkItem, SinkTotals};
+use crate::sink::{Checkpoint, DeadLetterPolicy, Sink, SinkError, SinkItem, SinkTotals};
 use crate::source::{Batch, Item, Source, SourceContext};
 use crate::transform::{Rules, TransformCounts, TransformError, Transformer};
 
@@ -302,7 +302,10 @@ impl Stage {
                     if self.rules.has_changed().unwrap_or(false) {
                         let rules = self.rules.borrow_and_update().clone();
                         info!("new filter, route and outbox rules in effect from the next transaction");
-                        out.push(SinkItem::DeadLetterTopic(rules.dead_letter_topic.clone()));
+                        out.push(SinkItem::DeadLetters(DeadLetterPolicy {
+                            topic: rules.dead_letter_topic.clone(),
+                            stop: rules.dead_letter_stop,
+                        }));
                         self.transformer = Transformer::new(rules);
                     }
                 }

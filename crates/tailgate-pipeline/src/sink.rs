@@ -34,9 +34,17 @@ pub enum SinkItem {
     Raw(RawRecord),
     /// As [`crate::Item::Commit`]: every record before it forms complete transactions.
     Commit(Checkpoint),
-    /// From here on, records too large for their topic go to this dead-letter topic (the rules
-    /// were reloaded; this comes right after the commit where they took effect).
-    DeadLetterTopic(Arc<str>),
+    /// From here on, records that cannot be delivered follow this policy (the rules were
+    /// reloaded; this comes right after the commit where they took effect).
+    DeadLetters(DeadLetterPolicy),
+}
+
+/// Where undeliverable records go, or whether the run stops before them (`[dead_letter]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterPolicy {
+    pub topic: Arc<str>,
+    /// `on_error = "stop"`.
+    pub stop: bool,
 }
 
 /// A commit marker as sinks see it: the source's position, numbered in the order the run handed

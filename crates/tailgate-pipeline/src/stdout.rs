@@ -42,7 +42,7 @@ impl StdoutSink {
         }
     }
 
-    fn write_batch(&mut self, batch: &[SinkItem]) -> std::io::Result<Option<Checkpoint>> {
+    fn write_batch(&mut self, batch: &[SinkItem]) -> Result<Option<Checkpoint>, SinkError> {
         self.encoder.begin_batch();
         let mut last_commit = None;
         for item in batch {
@@ -75,9 +75,9 @@ impl StdoutSink {
                     line.push(b'}');
                 }
                 line.extend_from_slice(b"}\n");
-            });
+            })?;
             if self.buf.len() >= BUFFER {
-                self.out.write_all(&self.buf)?;
+                self.out.write_all(&self.buf).map_err(|source| SinkError::Io { what: "stdout", source })?;
                 self.buf.clear();
             }
         }
@@ -109,7 +109,7 @@ fn push_json_or_string(line: &mut Vec<u8>, bytes: Option<&[u8]>, raw: bool) {
 
 impl Sink for StdoutSink {
     async fn send(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
-        let committed = self.write_batch(&batch).map_err(|source| SinkError::Io { what: "stdout", source })?;
+        let committed = self.write_batch(&batch)?;
         if committed.is_some() {
             self.written = committed;
         }

@@ -189,6 +189,7 @@ fn encoder(config: &Config, rules: &Rules) -> Encoder {
         },
         max_record_bytes: config.max_record_bytes(),
         dead_letter_topic: rules.dead_letter_topic.clone(),
+        stop_on_dead_letter: rules.dead_letter_stop,
     })
 }
 

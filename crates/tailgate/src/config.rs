@@ -237,6 +237,10 @@ impl Default for FormatConfig {
 pub struct DeadLetterConfig {
     /// Default `<topic_prefix>.dlq`.
     pub topic: Option<String>,
+    /// What a record that cannot be delivered does: `continue` (default: it goes to the dead-letter
+    /// topic, later records of its key go on) or `stop` (the connector halts before it, naming it;
+    /// nothing later is delivered: strict per-key order).
+    pub on_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -474,10 +478,14 @@ impl Config {
             outboxes: self.outbox.clone(),
             topic_prefix: self.topic_prefix(),
             dead_letter_topic: self.dead_letter.topic.clone(),
+            dead_letter_stop: self.dead_letter.on_error.as_deref() == Some("stop"),
         }
     }
 
     pub fn rules(&self) -> Result<Rules, ConfigError> {
+        if let Some(other) = self.dead_letter.on_error.as_deref().filter(|v| *v != "stop" && *v != "continue") {
+            return Err(key_error("dead_letter.on_error", format!("{other:?}: use \"continue\" or \"stop\"")));
+        }
         let rules = Rules::compile(&self.transform_spec()).map_err(|e| key_error(e.key, e.message))?;
         if !tailgate_pipeline::transform::valid_topic(&rules.dead_letter_topic) {
             return Err(key_error("dead_letter.topic", "not a valid Kafka topic name"));

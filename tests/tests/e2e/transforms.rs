@@ -280,3 +280,45 @@ async fn undeliverable_records_go_to_the_dead_letter_topic_and_the_stream_goes_o
     assert!(status.success(), "{log}");
     db.drop().await;
 }
+
+/// Outbox rows with a NULL where the router needs a value become dead letters naming the cause;
+/// with `[dead_letter] on_error = "stop"` the connector halts before such a row instead, exits
+/// non-zero naming it, and after the fix (here: switching to "continue") resumes with nothing lost
+/// and the later rows of the same aggregate after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_nulls_are_dead_lettered_or_stop_the_connector() {
+    let s = Scenario::new(
+        "outboxnull",
+        "CREATE TABLE outbox (id text PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text);",
+    )
+    .await;
+    let outbox = "[[outbox]]\ntable = \"public.outbox\"\n";
+    let stop = format!("{outbox}[dead_letter]\non_error = \"stop\"\n");
+    let mut tg = s.start(&stdout_sink(), &stop).await;
+    s.db.exec("INSERT INTO outbox VALUES ('e1', 'order', 'o-1', 'T', '{\"n\":1}')").await;
+    wait_stdout(&mut tg, 1, Duration::from_secs(30)).await;
+    s.db.exec("INSERT INTO outbox VALUES ('e2', 'order', NULL, 'T', '{\"n\":2}')").await;
+    s.db.exec("INSERT INTO outbox VALUES ('e3', 'order', 'o-1', 'T', '{\"n\":3}')").await;
+    let status = tg.wait_exit(Duration::from_secs(30)).await;
+    let log = tg.log_text();
+    assert!(!status.success(), "halts: {log}");
+    assert!(log.contains("outbox aggregate id is NULL") && log.contains("on_error"), "{log}");
+    let delivered = stdout_records(&tg.stdout);
+    assert_eq!(delivered.len(), 1, "nothing after the bad row: {delivered:#?}");
+
+    // The operator chooses to dead-letter it: the bad row goes to the DLQ, e3 follows it.
+    let mut tg = s.start(&stdout_sink(), outbox).await;
+    let records = wait_stdout(&mut tg, 2, Duration::from_secs(30)).await;
+    assert_eq!(records[0]["topic"], format!("{}.dlq", s.name), "{records:#?}");
+    assert_eq!(records[1]["topic"], "outbox.event.order");
+    assert_eq!(records[1]["value"], serde_json::json!({"n": 3}));
+    // And NULL aggregate type / payload, under the default policy.
+    s.db.exec("INSERT INTO outbox VALUES ('e4', NULL, 'o-2', 'T', '{}'), ('e5', 'order', 'o-2', 'T', NULL)").await;
+    let records = wait_stdout(&mut tg, 4, Duration::from_secs(30)).await;
+    for r in &records[2..] {
+        assert_eq!(r["topic"], format!("{}.dlq", s.name), "{r:#}");
+        let cause = r["headers"]["tailgate.error.cause"].as_str().unwrap();
+        assert!(cause.contains("aggregate type is NULL") || cause.contains("payload is NULL"), "{cause}");
+    }
+    s.finish(tg).await;
+}

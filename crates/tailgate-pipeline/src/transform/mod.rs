@@ -39,10 +39,13 @@ use outbox::OutboxColumns;
 use rules::Mask;
 pub use rules::{FilterSpec, OutboxSpec, RouteSpec, RuleError, Rules, TransformSpec, valid_topic};
 
-/// A definite failure decided by a rule (outbox `on_update = "fatal"`).
+/// A definite failure decided by the rules: an outbox column the table does not have, an outbox
+/// `on_update = "fatal"`, or a record that cannot be delivered under `[dead_letter] on_error =
+/// "stop"`. The run stops before the event; nothing after it is delivered.
 #[derive(Debug, thiserror::Error)]
-#[error("outbox table {table}: {message}")]
+#[error("{table}: {message}")]
 pub struct TransformError {
+    /// The table (or logical message prefix) of the event.
     pub table: String,
     pub message: String,
 }
@@ -134,6 +137,7 @@ impl Transformer {
                 aggregate_id: find(&o.aggregate_id),
                 payload: find(&o.payload),
                 columns: table.columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect(),
+                missing: outbox::missing_columns(o, rule, table),
             }
         });
         let topic = rules.route(&format!("{}.{}", rules.topic_prefix, qualified)).into();
@@ -185,9 +189,11 @@ impl Transformer {
             Event::Message(m) => {
                 match self.rules.outboxes.iter().position(|o| o.message_prefix.as_deref() == Some(m.prefix.as_str())) {
                     Some(rule) => self.outbox_message(rule, &m, out, counts),
-                    None => out.push(SinkItem::Change { topic: self.message_topic.clone(), event: Event::Message(m) }),
+                    None => {
+                        out.push(SinkItem::Change { topic: self.message_topic.clone(), event: Event::Message(m) });
+                        Ok(())
+                    }
                 }
-                Ok(())
             }
             Event::Change(mut change) => {
                 self.select_plan(&change.table);
@@ -409,6 +415,71 @@ mod tests {
             source: source(),
         });
         assert!(run(&mut t, delete).0.is_empty());
+    }
+
+    /// A configured column the table does not have is a config error naming the key and the
+    /// table's columns (it used to yield tombstones, or keyless records spread over partitions).
+    #[test]
+    fn an_outbox_column_missing_from_the_table_stops_with_the_key_named() {
+        let outbox = outbox_table();
+        let spec = toml_outbox("table = \"public.outbox\"\npayload = \"paylod\"");
+        let mut t = transformer(|s| s.outboxes = vec![spec]);
+        let mut out = Vec::new();
+        let err = t
+            .apply(insert(&outbox, outbox_row("{}")), &mut out, &mut TransformCounts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`outbox[0].payload` = \"paylod\"") && err.contains("id, aggregatetype"), "{err}");
+        assert!(out.is_empty());
+    }
+
+    /// NULL where the router needs a value: a dead letter with the cause, never a keyless record,
+    /// a record on `outbox.event.` or a silent tombstone.
+    #[test]
+    fn outbox_rows_with_null_fields_become_dead_letters() {
+        let outbox = outbox_table();
+        let mut t = transformer(|s| s.outboxes = vec![outbox_spec()]);
+        for (column, cause) in [
+            (0, "outbox event id is NULL"),
+            (1, "outbox aggregate type is NULL"),
+            (2, "outbox aggregate id is NULL"),
+            (4, "outbox payload is NULL"),
+        ] {
+            let mut row = outbox_row("{}");
+            row[column] = Value::Null;
+            let (out, counts) = run(&mut t, insert(&outbox, row));
+            let SinkItem::Raw(r) = &out[0] else { panic!("{out:?}") };
+            assert!(r.dead_letter && &*r.topic == "shop.dlq", "{r:?}");
+            let header = r.headers.iter().find(|(k, _)| k == "tailgate.error.cause").unwrap();
+            assert!(String::from_utf8_lossy(&header.1).starts_with(cause), "{cause}: {header:?}");
+            assert_eq!(counts.dead_lettered, 1);
+        }
+        // Unless asked for: a NULL payload as a tombstone (Debezium's route.tombstone.on.empty.payload).
+        let spec = toml_outbox("table = \"public.outbox\"\nnull_payload = \"tombstone\"");
+        let mut t = transformer(|s| s.outboxes = vec![spec]);
+        let mut row = outbox_row("{}");
+        row[4] = Value::Null;
+        let (out, _) = run(&mut t, insert(&outbox, row));
+        let SinkItem::Raw(r) = &out[0] else { panic!() };
+        assert!(!r.dead_letter && r.value.is_none() && r.key.as_deref() == Some(&b"42"[..]), "{r:?}");
+    }
+
+    /// `[dead_letter] on_error = "stop"`: the run halts before the bad record, naming its cause and
+    /// position; nothing after it goes through.
+    #[test]
+    fn on_error_stop_halts_before_an_undeliverable_record() {
+        let outbox = outbox_table();
+        let mut t = transformer(|s| {
+            s.outboxes = vec![outbox_spec()];
+            s.dead_letter_stop = true;
+        });
+        let mut row = outbox_row("{}");
+        row[2] = Value::Null;
+        let mut out = Vec::new();
+        let err = t.apply(insert(&outbox, row), &mut out, &mut TransformCounts::default()).unwrap_err().to_string();
+        assert!(err.contains("outbox aggregate id is NULL") && err.contains("lsn=0/10"), "{err}");
+        assert!(err.contains("on_error = \"continue\""), "names the fix: {err}");
+        assert!(out.is_empty());
     }
 
     #[test]

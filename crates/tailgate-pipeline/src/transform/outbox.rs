@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tailgate_core::envelope::{DecimalHandling, ValueFormat, write_value};
-use tailgate_core::{ChangeEvent, LogicalMessage, Op, SourceInfo, Value};
+use tailgate_core::{ChangeEvent, LogicalMessage, Op, SourceInfo, TableSchema, Value};
 use tracing::{error, warn};
 
 use super::columns::value_text;
@@ -23,6 +23,28 @@ pub(crate) struct OutboxColumns {
     pub(crate) aggregate_id: Option<usize>,
     pub(crate) payload: Option<usize>,
     pub(crate) columns: HashMap<String, usize>,
+    /// Configured columns the table lacks: a config error, reported at the table's first event.
+    pub(crate) missing: Option<String>,
+}
+
+/// The configured columns `table` does not have, as an error message naming keys and the fix.
+pub(crate) fn missing_columns(rule: &OutboxRule, index: usize, table: &TableSchema) -> Option<String> {
+    let missing: Vec<String> = rule
+        .columns(index)
+        .into_iter()
+        .filter(|(_, column)| !table.columns.iter().any(|c| c.name == *column))
+        .map(|(key, column)| format!("`{key}` = {column:?}"))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let has: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+    Some(format!(
+        "config error: the outbox table has no column for {} (its columns: {}). Fix: correct the config, then \
+         reload (SIGHUP) or restart; nothing of this table is delivered until then",
+        missing.join(", "),
+        has.join(", ")
+    ))
 }
 
 impl Transformer {
@@ -34,6 +56,9 @@ impl Transformer {
         counts: &mut TransformCounts,
     ) -> Result<(), TransformError> {
         let rule = &self.rules.outboxes[cols.rule];
+        if let Some(message) = &cols.missing {
+            return Err(TransformError { table: change.table.id.to_string(), message: message.clone() });
+        }
         match change.op {
             Op::Create | Op::Read => {}
             // The recommended pattern inserts and deletes in one transaction: deletes are ignored.
@@ -65,6 +90,20 @@ impl Transformer {
             lookup: &|name: &str| cols.columns.get(name).and_then(|&i| value_json(&row[i])),
         };
         let record = build_outbox(rule, &fields, &change.source, &self.rules.dead_letter_topic);
+        self.push_outbox(record, &change.table.id.to_string(), out, counts)
+    }
+
+    /// Counts and pushes an outbox record, or stops before a dead letter (`on_error = "stop"`).
+    fn push_outbox(
+        &self,
+        record: RawRecord,
+        table: &str,
+        out: &mut Vec<SinkItem>,
+        counts: &mut TransformCounts,
+    ) -> Result<(), TransformError> {
+        if record.dead_letter && self.rules.dead_letter_stop {
+            return Err(stop_before(&record, table));
+        }
         counts.outbox += 1;
         if record.dead_letter {
             counts.dead_lettered += 1;
@@ -79,21 +118,20 @@ impl Transformer {
         m: &LogicalMessage,
         out: &mut Vec<SinkItem>,
         counts: &mut TransformCounts,
-    ) {
+    ) -> Result<(), TransformError> {
         let rule = &self.rules.outboxes[rule_index];
-        counts.outbox += 1;
+        let table = format!("logical messages with prefix {:?}", m.prefix);
         let parsed: Result<serde_json::Map<String, serde_json::Value>, _> = serde_json::from_slice(&m.content);
         let Ok(object) = parsed else {
-            counts.dead_lettered += 1;
-            out.push(SinkItem::Raw(dead_letter(
+            let letter = dead_letter(
                 &self.rules.dead_letter_topic,
                 None,
                 Some(m.content.clone()),
                 "outbox message content is not a JSON object",
                 &rule.topic,
                 &m.source,
-            )));
-            return;
+            );
+            return self.push_outbox(letter, &table, out, counts);
         };
         let text = |name: &str| {
             object.get(name).and_then(|v| match v {
@@ -115,10 +153,31 @@ impl Transformer {
             lookup: &|name: &str| object.get(name).cloned().filter(|v| !v.is_null()),
         };
         let record = build_outbox(rule, &fields, &m.source, &self.rules.dead_letter_topic);
-        if record.dead_letter {
-            counts.dead_lettered += 1;
-        }
-        out.push(SinkItem::Raw(record));
+        self.push_outbox(record, &table, out, counts)
+    }
+}
+
+/// The error that halts the run before an undeliverable record (`[dead_letter] on_error = "stop"`).
+fn stop_before(record: &RawRecord, table: &str) -> TransformError {
+    let header = |name: &str| {
+        record.headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let position: Vec<String> = record
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("tailgate.source."))
+        .map(|(k, v)| format!("{}={}", &k["tailgate.source.".len()..], String::from_utf8_lossy(v)))
+        .collect();
+    TransformError {
+        table: table.to_owned(),
+        message: format!(
+            "a record cannot be delivered ({}; meant for topic {}; at {}), and [dead_letter] on_error = \"stop\" \
+             halts before it: nothing after it is delivered. Fix: correct the row at its source (then skip past it \
+             with `tailgate offsets reset`), or set on_error = \"continue\" to send it to the dead-letter topic",
+            header("tailgate.error.cause").unwrap_or_default(),
+            header("tailgate.error.topic").unwrap_or_default(),
+            position.join(" "),
+        ),
     }
 }
 
@@ -151,6 +210,22 @@ fn build_outbox(rule: &OutboxRule, f: &OutboxFields<'_>, source: &SourceInfo, dl
         rest = &rest[start + end + 1..];
     }
     topic.push_str(rest);
+    // A NULL where the router needs a value: never a keyless record spread over partitions (per-
+    // aggregate order lost), never a record on `outbox.event.`, never a silent tombstone.
+    let null = if f.id.is_none() {
+        Some("outbox event id is NULL")
+    } else if f.aggregate_id.is_none() {
+        Some("outbox aggregate id is NULL")
+    } else if f.aggregate_type.is_none() && rule.routes_by_aggregate_type() {
+        Some("outbox aggregate type is NULL")
+    } else if f.payload.is_none() && !rule.null_payload_tombstone {
+        Some("outbox payload is NULL (null_payload = \"tombstone\" publishes it as a tombstone)")
+    } else {
+        None
+    };
+    if let Some(cause) = null {
+        return dead_letter(dlq, key, f.payload.clone(), cause, &topic, source);
+    }
     if !valid_topic(&topic) {
         return dead_letter(
             dlq,

@@ -93,6 +93,11 @@ pub struct OutboxSpec {
     /// The payload must be JSON (else: dead letter). Default false: any text is passed as is.
     #[serde(default)]
     pub require_json: bool,
+    /// A row whose payload is NULL: `dead_letter` (default; nothing is silently published as a
+    /// tombstone) or `tombstone` (a record with a null value, which deletes the aggregate's key from
+    /// a compacted topic: Debezium's `route.tombstone.on.empty.payload = true`).
+    #[serde(default = "d_null_payload")]
+    pub null_payload: String,
 }
 
 fn d_id() -> String {
@@ -116,6 +121,9 @@ fn d_topic() -> String {
 fn d_on_update() -> String {
     "warn".into()
 }
+fn d_null_payload() -> String {
+    "dead_letter".into()
+}
 
 /// Everything the transform stage needs; replaced as a whole on reload.
 #[derive(Debug, Clone, Default)]
@@ -126,6 +134,9 @@ pub struct TransformSpec {
     pub topic_prefix: String,
     /// Dead-letter topic; default `<topic_prefix>.dlq`.
     pub dead_letter_topic: Option<String>,
+    /// `[dead_letter] on_error = "stop"`: halt before a record that cannot be delivered instead of
+    /// dead-lettering it (strict per-key order; nothing after it is delivered).
+    pub dead_letter_stop: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +192,39 @@ pub(crate) struct OutboxRule {
     pub(crate) additional: Vec<AdditionalField>,
     pub(crate) on_update: OnInvalid,
     pub(crate) require_json: bool,
+    pub(crate) null_payload_tombstone: bool,
+}
+
+impl OutboxRule {
+    /// The table columns this rule reads, with the config key naming each: all must exist.
+    pub(crate) fn columns(&self, index: usize) -> Vec<(String, &str)> {
+        let key = |k: &str| format!("outbox[{index}].{k}");
+        let mut columns = vec![
+            (key("id"), self.id.as_str()),
+            (key("aggregate_id"), self.aggregate_id.as_str()),
+            (key("payload"), self.payload.as_str()),
+        ];
+        if self.routes_by_aggregate_type() {
+            columns.push((key("aggregate_type"), self.aggregate_type.as_str()));
+        }
+        for (j, field) in self.additional.iter().enumerate() {
+            columns.push((key(&format!("additional_fields[{j}]")), field.column.as_str()));
+        }
+        for name in template_names(&self.topic).filter(|n| *n != "routedByValue") {
+            columns.push((key("topic"), name));
+        }
+        columns
+    }
+
+    /// Whether the topic template names the aggregate type (`${routedByValue}`).
+    pub(crate) fn routes_by_aggregate_type(&self) -> bool {
+        template_names(&self.topic).any(|n| n == "routedByValue")
+    }
+}
+
+/// The `${name}`s of a topic template.
+fn template_names(template: &str) -> impl Iterator<Item = &str> {
+    template.split("${").skip(1).filter_map(|part| part.split_once('}').map(|(name, _)| name))
 }
 
 /// Compiled, validated rules.
@@ -196,6 +240,8 @@ pub struct Rules {
     pub skip_ops: HashSet<Op>,
     pub topic_prefix: String,
     pub dead_letter_topic: Arc<str>,
+    /// `[dead_letter] on_error = "stop"`.
+    pub dead_letter_stop: bool,
 }
 
 fn anchored(key: String, pattern: &str) -> Result<Regex, RuleError> {
@@ -278,6 +324,16 @@ impl Rules {
                 let name = parts.get(2).map_or_else(|| column.clone(), |n| (*n).to_owned());
                 additional.push(AdditionalField { column, placement, name });
             }
+            let null_payload_tombstone = match o.null_payload.as_str() {
+                "dead_letter" => false,
+                "tombstone" => true,
+                other => {
+                    return Err(rule_error(
+                        key("null_payload"),
+                        format!("{other:?}: use \"dead_letter\" or \"tombstone\""),
+                    ));
+                }
+            };
             outboxes.push(OutboxRule {
                 table: o.table.clone(),
                 message_prefix: o.message_prefix.clone(),
@@ -289,6 +345,7 @@ impl Rules {
                 additional,
                 on_update,
                 require_json: o.require_json,
+                null_payload_tombstone,
             });
         }
         Ok(Rules {
@@ -306,6 +363,7 @@ impl Rules {
                 .clone()
                 .unwrap_or_else(|| format!("{}.dlq", spec.topic_prefix))
                 .into(),
+            dead_letter_stop: spec.dead_letter_stop,
         })
     }
 
