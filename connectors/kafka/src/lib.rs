@@ -51,6 +51,9 @@ pub fn default_producer_settings() -> Vec<(&'static str, &'static str)> {
         ("queue.buffering.max.messages", "100000"),
         ("linger.ms", "5"),
         ("batch.size", "1000000"),
+        // Topics are looked up, then created with the configured partitions: a metadata request
+        // must not make the broker create them with its own defaults.
+        ("allow.auto.create.topics", "false"),
     ]
 }
 
@@ -142,6 +145,7 @@ impl KafkaSink {
         let mut admin_cc = ClientConfig::new();
         admin_cc.set("bootstrap.servers", &config.brokers);
         admin_cc.set("client.id", &config.client_id);
+        admin_cc.set("allow.auto.create.topics", "false");
         for (k, v) in &config.librdkafka {
             if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
                 admin_cc.set(k, v);
@@ -163,8 +167,21 @@ impl KafkaSink {
         })
     }
 
-    /// Creates `topic` unless it exists; retries with backoff while the broker is unreachable.
+    /// Creates `topic` unless it exists (looked up first, so that a user without CREATE rights on
+    /// the cluster can produce to topics made for it); retries with backoff while the broker is
+    /// unreachable.
     async fn ensure_topic(&mut self, topic: &Arc<str>) -> Result<(), SinkError> {
+        // A metadata request blocks for a moment (once per new topic): let the runtime know.
+        let exists = tokio::task::block_in_place(|| {
+            let metadata = self.producer.client().fetch_metadata(Some(topic), Duration::from_secs(5));
+            metadata.is_ok_and(|m| {
+                m.topics().iter().any(|t| t.name() == &**topic && t.error().is_none() && !t.partitions().is_empty())
+            })
+        });
+        if exists {
+            self.known_topics.insert(topic.clone());
+            return Ok(());
+        }
         let new_topic = NewTopic::new(
             topic,
             self.config.topic_partitions,

@@ -72,10 +72,13 @@ pub enum PgError {
     )]
     Decode(#[from] crate::pgoutput::DecodeError),
 
+    /// Never carries the value itself: errors reach logs and `/health`, and row data must not.
     #[error(
-        "column {table}.{column}: value {value:?} does not parse as its type (oid {oid}). This is a bug in tailgate; please report it"
+        "column {table}.{column}: a {form} value of {bytes} bytes does not parse as its type (oid {oid}). This is a \
+         bug in tailgate; please report it with the column's type. To get past it, exclude the column \
+         (filter.exclude_columns)"
     )]
-    Value { table: String, column: String, oid: u32, value: String },
+    Value { table: String, column: String, oid: u32, form: &'static str, bytes: usize },
 
     #[error("change for unknown relation {0}: the server sent no Relation message for it first")]
     UnknownRelation(u32),

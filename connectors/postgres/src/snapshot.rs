@@ -386,7 +386,7 @@ impl RowReader {
                 for (i, kind) in table.kinds.iter().enumerate() {
                     values.push(match line.field(i) {
                         None => Value::Null,
-                        Some(text) => kind.convert(text).ok_or_else(|| value_error(table, i, text.to_owned()))?,
+                        Some(text) => kind.convert(text).ok_or_else(|| value_error(table, i, "text", text.len()))?,
                     });
                 }
                 Ok(Some(values))
@@ -470,15 +470,16 @@ impl BinaryRows {
             let Some(raw) = take(&mut pos, usize::try_from(len).map_err(|_| malformed())?) else {
                 return Ok(None);
             };
-            values.push(kind.convert(raw).ok_or_else(|| value_error(table, i, format!("binary {raw:02x?}")))?);
+            values.push(kind.convert(raw).ok_or_else(|| value_error(table, i, "binary", raw.len()))?);
         }
         *at = pos;
         Ok(Some(values))
     }
 }
 
-fn value_error(table: &SnapTable, column: usize, value: String) -> PgError {
-    PgError::Value { table: table.qualified.clone(), column: table.schema.columns[column].name.clone(), oid: 0, value }
+fn value_error(table: &SnapTable, column: usize, form: &'static str, bytes: usize) -> PgError {
+    let column_name = table.schema.columns[column].name.clone();
+    PgError::Value { table: table.qualified.clone(), column: column_name, oid: 0, form, bytes }
 }
 
 fn copy_error(table: &SnapTable, raw: &[u8]) -> PgError {

@@ -659,7 +659,8 @@ impl TableState {
             table: self.schema.id.to_string(),
             column: self.schema.columns[i].name.clone(),
             oid: self.oids[i],
-            value: String::from_utf8_lossy(raw).into_owned(),
+            form: "text",
+            bytes: raw.len(),
         }
     }
 
@@ -817,8 +818,9 @@ mod tests {
     fn unparseable_value_names_table_and_column() {
         let mut s = state(None);
         s.handle(PgOutput::Begin { final_lsn: 100, commit_ts: 0, xid: 7 }, 90).unwrap();
-        let err = s.handle(PgOutput::Insert { rel: 1, new: vec![text("x"), text("a")] }, 95).unwrap_err();
+        let err = s.handle(PgOutput::Insert { rel: 1, new: vec![text("secret-x"), text("a")] }, 95).unwrap_err();
         assert!(err.to_string().contains("public.t.id"), "{err}");
+        assert!(!err.to_string().contains("secret-x"), "row values never reach errors (logs, /health): {err}");
     }
 
     /// Real pgoutput v1 messages captured from PostgreSQL 15 with

@@ -191,9 +191,13 @@ pub struct KafkaConfig {
     /// Replication factor of the topics tailgate creates. Default 1.
     #[serde(default = "one")]
     pub topic_replication_factor: i32,
-    /// librdkafka settings, over tailgate's defaults.
+    /// librdkafka settings, over tailgate's defaults. Settings that would weaken delivery
+    /// (`enable.idempotence` off, `acks` other than all) are refused unless `unsafe_overrides`.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+    /// Accept `[sink.librdkafka]` settings that can lose or reorder records. Default false.
+    #[serde(default)]
+    pub unsafe_overrides: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -376,6 +380,27 @@ impl Config {
             }
             if k.topic_partitions < 1 {
                 return Err(key_error("sink.topic_partitions", "must be at least 1"));
+            }
+            // What tailgate's promise rests on: acknowledged by every in-sync replica, written once
+            // and in order per partition.
+            let weakening = [
+                ("enable.idempotence", &["true"][..], "duplicates and reordering on producer retries"),
+                ("acks", &["all", "-1"][..], "records acknowledged before they are replicated, lost with a broker"),
+            ];
+            for (setting, safe, risk) in weakening {
+                if let Some(value) = k.librdkafka.get(setting)
+                    && !safe.contains(&value.as_str())
+                    && !k.unsafe_overrides
+                {
+                    return Err(key_error(
+                        format!("sink.librdkafka.\"{setting}\""),
+                        format!(
+                            "{value:?} weakens delivery ({risk}). Fix: remove it (tailgate sets {setting} = {:?}), or set \
+                             sink.unsafe_overrides = true to accept the risk",
+                            safe[0]
+                        ),
+                    ));
+                }
             }
         }
         let prefix = self.topic_prefix();
@@ -652,6 +677,28 @@ path = "shop.offsets.json"
             .unwrap_err()
             .to_string();
         assert!(err.contains("slott"), "{err}");
+    }
+
+    /// librdkafka settings that can lose or reorder records are refused unless explicitly accepted.
+    #[test]
+    fn weakening_producer_overrides_need_unsafe_overrides() {
+        for (setting, value) in [("enable.idempotence", "false"), ("acks", "1")] {
+            let text = MINIMAL.replace("\"compression.type\" = \"lz4\"", &format!("\"{setting}\" = \"{value}\""));
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(setting) && err.contains("unsafe_overrides"), "{err}");
+            let accepted = text.replace("topic_prefix = \"shop\"", "topic_prefix = \"shop\"\nunsafe_overrides = true");
+            assert!(parse(&accepted).is_ok(), "{setting} accepted with unsafe_overrides");
+        }
+        let safe = MINIMAL.replace("\"compression.type\" = \"lz4\"", "acks = \"all\"");
+        assert!(parse(&safe).is_ok());
+    }
+
+    #[test]
+    fn dead_letter_on_error_is_continue_or_stop() {
+        let stop = format!("{MINIMAL}[dead_letter]\non_error = \"stop\"\n");
+        assert!(parse(&stop).unwrap().rules().unwrap().dead_letter_stop);
+        let err = parse(&stop.replace("\"stop\"", "\"halt\"")).unwrap_err().to_string();
+        assert!(err.contains("dead_letter.on_error"), "{err}");
     }
 
     #[test]

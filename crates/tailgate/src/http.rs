@@ -1,7 +1,10 @@
 //! `/metrics`, `/health` and `/ready` over plain HTTP/1.1.
 //!
 //! Three read-only GET routes for Prometheus and kubelet probes: a small hand-written server keeps
-//! the binary free of a web framework. Each connection serves one request and closes.
+//! the binary free of a web framework. Each connection serves one request and closes. At most
+//! [`MAX_CONNECTIONS`] are served at once (others are closed at once), and a connection gets
+//! [`REQUEST_DEADLINE`] in all to send its request and take the answer: slow or idle clients cannot
+//! hold the endpoint, or the process's file descriptors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,18 +15,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
+/// Connections served at the same time.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long one connection may take, from accept to the end of the answer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Binds `listen` and serves until the process ends.
 pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>, ready_window: Duration) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     info!(listen = %listen, "serving /metrics, /health, /ready");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else {
+                // Out of file descriptors or similar: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, "http: {MAX_CONNECTIONS} connections already served; closing this one");
+                continue;
+            };
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, &metrics, ready_window).await {
-                    debug!(error = %e, "http connection");
+                match tokio::time::timeout(REQUEST_DEADLINE, handle(stream, &metrics, ready_window)).await {
+                    Ok(Err(e)) => debug!(error = %e, "http connection"),
+                    Err(_) => debug!(%peer, "http connection closed after {REQUEST_DEADLINE:?}"),
+                    Ok(Ok(())) => {}
                 }
+                drop(slot);
             });
         }
     });
@@ -38,7 +58,7 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics, ready_window: Duration
         if len == buf.len() {
             break;
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await??;
+        let n = stream.read(&mut buf[len..]).await?;
         if n == 0 {
             break;
         }

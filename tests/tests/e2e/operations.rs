@@ -241,3 +241,30 @@ async fn lag_histogram_counts_streamed_transactions_after_a_snapshot() {
     }
     s.finish(tg).await;
 }
+
+/// Idle or slow clients cannot hold the HTTP endpoint: connections beyond the cap are closed at
+/// once, each gets a few seconds in all, and the probes answer again as soon as they are gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn http_endpoint_caps_connections_and_drops_slow_clients() {
+    let s = Scenario::new("httpcap", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let port = free_port();
+    let tg = s.start(&stdout_sink(), &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n")).await;
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", tg.pid())).map(|d| d.count()).unwrap_or(0);
+    let before = fds();
+    // 300 clients that connect and send nothing (a slowloris).
+    let idle: Vec<_> = (0..300).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = fds();
+    assert!(during < before + 64, "{during} descriptors open with 300 idle clients ({before} before)");
+    // They are dropped after the deadline: the probes answer again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if http_get(port, "/health").0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/health never answered again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(idle);
+    s.finish(tg).await;
+}

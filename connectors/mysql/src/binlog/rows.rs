@@ -324,7 +324,8 @@ fn read_value(c: &mut Cursor<'_>, col: &ColumnDecoder) -> Result<Value, DecodeEr
 /// the same column: the codec decides the mapping for both.
 pub fn from_text(col: &ColumnDecoder, text: Vec<u8>) -> Result<Value, DecodeError> {
     use ColumnCodec::*;
-    let bad = |what: &str, text: &[u8]| DecodeError::Invalid(format!("{what} {:?}", String::from_utf8_lossy(text)));
+    // Row values never reach errors (they end up in logs and /health): the kind and size only.
+    let bad = |what: &str, text: &[u8]| DecodeError::Invalid(format!("a {what} value of {} bytes", text.len()));
     Ok(match &col.codec {
         Int { bytes, unsigned } => {
             let s = std::str::from_utf8(&text).map_err(|_| bad("integer", &text))?;
