@@ -300,9 +300,12 @@ impl MysqlSource {
                 ctx.metrics.source_active();
                 continue;
             }
+            let handing_over = Instant::now();
             if state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
                 return Ok(());
             }
+            // Time spent waiting on a slow sink is not the server being silent.
+            last_packet = last_packet.max(handing_over);
             conn.trim_buffer();
             let reached_end = self.config.stop_at.as_ref().is_some_and(|end| state.reached(end));
             if (ctx.shutdown.is_cancelled() || reached_end) && !state.in_transaction() {
@@ -318,6 +321,8 @@ impl MysqlSource {
                 return Ok(());
             }
             tokio::select! {
+                // Data already buffered wins over a silence deadline that passed meanwhile.
+                biased;
                 read = conn.fill() => {
                     read?;
                     ctx.metrics.source_active();
@@ -591,8 +596,9 @@ impl StreamState {
         self.batcher.disconnected();
     }
 
+    /// Inside a transaction, or between a transaction cut by a lost connection and its replay.
     fn in_transaction(&self) -> bool {
-        self.txn.is_some()
+        self.txn.is_some() || self.batcher.in_transaction()
     }
 
     fn reached(&self, end: &(BinlogFile, u64)) -> bool {
@@ -806,6 +812,17 @@ impl StreamState {
     }
 
     fn open(&mut self, gtid: Option<(GtidOf, Arc<str>)>, commit_us: Option<i64>) {
+        // What names this transaction on every connection: its GTID, else where it starts.
+        let identity = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            match &gtid {
+                Some((GtidOf::Mysql(uuid, gno), _)) => (uuid.0, *gno).hash(&mut h),
+                Some((GtidOf::Mariadb { domain, server, seq }, _)) => (domain, server, seq).hash(&mut h),
+                None => (self.file.as_str(), self.event_start).hash(&mut h),
+            }
+            h.finish()
+        };
         self.txn = Some(Transaction {
             gtid,
             commit_us,
@@ -815,7 +832,7 @@ impl StreamState {
             query: None,
             ddl_end: None,
         });
-        self.batcher.begin();
+        self.batcher.begin(identity);
     }
 
     fn query(&mut self, header: &Header, q: &event::Query<'_>) -> Result<(), Step> {
@@ -875,20 +892,22 @@ impl StreamState {
         self.catalog.clear();
         if word == "TRUNCATE"
             && let Some(id) = truncated_table(stmt, q.schema)
-            && self.captured(&id)
         {
-            let schema = self
-                .known
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(TableSchema { id: id.clone(), columns: Vec::new() }));
             if self.txn.is_none() {
                 self.open(None, None);
             }
             if let Some(txn) = &mut self.txn {
                 txn.thread = Some(q.thread_id);
             }
-            self.emit(header, Op::Truncate, schema, None, None, 0);
+            // One log unit, captured or not (see StreamBatcher::admit).
+            if self.batcher.admit() && self.captured(&id) {
+                let schema = self
+                    .known
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(TableSchema { id: id.clone(), columns: Vec::new() }));
+                self.emit(header, Op::Truncate, schema, None, None, 0);
+            }
         }
         match &mut self.txn {
             Some(txn) if txn.begun => {}
@@ -933,10 +952,17 @@ impl StreamState {
             ))
             .into());
         };
-        let Some(info) = mapped.info.clone() else { return Ok(()) };
+        let info = mapped.info.clone();
         if self.txn.is_none() {
             self.open(None, None);
         }
+        // One log unit per Rows event, whether its table is captured or not: a reload between a cut
+        // and its replay may change that, never the units (see StreamBatcher::admit). A Rows event
+        // is handled whole, with no hand-over in between.
+        if !self.batcher.admit() {
+            return Ok(());
+        }
+        let Some(info) = info else { return Ok(()) };
         let columns = &info.columns;
         let n = columns.len();
         if rows.column_count != n {
@@ -1001,10 +1027,8 @@ impl StreamState {
         after: Option<Row>,
         row: u32,
     ) {
+        // Only for a unit that StreamBatcher::admit admitted.
         let Some(txn) = &self.txn else { return };
-        if !self.batcher.admit() {
-            return;
-        }
         let source = SourceBlock {
             connector: self.flavor.connector(),
             name: self.name,

@@ -200,6 +200,11 @@ impl PostgresSource {
             ctx.metrics.source_active();
             // From here on a lost connection is retried like one lost while streaming.
             state.ever_streamed = true;
+            // Changes decoded from the old slot before its connection was lost go first: after the
+            // snapshot's rows they would set keys back in time.
+            if state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
+                return Ok(());
+            }
             let completed = match snapshot::run(&job, exported.as_deref(), consistent, &mut progress, &ctx.output).await
             {
                 Ok(completed) => completed,
@@ -279,7 +284,7 @@ impl PostgresSource {
                 return Ok(());
             }
             let reached_end = self.config.stop_at.is_some_and(|end| state.last_marker >= end);
-            if (ctx.shutdown.is_cancelled() || reached_end) && !state.in_transaction {
+            if (ctx.shutdown.is_cancelled() || reached_end) && !state.busy() {
                 if reached_end {
                     info!(stop_at = %self.config.stop_at.unwrap_or_default(), "reached the requested end position");
                 }
@@ -292,7 +297,7 @@ impl PostgresSource {
                 }
                 // Asking for a reply makes an idle server answer with a keepalive: proof of life for /ready.
                 _ = status_tick.tick() => self.send_status(&mut conn, ctx, state, true).await?,
-                _ = ctx.shutdown.cancelled(), if !state.in_transaction => {}
+                _ = ctx.shutdown.cancelled(), if !state.busy() => {}
             }
         }
     }
@@ -308,21 +313,25 @@ impl PostgresSource {
         let mode = self.config.snapshot;
         let Some(slot) = existing else {
             let had_position = state.resume_after.is_some() || state.emitted_until().is_some();
-            let wants = !state.snapshot_done
-                && match mode {
-                    SnapshotMode::Never => false,
-                    SnapshotMode::Initial | SnapshotMode::InitialOnly => !had_position,
-                    SnapshotMode::WhenNeeded => true,
-                };
+            let wants = match mode {
+                SnapshotMode::Never => false,
+                SnapshotMode::Initial | SnapshotMode::InitialOnly => !had_position && !state.snapshot_done,
+                // The slot is gone (dropped while we were away, even after this run's own
+                // snapshot): what it held is lost to us, so a new snapshot must cover it.
+                SnapshotMode::WhenNeeded => true,
+            };
             let (consistent, exported) = conn.create_slot(&self.config.slot, wants).await?;
             info!(slot = %self.config.slot, consistent_point = %consistent, "replication slot created");
             if !wants {
                 return Ok(None);
             }
-            // A new slot starts a new history: what was delivered before is superseded.
+            // A new slot starts a new history: what was delivered before is superseded, and a
+            // transaction cut on the old slot will not come again.
             state.resume_after = Some(consistent);
             state.batcher.set_resume_point(None);
+            state.batcher.forget_cut_transaction();
             state.snapshot_progress = None;
+            state.snapshot_done = false;
             return Ok(Some((exported, consistent, SnapshotProgress::default())));
         };
         if let Some(progress) = state.snapshot_progress.take() {
@@ -499,8 +508,13 @@ impl StreamState {
         self.relations.insert(rel.id, TableState { schema, kinds, oids });
     }
 
+    /// Inside a transaction, or between a transaction cut by a lost connection and its replay.
+    fn busy(&self) -> bool {
+        self.in_transaction || self.batcher.in_transaction()
+    }
+
     fn keepalive(&mut self, wal_end: Lsn) {
-        if self.in_transaction || wal_end <= self.last_marker {
+        if self.busy() || wal_end <= self.last_marker {
             return;
         }
         self.last_marker = wal_end;
@@ -527,7 +541,8 @@ impl StreamState {
                 if skip {
                     debug!(xid, final_lsn = %Lsn(final_lsn), "skipping transaction delivered before");
                 } else {
-                    self.batcher.begin();
+                    // A commit LSN names one transaction on every connection to this slot.
+                    self.batcher.begin(final_lsn);
                 }
                 self.in_transaction = true;
                 self.txn = Some(Transaction { xid, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_MICROS, skip });
@@ -555,11 +570,10 @@ impl StreamState {
                 self.batcher.push(event);
             }
             PgOutput::Update { rel, old, new } => {
-                if self.skipping() {
+                // One log unit, whether it yields one event or two (a key change).
+                if self.skipping() || !self.batcher.admit() {
                     return Ok(());
                 }
-                // A key change emits two events: both are counted by `emit`, so a replay drops
-                // exactly what was pushed.
                 let table = self.table(rel)?;
                 let after = table.row(&new)?;
                 let before = match &old {
@@ -570,12 +584,12 @@ impl StreamState {
                 if key_changed {
                     // As Debezium: a delete (and its tombstone) for the old key, a create for the new.
                     let delete = self.change(Op::Delete, rel, before, None, wal_start)?;
-                    self.batcher.emit(delete);
+                    self.batcher.push(delete);
                     let create = self.change(Op::Create, rel, None, Some(after), wal_start)?;
-                    self.batcher.emit(create);
+                    self.batcher.push(create);
                 } else {
                     let event = self.change(Op::Update, rel, before, Some(after), wal_start)?;
-                    self.batcher.emit(event);
+                    self.batcher.push(event);
                 }
             }
             PgOutput::Delete { rel, old } => {
@@ -589,12 +603,12 @@ impl StreamState {
                 self.batcher.push(event);
             }
             PgOutput::Truncate { rels, .. } => {
-                if self.skipping() {
+                if self.skipping() || !self.batcher.admit() {
                     return Ok(());
                 }
                 for rel in rels {
                     let event = self.change(Op::Truncate, rel, None, None, wal_start)?;
-                    self.batcher.emit(event);
+                    self.batcher.push(event);
                 }
             }
             PgOutput::Message { transactional, lsn, prefix, content } => {

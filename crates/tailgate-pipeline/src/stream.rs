@@ -10,9 +10,14 @@
 //!   last commit it pushed (its [`StreamBatcher::resume_point`]), so a commit is never both skipped by
 //!   the restart and missing from the pipeline.
 //! - **The replay count.** A connection lost inside a transaction makes the server send that
-//!   transaction again from its start. The events of it that were already pushed are counted, and the
-//!   same number is dropped from the replay ([`StreamBatcher::admit`]): within one run, a reconnect
-//!   adds no duplicate and no key goes back in time.
+//!   transaction again from its start. The log units of it already handled are counted, and as many
+//!   are dropped from the replay ([`StreamBatcher::admit`]): within one run, a reconnect adds no
+//!   duplicate and no key goes back in time. A unit is one change message of the log (a pgoutput
+//!   Insert/Update/Delete/Truncate/Message, a binlog Rows event or TRUNCATE statement), counted
+//!   whether or not it yields events: what a unit yields may change with a reload between the cut
+//!   and the replay, the units themselves never do. The count belongs to the cut transaction's
+//!   identity: if the server sends another transaction first (a failover to a server that never
+//!   had the cut one), the count is dropped, not applied to the wrong transaction.
 //!
 //! Hand-over rules: a batch goes to the pipeline when it holds `batch_size` items or
 //! [`MAX_BATCH_BYTES`] of log data, or when the socket has nothing more buffered; a small batch first
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tailgate_core::{Event, Position};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::source::{Batch, Item, MAX_BATCH_BYTES, SourceContext};
 
@@ -45,10 +50,12 @@ pub struct StreamBatcher {
     batch_size: usize,
     coalescing_since: Option<Instant>,
     in_transaction: bool,
-    /// Events of the open transaction seen on the current connection (pushed or dropped as replayed).
+    /// Log units of the open transaction seen on the current connection (handled or dropped).
     seen: u64,
-    /// Events of the open transaction pushed in this run, over every connection.
+    /// Log units of the open transaction handled in this run, over every connection.
     pushed: u64,
+    /// The identity of the transaction `pushed` belongs to (see [`StreamBatcher::begin`]).
+    transaction: u64,
     /// The last commit or marker pushed: where a new connection starts.
     resume_point: Option<Position>,
 }
@@ -77,6 +84,7 @@ impl StreamBatcher {
             in_transaction: false,
             seen: 0,
             pushed: 0,
+            transaction: 0,
             resume_point,
         }
     }
@@ -92,39 +100,58 @@ impl StreamBatcher {
         self.resume_point = position;
     }
 
-    /// A transaction begins (or begins again after a reconnect).
-    pub fn begin(&mut self) {
+    /// A transaction begins (or begins again after a reconnect). `id` identifies it on every
+    /// connection (PostgreSQL: its commit LSN; MySQL: its GTID, else where it starts in the binlog).
+    pub fn begin(&mut self, id: u64) {
+        if self.pushed > 0 && self.transaction != id {
+            // Not the transaction that was cut (a failover to a server that never had it): what was
+            // handed over of the cut one stays delivered, and nothing of this one is dropped.
+            info!(units = self.pushed, "the transaction cut by the lost connection did not come again");
+            self.pushed = 0;
+        }
+        self.transaction = id;
         self.in_transaction = true;
         self.seen = 0;
     }
 
+    /// Inside a transaction, or between a cut transaction and its replay: no progress marker may
+    /// be placed, and no clean stop may happen, before the transaction completes.
     pub fn in_transaction(&self) -> bool {
-        self.in_transaction
+        self.in_transaction || self.pushed > 0
     }
 
-    /// Whether the next event of the open transaction is new. `false`: it was pushed before the
-    /// connection was lost and the server sends it again; drop it. Call once per event, before
-    /// building it where that saves work, then [`StreamBatcher::push`] it when admitted.
+    /// Whether the next log unit of the open transaction is new (`false`: it was handled before the
+    /// connection was lost and the server sends it again; drop it). Call once per unit, before
+    /// decoding it where that saves work, then [`StreamBatcher::push`] whatever it yields.
     #[must_use]
     pub fn admit(&mut self) -> bool {
         self.seen += 1;
-        self.seen > self.pushed
+        if self.seen > self.pushed {
+            self.pushed = self.seen;
+            true
+        } else {
+            false
+        }
     }
 
-    /// Pushes an event that [`StreamBatcher::admit`] admitted, or one outside any transaction
-    /// (PostgreSQL's non-transactional messages: the source de-duplicates those by position).
+    /// Pushes an event of a unit that [`StreamBatcher::admit`] admitted, or one outside any
+    /// transaction (PostgreSQL's non-transactional messages: the source de-duplicates those).
     pub fn push(&mut self, event: Event) {
-        if self.in_transaction {
-            self.pushed += 1;
-        }
         self.batch.push(Item::Event(event));
     }
 
-    /// Admits and pushes an event in one step.
+    /// Admits a unit that yields one event, and pushes it.
     pub fn emit(&mut self, event: Event) {
         if self.admit() {
             self.push(event);
         }
+    }
+
+    /// A new history starts (a new slot or snapshot): no transaction of the old one will come again.
+    pub fn forget_cut_transaction(&mut self) {
+        self.pushed = 0;
+        self.seen = 0;
+        self.in_transaction = false;
     }
 
     /// Ends the open transaction: its events are complete, and a restart may start at `position`.
@@ -306,9 +333,9 @@ mod tests {
             .collect()
     }
 
-    /// Plays a transaction of `ids` as a server would send it.
-    fn transaction(b: &mut StreamBatcher, ids: &[i64], end: Option<u64>) {
-        b.begin();
+    /// Plays transaction `txn` of `ids` as a server would send it (one event per log unit).
+    fn transaction(b: &mut StreamBatcher, txn: u64, ids: &[i64], end: Option<u64>) {
+        b.begin(txn);
         for &id in ids {
             b.emit(insert(id));
         }
@@ -331,40 +358,72 @@ mod tests {
     #[tokio::test]
     async fn a_lost_connection_keeps_what_was_decoded_and_resumes_after_the_last_commit() {
         let mut b = StreamBatcher::new(100, None);
-        transaction(&mut b, &[1, 2], Some(10));
-        transaction(&mut b, &[3], None);
+        transaction(&mut b, 1, &[1, 2], Some(10));
+        transaction(&mut b, 2, &[3], None);
         // The connection drops inside the second transaction: nothing pushed is lost.
         b.disconnected();
         assert_eq!(b.resume_point(), Some(&commit(10)), "the new connection starts after the last commit");
         // The server sends the second transaction again, whole, then more.
-        transaction(&mut b, &[3, 4], Some(20));
-        transaction(&mut b, &[5], Some(30));
+        transaction(&mut b, 2, &[3, 4], Some(20));
+        transaction(&mut b, 3, &[5], Some(30));
         assert_eq!(drain(&mut b).await, ["Int(1)", "Int(2)", "C10", "Int(3)", "Int(4)", "C20", "Int(5)", "C30"]);
     }
 
     #[tokio::test]
     async fn a_replay_cut_again_still_drops_exactly_what_was_pushed() {
         let mut b = StreamBatcher::new(100, None);
-        transaction(&mut b, &[1, 2, 3], None);
+        transaction(&mut b, 1, &[1, 2, 3], None);
         b.disconnected();
         // Cut again after two of the three pushed events came back.
-        transaction(&mut b, &[1, 2], None);
+        transaction(&mut b, 1, &[1, 2], None);
         b.disconnected();
-        transaction(&mut b, &[1, 2, 3, 4, 5], Some(9));
+        transaction(&mut b, 1, &[1, 2, 3, 4, 5], Some(9));
         // A later transaction is not affected by the replay count.
-        transaction(&mut b, &[6], Some(12));
+        transaction(&mut b, 2, &[6], Some(12));
         assert_eq!(drain(&mut b).await, ["Int(1)", "Int(2)", "Int(3)", "Int(4)", "Int(5)", "C9", "Int(6)", "C12"]);
+    }
+
+    /// The server sends another transaction than the cut one (a failover to a server that never had
+    /// it): nothing of the new one is dropped; until then no marker may follow the cut part.
+    #[tokio::test]
+    async fn a_replay_count_applies_only_to_the_transaction_that_was_cut() {
+        let mut b = StreamBatcher::new(100, None);
+        transaction(&mut b, 7, &[1, 2], None);
+        b.disconnected();
+        assert!(b.in_transaction(), "between the cut and its replay: no marker, no clean stop");
+        transaction(&mut b, 8, &[10, 11, 12], Some(20));
+        assert!(!b.in_transaction());
+        assert_eq!(drain(&mut b).await, ["Int(1)", "Int(2)", "Int(10)", "Int(11)", "Int(12)", "C20"]);
+    }
+
+    /// Units are counted whether or not they yield events, so a reload between the cut and the replay
+    /// (a table now excluded, or included) cannot shift what is dropped.
+    #[tokio::test]
+    async fn units_that_yield_nothing_still_count() {
+        let mut b = StreamBatcher::new(100, None);
+        b.begin(1);
+        b.emit(insert(1));
+        let _ = b.admit(); // a unit of a table not captured then
+        b.disconnected();
+        b.begin(1);
+        let _ = b.admit(); // unit 1 again: dropped
+        if b.admit() {
+            b.push(insert(20)); // the same unit now yields an event (a reload included its table): still dropped
+        }
+        b.emit(insert(3));
+        b.commit(commit(5));
+        assert_eq!(drain(&mut b).await, ["Int(1)", "Int(3)", "C5"]);
     }
 
     #[tokio::test]
     async fn a_lost_connection_between_transactions_replays_nothing() {
         let mut b = StreamBatcher::new(100, Some(commit(5)));
         assert_eq!(b.resume_point(), Some(&commit(5)));
-        transaction(&mut b, &[1], Some(10));
+        transaction(&mut b, 1, &[1], Some(10));
         b.marker(commit(15));
         b.disconnected();
         assert_eq!(b.resume_point(), Some(&commit(15)));
-        transaction(&mut b, &[2], Some(20));
+        transaction(&mut b, 2, &[2], Some(20));
         assert_eq!(drain(&mut b).await, ["Int(1)", "C10", "C15", "Int(2)", "C20"]);
     }
 
@@ -372,11 +431,11 @@ mod tests {
     async fn hand_over_waits_for_room_and_lets_the_caller_keep_its_connection_alive() {
         let (tx, mut rx) = mpsc::channel(1);
         let mut b = StreamBatcher::new(2, None);
-        transaction(&mut b, &[1, 2], Some(3));
+        transaction(&mut b, 1, &[1, 2], Some(3));
         assert!(b.is_full());
         assert_eq!(b.hand_over(&tx, None).await, HandOver::Sent);
         assert!(b.is_empty() && !b.is_full());
-        transaction(&mut b, &[4], Some(5));
+        transaction(&mut b, 2, &[4], Some(5));
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.tick().await;
         // The channel is full: the tick fires first, and the batch stays.
@@ -385,7 +444,7 @@ mod tests {
         assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(1)", "Int(2)", "C3"]);
         assert_eq!(b.hand_over(&tx, Some(&mut tick)).await, HandOver::Sent);
         drop(rx);
-        transaction(&mut b, &[6], Some(7));
+        transaction(&mut b, 3, &[6], Some(7));
         assert_eq!(b.hand_over(&tx, None).await, HandOver::Closed);
     }
 
@@ -393,12 +452,12 @@ mod tests {
     fn small_batches_wait_a_little_for_more_large_ones_do_not() {
         let mut b = StreamBatcher::new(10_000, None);
         assert!(!b.wait_for_more(), "nothing to wait for");
-        transaction(&mut b, &[1], None);
+        transaction(&mut b, 1, &[1], None);
         assert!(b.wait_for_more());
         std::thread::sleep(COALESCE_MAX);
         assert!(!b.wait_for_more(), "waited long enough");
         let mut b = StreamBatcher::new(10_000, None);
-        transaction(&mut b, &(0..COALESCE_BELOW as i64).collect::<Vec<_>>(), None);
+        transaction(&mut b, 1, &(0..COALESCE_BELOW as i64).collect::<Vec<_>>(), None);
         assert!(!b.wait_for_more(), "large enough to go at once");
     }
 }
