@@ -2,7 +2,8 @@
 //!
 //! - [`replication`]: the replication connection (postgres-protocol over tokio).
 //! - [`pgoutput`]: the pgoutput message decoder (no I/O).
-//! - [`types`]: text values to Debezium's representation.
+//! - [`types`]: text and binary values to Debezium's representation.
+//! - [`geometry`]: the geometric types among them.
 //! - [`catalog`]: ordinary SQL: prerequisites, slots, publications.
 //! - [`source`]: the [`tailgate_pipeline::Source`] implementation.
 //! - [`check`]: the checks behind `tailgate check`.
@@ -10,6 +11,7 @@
 pub mod catalog;
 pub mod check;
 pub mod error;
+pub mod geometry;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;

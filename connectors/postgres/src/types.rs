@@ -7,9 +7,15 @@
 //!
 //! A column's [`ColumnKind`] is resolved once per Relation message, so that converting a row is a
 //! match on a small enum, not a catalog lookup.
+//!
+//! No value the row held becomes `null`: where Debezium has a stand-in for a value its type cannot
+//! represent (`infinity` dates and timestamps), that stand-in is rendered (see [`infinity`]).
 
 use tailgate_core::temporal::{MICROS_PER_DAY, civil_from_days, days_from_civil, format_utc_timestamp, push_fraction};
 use tailgate_core::{Decimal, Value};
+
+use crate::geometry::Shape;
+use infinity::Sign;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -44,10 +50,13 @@ pub enum ColumnKind {
     },
     /// Approximate micros (`MicroDuration`).
     Interval,
-    /// `bit(1)` is a boolean; longer bit strings are little-endian bytes (`io.debezium.data.Bits`).
+    /// `bit(1)` and `varbit(1)` are booleans; other bit strings are little-endian bytes
+    /// (`io.debezium.data.Bits`, see `bits_le`).
     Bit {
         single: bool,
     },
+    /// The built-in geometric types, as Debezium's geometry structs (see [`crate::geometry`]).
+    Geometric(Shape),
     Array(Box<ColumnKind>),
 }
 
@@ -70,11 +79,13 @@ impl ColumnKind {
             1114 => Timestamp { millis: precision(6) <= 3 },
             1184 => TimestampTz { fraction: precision(6) as u32 },
             1186 => Interval,
-            1560 => Bit { single: typmod == 1 },
-            1562 => Bit { single: false },
-            _ => match array_element(oid) {
-                Some(elem) => Array(Box::new(ColumnKind::of(elem, typmod))),
-                None => Text,
+            // The typmod of bit(n) and varbit(n) is n; of an unbounded varbit, -1 (Debezium: a
+            // length of 2^31-1, so bytes).
+            1560 | 1562 => Bit { single: typmod == 1 },
+            _ => match (Shape::of(oid), array_element(oid)) {
+                (Some(shape), _) => Geometric(shape),
+                (None, Some(elem)) => Array(Box::new(ColumnKind::of(elem, typmod))),
+                (None, None) => Text,
             },
         }
     }
@@ -95,8 +106,8 @@ impl ColumnKind {
             Money => Value::Decimal(Decimal { text: parse_money(text)?, declared_scale: Some(2) }),
             Text => Value::String(text.to_owned()),
             Bytea => Value::Bytes(parse_bytea(text)?),
-            Date => match parse_infinity(text) {
-                Some(v) => v,
+            Date => match infinity::of(text) {
+                Some(sign) => Value::Int(infinity::date(sign)),
                 None => Value::Int(parse_date(text)?),
             },
             Time { millis } => {
@@ -104,23 +115,29 @@ impl ColumnKind {
                 Value::Int(if *millis { micros / 1000 } else { micros })
             }
             TimeTz => Value::String(format_timetz(text)?),
-            Timestamp { millis } => match parse_infinity(text) {
-                Some(v) => v,
+            Timestamp { millis } => match infinity::of(text) {
+                Some(sign) => Value::Int(infinity::timestamp(sign, *millis)),
                 None => {
                     let micros = parse_timestamp(text)?.0;
                     Value::Int(if *millis { micros.div_euclid(1000) } else { micros })
                 }
             },
-            TimestampTz { fraction } => match parse_infinity(text) {
-                Some(v) => v,
+            TimestampTz { fraction } => match infinity::of(text) {
+                Some(sign) => Value::String(infinity::timestamptz(sign).to_owned()),
                 None => {
                     let (micros, offset) = parse_timestamp(text)?;
                     Value::String(format_utc_timestamp(micros - offset?, *fraction))
                 }
             },
             Interval => Value::Int(parse_interval(text)?),
-            Bit { single: true } => Value::Bool(text == "1"),
-            Bit { single: false } => Value::Bytes(parse_bits(text)?),
+            Bit { single } => {
+                let b = text.as_bytes();
+                if !b.iter().all(|c| matches!(c, b'0' | b'1')) {
+                    return None;
+                }
+                bits_value(*single, b.len(), |i| b[i] == b'1')
+            }
+            Geometric(shape) => shape.parse_text(text)?.value(),
             Array(elem) => parse_array(text, elem)?,
         })
     }
@@ -159,6 +176,12 @@ pub enum BinaryKind {
     TimestampTz {
         fraction: u32,
     },
+    /// `bit(n)`, `varbit(n)`: the bit count (int4), then the bits, the first in the high bit of the
+    /// first byte.
+    Bit {
+        single: bool,
+    },
+    Geometric(Shape),
 }
 
 impl BinaryKind {
@@ -178,6 +201,8 @@ impl BinaryKind {
             (1082, _) => BinaryKind::Date,
             (1114, ColumnKind::Timestamp { millis }) => BinaryKind::Timestamp { millis: *millis },
             (1184, ColumnKind::TimestampTz { fraction }) => BinaryKind::TimestampTz { fraction: *fraction },
+            (1560 | 1562, ColumnKind::Bit { single }) => BinaryKind::Bit { single: *single },
+            (_, ColumnKind::Geometric(shape)) => BinaryKind::Geometric(*shape),
             _ => return None,
         })
     }
@@ -210,21 +235,34 @@ impl BinaryKind {
             },
             Uuid => Value::String(format_uuid(raw.try_into().ok()?)),
             Bytea => Value::Bytes(raw.to_vec()),
+            // PostgreSQL stores infinity as the extreme values of the type (DATEVAL_NOEND, DT_NOEND...).
             Date => match i32::from_be_bytes(raw.try_into().ok()?) {
-                i32::MAX | i32::MIN => Value::Null,
+                i32::MAX => Value::Int(infinity::date(Sign::Positive)),
+                i32::MIN => Value::Int(infinity::date(Sign::Negative)),
                 days => Value::Int(i64::from(days) + PG_EPOCH_OFFSET_MICROS / MICROS_PER_DAY),
             },
             Timestamp { millis } => match i64::from_be_bytes(raw.try_into().ok()?) {
-                i64::MAX | i64::MIN => Value::Null,
+                i64::MAX => Value::Int(infinity::timestamp(Sign::Positive, millis)),
+                i64::MIN => Value::Int(infinity::timestamp(Sign::Negative, millis)),
                 pg => {
                     let micros = pg.checked_add(PG_EPOCH_OFFSET_MICROS)?;
                     Value::Int(if millis { micros.div_euclid(1000) } else { micros })
                 }
             },
             TimestampTz { fraction } => match i64::from_be_bytes(raw.try_into().ok()?) {
-                i64::MAX | i64::MIN => Value::Null,
+                i64::MAX => Value::String(infinity::timestamptz(Sign::Positive).to_owned()),
+                i64::MIN => Value::String(infinity::timestamptz(Sign::Negative).to_owned()),
                 pg => Value::String(format_utc_timestamp(pg.checked_add(PG_EPOCH_OFFSET_MICROS)?, fraction)),
             },
+            Bit { single } => {
+                let (len, bits) = raw.split_first_chunk::<4>()?;
+                let len = usize::try_from(i32::from_be_bytes(*len)).ok()?;
+                if bits.len() != len.div_ceil(8) {
+                    return None;
+                }
+                bits_value(single, len, |i| bits[i / 8] & (0x80 >> (i % 8)) != 0)
+            }
+            Geometric(shape) => shape.parse_binary(raw)?.value(),
         })
     }
 }
@@ -366,10 +404,55 @@ fn array_element(oid: u32) -> Option<u32> {
     })
 }
 
-/// `infinity` values: Debezium has no representation for them; they are rendered as `null`
-/// (documented in docs/types.md).
-fn parse_infinity(text: &str) -> Option<Value> {
-    matches!(text, "infinity" | "-infinity").then_some(Value::Null)
+/// What Debezium's PostgreSQL connector emits for `infinity` and `-infinity` in the default
+/// `time.precision.mode=adaptive` (read in its `PostgresValueConverter`, `DateTimeFormat` and
+/// `AbstractColumnValue`, for values decoded from pgoutput's text). These are stand-ins, not dates:
+/// consumers that compare with them must use exactly these numbers.
+pub mod infinity {
+    /// `infinity` is `Positive`, `-infinity` is `Negative`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Sign {
+        Positive,
+        Negative,
+    }
+
+    /// The sign of a text `infinity` / `-infinity`; `None` for any other text.
+    pub fn of(text: &str) -> Option<Sign> {
+        match text {
+            "infinity" => Some(Sign::Positive),
+            "-infinity" => Some(Sign::Negative),
+            _ => None,
+        }
+    }
+
+    /// `date` (`io.debezium.time.Date`): the epoch days of Debezium's `POSITIVE_INFINITY_LOCAL_DATE`
+    /// (-5877611-06-21) and `NEGATIVE_INFINITY_LOCAL_DATE` (-5877611-06-22). Yes, +infinity is the
+    /// smaller number.
+    pub fn date(sign: Sign) -> i64 {
+        match sign {
+            Sign::Positive => -2_147_472_692,
+            Sign::Negative => -2_147_472_691,
+        }
+    }
+
+    /// `timestamp`: PgJDBC's `PGStatement.DATE_POSITIVE_INFINITY` (9223372036825200000) and
+    /// `DATE_NEGATIVE_INFINITY` (-9223372036832400000) read as microseconds (`MicroTimestamp`), or that
+    /// instant in milliseconds for precision 0 to 3 (`Timestamp`).
+    pub fn timestamp(sign: Sign, millis: bool) -> i64 {
+        let micros: i64 = match sign {
+            Sign::Positive => 9_223_372_036_825_200_000,
+            Sign::Negative => -9_223_372_036_832_400_000,
+        };
+        if millis { micros / 1000 } else { micros }
+    }
+
+    /// `timestamptz` (`ZonedTimestamp`): the text itself.
+    pub fn timestamptz(sign: Sign) -> &'static str {
+        match sign {
+            Sign::Positive => "infinity",
+            Sign::Negative => "-infinity",
+        }
+    }
 }
 
 fn parse_money(text: &str) -> Option<String> {
@@ -396,18 +479,29 @@ fn parse_bytea(text: &str) -> Option<Vec<u8>> {
     hex.as_bytes().chunks(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
 }
 
-/// Bit string to Debezium's `Bits`: little-endian bytes of the number the bits spell.
-fn parse_bits(text: &str) -> Option<Vec<u8>> {
-    let n = text.len();
-    let mut bytes = vec![0u8; n.div_ceil(8)];
-    for (i, c) in text.bytes().rev().enumerate() {
-        match c {
-            b'1' => bytes[i / 8] |= 1 << (i % 8),
-            b'0' => {}
-            _ => return None,
-        }
+/// A bit string of `len` bits (`set(i)`: whether the i-th bit written is 1) as Debezium renders it.
+///
+/// `single` (`bit(1)`, `varbit(1)`): a boolean, true when any bit is set (Debezium parses the bits
+/// as a base-2 number and compares it with 0; it fails on an empty `varbit(1)`, which is `false`
+/// here). Otherwise [`bits_le`].
+fn bits_value(single: bool, len: usize, set: impl Fn(usize) -> bool) -> Value {
+    if single { Value::Bool((0..len).any(set)) } else { Value::Bytes(bits_le(len, set)) }
+}
+
+/// Debezium's `io.debezium.data.Bits` for PostgreSQL: the number the bits spell (the last bit
+/// written is bit 0) as little-endian bytes, only as many as its highest set bit needs. That is
+/// Java's `BitSet.toByteArray()`, which `PostgresValueConverter.convertBits` sends for both `bit(n)`
+/// and `varbit`: `B'000'` is no bytes at all, `B'0000000001'` is one byte (`01`), not two.
+fn bits_le(len: usize, set: impl Fn(usize) -> bool) -> Vec<u8> {
+    let mut bytes = vec![0u8; len.div_ceil(8)];
+    for i in (0..len).filter(|&i| set(i)) {
+        let bit = len - 1 - i;
+        bytes[bit / 8] |= 1 << (bit % 8);
     }
-    Some(bytes)
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    bytes
 }
 
 /// `YYYY-MM-DD` (ISO DateStyle), optionally followed by ` BC`.
@@ -683,7 +777,6 @@ mod tests {
         assert_eq!(conv(1082, -1, "2024-03-01"), Value::Int(19783));
         assert_eq!(conv(1082, -1, "1969-12-31"), Value::Int(-1));
         assert_eq!(conv(1082, -1, "0001-01-01 BC"), Value::Int(days_from_civil(0, 1, 1)));
-        assert_eq!(conv(1082, -1, "infinity"), Value::Null);
         for d in [-800_000, -1, 0, 1, 19783, 2_932_896] {
             let (y, m, dd) = civil_from_days(d);
             assert_eq!(days_from_civil(y, m, dd), d);
@@ -707,7 +800,6 @@ mod tests {
         assert_eq!(conv(1184, -1, "2024-01-15 10:30:00.1+00"), Value::String("2024-01-15T10:30:00.100000Z".into()));
         assert_eq!(conv(1184, 3, "2024-01-15 12:30:00+02"), Value::String("2024-01-15T10:30:00.000Z".into()));
         assert_eq!(conv(1184, 0, "2024-01-15 10:30:00+00"), Value::String("2024-01-15T10:30:00Z".into()));
-        assert_eq!(conv(1184, -1, "infinity"), Value::Null);
         // BC, and offsets with minutes (sessions outside UTC would send these).
         assert_eq!(conv(1114, -1, "0044-03-15 10:00:00 BC"), Value::Int(-735_160 * 86_400_000_000 + 36_000_000_000));
         assert_eq!(conv(1184, -1, "2024-01-15 16:00:00+05:30"), Value::String("2024-01-15T10:30:00.000000Z".into()));
@@ -726,7 +818,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_money_bytes_bits() {
+    fn numbers_money_bytes() {
         assert_eq!(conv(23, -1, "-42"), Value::Int(-42));
         assert_eq!(conv(701, -1, "1.5"), Value::Float(1.5));
         assert_eq!(
@@ -740,9 +832,120 @@ mod tests {
             Value::Decimal(Decimal { text: "-1234.56".into(), declared_scale: Some(2) })
         );
         assert_eq!(conv(17, -1, "\\x00ff10"), Value::Bytes(vec![0, 255, 16]));
-        assert_eq!(conv(1560, 1, "1"), Value::Bool(true));
-        assert_eq!(conv(1560, 10, "1000000001"), Value::Bytes(vec![0x01, 0x02]));
         assert_eq!(conv(16, -1, "f"), Value::Bool(false));
+    }
+
+    /// Debezium's stand-ins, both ways (the binary values are PostgreSQL's DT_NOEND/DT_NOBEGIN,
+    /// DATEVAL_NOEND/DATEVAL_NOBEGIN).
+    #[test]
+    fn infinities_render_as_debeziums_stand_ins() {
+        for (typmod, positive, negative) in [
+            (-1, 9_223_372_036_825_200_000, -9_223_372_036_832_400_000),
+            (6, 9_223_372_036_825_200_000, -9_223_372_036_832_400_000),
+            (4, 9_223_372_036_825_200_000, -9_223_372_036_832_400_000),
+            (3, 9_223_372_036_825_200, -9_223_372_036_832_400),
+            (0, 9_223_372_036_825_200, -9_223_372_036_832_400),
+        ] {
+            assert_eq!(conv(1114, typmod, "infinity"), Value::Int(positive), "timestamp({typmod})");
+            assert_eq!(conv(1114, typmod, "-infinity"), Value::Int(negative), "timestamp({typmod})");
+            agree(1114, typmod, &i64::MAX.to_be_bytes(), "infinity");
+            agree(1114, typmod, &i64::MIN.to_be_bytes(), "-infinity");
+        }
+        // The epoch days of -5877611-06-21 and -5877611-06-22.
+        // (Java's LocalDate.toEpochDay gives the same numbers.)
+        assert_eq!(days_from_civil(-5_877_611, 6, 21), -2_147_472_692);
+        assert_eq!(days_from_civil(-5_877_611, 6, 22), -2_147_472_691);
+        assert_eq!(conv(1082, -1, "infinity"), Value::Int(-2_147_472_692));
+        assert_eq!(conv(1082, -1, "-infinity"), Value::Int(-2_147_472_691));
+        agree(1082, -1, &i32::MAX.to_be_bytes(), "infinity");
+        agree(1082, -1, &i32::MIN.to_be_bytes(), "-infinity");
+        for typmod in [-1, 0, 3, 6] {
+            assert_eq!(conv(1184, typmod, "infinity"), Value::String("infinity".into()));
+            assert_eq!(conv(1184, typmod, "-infinity"), Value::String("-infinity".into()));
+            agree(1184, typmod, &i64::MAX.to_be_bytes(), "infinity");
+            agree(1184, typmod, &i64::MIN.to_be_bytes(), "-infinity");
+        }
+        // Arrays use the element conversion.
+        assert_eq!(conv(1182, -1, "{infinity,NULL}"), Value::Array(vec![Value::Int(-2_147_472_692), Value::Null]));
+        // Not an infinity: still parsed as a date (and refused).
+        assert!(ColumnKind::of(1082, -1).convert("Infinity").is_none());
+    }
+
+    /// A bit string in COPY's binary format: bit count, then the bits from the high bit down.
+    fn bits_binary(text: &str) -> Vec<u8> {
+        let mut raw = (text.len() as i32).to_be_bytes().to_vec();
+        let mut bytes = vec![0u8; text.len().div_ceil(8)];
+        for (i, c) in text.bytes().enumerate() {
+            if c == b'1' {
+                bytes[i / 8] |= 0x80 >> (i % 8);
+            }
+        }
+        raw.extend(bytes);
+        raw
+    }
+
+    #[test]
+    fn bits_are_booleans_or_minimal_little_endian_bytes() {
+        // (oid, typmod, text, expected): the cases of Debezium's own tests (bitbin_table) and the edges.
+        let bytes = |b: &[u8]| Value::Bytes(b.to_vec());
+        let cases = [
+            (1560, 1, "1", Value::Bool(true)),
+            (1560, 1, "0", Value::Bool(false)),
+            (1562, 1, "1", Value::Bool(true)),
+            (1562, 1, "0", Value::Bool(false)),
+            (1562, 1, "", Value::Bool(false)),
+            (1560, 2, "11", bytes(&[3])),
+            (1560, 7, "1000000", bytes(&[64])),
+            (1562, 2, "00", bytes(&[])),
+            (1560, 3, "000", bytes(&[])),
+            (1560, 3, "101", bytes(&[5])),
+            (1560, 10, "1000000001", bytes(&[0x01, 0x02])),
+            (1560, 10, "0000000001", bytes(&[0x01])),
+            (1560, 10, "0000000000", bytes(&[])),
+            (1560, 10, "1000000000", bytes(&[0x00, 0x02])),
+            (1562, 24, "000000110000001000000001", bytes(&[1, 2, 3])),
+            (1562, 64, &format!("1{}", "0".repeat(63)), bytes(&[0, 0, 0, 0, 0, 0, 0, 0x80])),
+            (1562, -1, "101", bytes(&[5])),
+            (1562, -1, "111011010001000110000001000000001", bytes(&[1, 2, 35, 0xDA, 1])),
+            (1562, -1, "1", bytes(&[1])),
+            (1562, -1, "", bytes(&[])),
+        ];
+        for (oid, typmod, text, want) in cases {
+            assert_eq!(conv(oid, typmod, text), want, "{oid}({typmod}) {text:?}");
+            agree(oid, typmod, &bits_binary(text), text);
+        }
+        assert!(ColumnKind::of(1560, 3).convert("102").is_none());
+        assert!(ColumnKind::of(1560, 1).convert("t").is_none());
+        let kind = ColumnKind::of(1560, 10);
+        let binary = BinaryKind::of(1560, &kind).unwrap();
+        assert_eq!(binary.convert(&bits_binary("1000000001")[..5]), None, "truncated");
+        assert_eq!(binary.convert(&[0xFF, 0xFF, 0xFF, 0xFF]), None, "negative length");
+        assert_eq!(conv(1561, 1, "{1,0}"), Value::Array(vec![Value::Bool(true), Value::Bool(false)]));
+    }
+
+    #[test]
+    fn geometric_types_convert_alike_from_text_and_binary() {
+        let be = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|f| f.to_be_bytes()).collect() };
+        let counted = |prefix: &[u8], v: &[f64]| -> Vec<u8> {
+            let mut raw = prefix.to_vec();
+            raw.extend(((v.len() / 2) as i32).to_be_bytes());
+            raw.extend(be(v));
+            raw
+        };
+        agree(600, -1, &be(&[1.5, 2.5]), "(1.5,2.5)");
+        agree(600, -1, &be(&[-0.0, 1e300]), "(-0,1e+300)");
+        agree(600, -1, &be(&[0.1, -1e-7]), "(0.1,-1e-07)");
+        agree(601, -1, &be(&[0.0, 0.0, 1.0, 1.0]), "[(0,0),(1,1)]");
+        agree(603, -1, &be(&[2.0, 2.0, 0.0, 0.0]), "(2,2),(0,0)");
+        agree(602, -1, &counted(&[0], &[0.0, 0.0, 1.0, 1.0, 2.0, 0.0]), "[(0,0),(1,1),(2,0)]");
+        agree(602, -1, &counted(&[1], &[0.0, 0.0, 1.0, 1.0]), "((0,0),(1,1))");
+        agree(604, -1, &counted(&[], &[0.0, 0.0, 1.0, 0.0, 1.0, 1.0]), "((0,0),(1,0),(1,1))");
+        agree(628, -1, &be(&[1.0, -1.0, 0.0]), "{1,-1,0}");
+        agree(718, -1, &be(&[1.0, 2.0, 3.0]), "<(1,2),3>");
+        assert!(matches!(conv(600, -1, "(1,2)"), Value::Struct(_)));
+        assert!(ColumnKind::of(600, -1).convert("(1,2").is_none());
+        // Arrays of geometric types stay text (as before; Debezium leaves them out of events).
+        assert_eq!(conv(1017, -1, "{\"(1,2)\"}"), Value::String("{\"(1,2)\"}".into()));
     }
 
     #[test]

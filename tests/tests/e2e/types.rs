@@ -73,7 +73,44 @@ async fn binary_snapshot_values_agree_with_the_stream() {
     assert_eq!(rows[0]["n"], json!({"scale": 4, "value": "GiSbHxCgbJarIQ=="}));
     assert_eq!(rows[1]["f4"], "NaN");
     assert_eq!(rows[1]["s"], "tab\tnl\né ☃ \\N");
-    assert_eq!(rows[2]["d"], Value::Null, "infinity");
+    // Debezium's stand-ins for infinity (docs/types.md), read in binary as in text.
+    assert_eq!(rows[2]["d"], -2_147_472_692, "date infinity");
+    assert_eq!(rows[1]["ts3"], 9_223_372_036_825_200i64, "timestamp(3) infinity");
+    assert_eq!(rows[1]["tz"], "-infinity");
+}
+
+/// Infinities, geometric types and bit strings, snapshotted with COPY's binary format: both
+/// formats and the stream must agree. The values themselves are asserted in
+/// `every_type_renders_as_debezium_does` (read as text).
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_snapshot_of_infinities_geometry_and_bits() {
+    let (rows, log) = capture_rows(
+        "binsnap_geo",
+        "",
+        "CREATE TABLE t (id bigint PRIMARY KEY, d date, ts timestamp, ts3 timestamp(3), tz timestamptz, tz0 timestamptz(0),
+                         p point, bx box, ls lseg, pa path, pg polygon, ci circle, li line,
+                         b1 bit(1), b3 bit(3), b10 bit(10), vb varbit, vb1 varbit(1), vb5 varbit(5))",
+        "INSERT INTO t VALUES
+           (1, 'infinity', 'infinity', 'infinity', 'infinity', 'infinity',
+            '(1.5,2.5)', '(0,0),(2,3)', '[(0,0),(1.5,-1)]', '[(0,0),(1,1),(2,0)]', '((0,0),(1,0),(1,1))', '<(1,2),3>', '{1,-1,0}',
+            B'1', B'000', B'1000000001', B'101', B'1', B'00001'),
+           (2, '-infinity', '-infinity', '-infinity', '-infinity', '-infinity',
+            '(-0,1e300)', '(-1.25,0.1),(3,-7)', '[(0.1,0.2),(0.3,0.4)]', '((0,0),(1,1))', '((5,5))', '<(0,0),0.5>', '{0,1,-2.5}',
+            B'0', B'100', B'0000000001', B'', B'', B'00000'),
+           (3, NULL, NULL, NULL, NULL, NULL, '(NaN,-Infinity)', NULL, NULL, '[(7,8)]', NULL, NULL, NULL,
+            NULL, NULL, B'0000000000', B'0000000000000000000000000000000001', B'0', NULL)",
+        3,
+    )
+    .await;
+    assert!(log.contains("format=\"binary\""), "read in binary: {log}");
+    assert_eq!(rows[0]["d"], -2_147_472_692);
+    assert_eq!(rows[1]["ts"], -9_223_372_036_832_400_000i64);
+    assert_eq!(rows[1]["p"]["x"], -0.0);
+    assert_eq!(rows[2]["p"]["x"], "NaN");
+    assert_eq!(rows[2]["p"]["y"], "-Infinity");
+    assert_eq!(rows[1]["vb"], "");
+    assert_eq!(rows[1]["vb1"], false);
+    assert_eq!(rows[2]["vb"], "AQ==");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +132,13 @@ async fn every_type_renders_as_debezium_does() {
            c_uuid uuid, c_json json, c_jsonb jsonb, c_enum mood,
            c_int_array int[], c_text_array text[],
            c_inet inet, c_cidr cidr, c_macaddr macaddr,
-           c_bit1 bit(1), c_bits bit(10), c_xml xml
+           c_bit1 bit(1), c_bits bit(10), c_xml xml,
+           c_date_inf date, c_date_ninf date, c_ts_inf timestamp, c_ts_ninf timestamp,
+           c_ts3_inf timestamp(3), c_ts3_ninf timestamp(3), c_tstz_inf timestamptz, c_tstz_ninf timestamptz(3),
+           c_point point, c_box box, c_lseg lseg, c_path_open path, c_path_closed path, c_polygon polygon,
+           c_circle circle, c_line line,
+           c_bit0 bit(1), c_bit3_zero bit(3), c_bits_low bit(10), c_bits_zero bit(10), c_varbit varbit,
+           c_varbit_zero varbit(8), c_varbit1 varbit(1)
          );",
         "INSERT INTO t VALUES (
            1,
@@ -110,7 +153,13 @@ async fn every_type_renders_as_debezium_does() {
            'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', '{\"b\": true}', 'happy',
            '{1,2,NULL}', '{\"x y\",z}',
            '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03',
-           B'1', B'1000000001', '<a>1</a>'
+           B'1', B'1000000001', '<a>1</a>',
+           'infinity', '-infinity', 'infinity', '-infinity',
+           'infinity', '-infinity', 'infinity', '-infinity',
+           '(1.5,2.5)', '(0,0),(2,3)', '[(0,0),(1.5,-1)]', '[(0,0),(1,1),(2,0)]', '((0,0),(1,1),(2,0))', '((0,0),(1,0),(1,1))',
+           '<(1,2),3>', '{1,-1,0}',
+           B'0', B'000', B'0000000001', B'0000000000', B'111011010001000110000001000000001',
+           B'000', B'1'
          )",
     )
     .await;
@@ -129,7 +178,30 @@ async fn every_type_renders_as_debezium_does() {
         "c_uuid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "c_json": "{\"a\": [1, 2]}", "c_jsonb": "{\"b\": true}", "c_enum": "happy",
         "c_int_array": [1, 2, null], "c_text_array": ["x y", "z"],
         "c_inet": "192.168.0.1/24", "c_cidr": "10.0.0.0/8", "c_macaddr": "08:00:2b:01:02:03",
-        "c_bit1": true, "c_bits": "AQI=", "c_xml": "<a>1</a>"
+        "c_bit1": true, "c_bits": "AQI=", "c_xml": "<a>1</a>",
+        // ±infinity: Debezium's stand-ins (epoch days of -5877611-06-21 / -22; PgJDBC's infinity
+        // instants in micros, or millis for precision 0..3; the text for timestamptz).
+        "c_date_inf": -2147472692, "c_date_ninf": -2147472691,
+        "c_ts_inf": 9223372036825200000i64, "c_ts_ninf": -9223372036832400000i64,
+        "c_ts3_inf": 9223372036825200i64, "c_ts3_ninf": -9223372036832400i64,
+        "c_tstz_inf": "infinity", "c_tstz_ninf": "-infinity",
+        // WKB computed independently with java.nio.ByteBuffer, as Debezium's writers build it.
+        "c_point": {"x": 1.5, "y": 2.5, "wkb": "AQEAAAAAAAAAAAD4PwAAAAAAAARA", "srid": null},
+        // PostgreSQL stores the box as (2,3),(0,0): ring (2,3) (2,0) (0,0) (0,3) (2,3).
+        "c_box": {"wkb": "AQMAAAABAAAABQAAAAAAAAAAAABAAAAAAAAACEAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAACEAAAAAAAAAAQAAAAAAAAAhA",
+                  "srid": null, "extensions": {"type": "box"}},
+        "c_lseg": {"wkb": "AQIAAAACAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAPg/AAAAAAAA8L8=", "srid": null, "extensions": {"type": "lseg"}},
+        "c_path_open": {"wkb": "AQIAAAADAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAPA/AAAAAAAA8D8AAAAAAAAAQAAAAAAAAAAA", "srid": null,
+                        "extensions": {"type": "path", "closed": "false"}},
+        "c_path_closed": {"wkb": "AQIAAAADAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAPA/AAAAAAAA8D8AAAAAAAAAQAAAAAAAAAAA", "srid": null,
+                          "extensions": {"type": "path", "closed": "true"}},
+        "c_polygon": {"wkb": "AQMAAAABAAAABAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAADwPwAAAAAAAAAAAAAAAAAA8D8AAAAAAADwPwAAAAAAAAAAAAAAAAAAAAA=",
+                      "srid": null, "extensions": {"type": "polygon"}},
+        "c_circle": {"center": {"x": 1.0, "y": 2.0, "wkb": "AQEAAAAAAAAAAADwPwAAAAAAAABA", "srid": null}, "radius": 3.0},
+        "c_line": {"a": 1.0, "b": -1.0, "c": 0.0},
+        // Bits: java.util.BitSet#toByteArray of the bits (the last bit written is bit 0).
+        "c_bit0": false, "c_bit3_zero": "", "c_bits_low": "AQ==", "c_bits_zero": "", "c_varbit": "AQIj2gE=",
+        "c_varbit_zero": "", "c_varbit1": true
     });
     for (column, want) in expected.as_object().unwrap() {
         assert_eq!(&after[column], want, "column {column}: got {}, want {want}", after[column]);
@@ -161,8 +233,8 @@ async fn special_values() {
                               'tab' || chr(9) || 'here back\\slash \\N', '\\x5c4e09')",
     )
     .await;
-    assert_eq!(after["d"], Value::Null);
-    assert_eq!(after["ts"], Value::Null);
+    assert_eq!(after["d"], -2_147_472_692);
+    assert_eq!(after["ts"], -9_223_372_036_832_400_000i64);
     assert_eq!(after["n"], Value::Null);
     assert_eq!(after["f"], "NaN");
     assert_eq!(after["a"], json!([]));
