@@ -229,8 +229,9 @@ pub async fn run(
                     return Ok(false);
                 }
                 Err(e) => {
-                    // Whatever was read is delivered: `state` already counts it.
-                    emitter.release().await;
+                    // The pipeline gets exactly what the last marker (and so `state`) covers: the
+                    // retry reads on from there.
+                    emitter.abandon().await;
                     return Err(e);
                 }
             }
@@ -666,8 +667,15 @@ async fn read_table(
     let mut pages = TablePages::new(job.metrics, &table.qualified, table.estimate, job.fetch_rows);
     let mut result = conn.query_iter(sql).await.map_err(|e| snapshot_error(e, table))?;
     while let Some(row) = result.next().await.map_err(|e| snapshot_error(e, table))? {
-        // The last row of a page: where the next page (or a resumed snapshot) starts.
-        let last_key = (keyset && pages.next_ends_page() && progress.is_some()).then(|| {
+        let row_bytes = (0..row.len())
+            .map(|i| match row.as_ref(i) {
+                Some(mysql_async::Value::Bytes(b)) => b.len(),
+                _ => 8,
+            })
+            .sum::<usize>();
+        // The last row before a send: where the next page (or a resumed snapshot) starts, so that
+        // whatever is sent is covered by a marker.
+        let last_key = (keyset && pages.next_sends(row_bytes) && progress.is_some()).then(|| {
             table
                 .keyset
                 .iter()
@@ -677,12 +685,6 @@ async fn read_table(
                 })
                 .collect::<Vec<_>>()
         });
-        let row_bytes = (0..row.len())
-            .map(|i| match row.as_ref(i) {
-                Some(mysql_async::Value::Bytes(b)) => b.len(),
-                _ => 8,
-            })
-            .sum::<usize>();
         let values = convert_row(row, table)?;
         emitter.event(ChangeEvent {
             op: Op::Read,
@@ -693,9 +695,8 @@ async fn read_table(
         });
         match pages.row(row_bytes) {
             AfterRow::Continue => continue,
-            AfterRow::Send => {}
-            // Page markers only for a lone reader: parallel readers record whole tables.
-            AfterRow::PageEnd => {
+            // Markers only for a lone reader: parallel readers record whole tables.
+            AfterRow::Send | AfterRow::PageEnd => {
                 if let (Some(key), Some(state)) = (last_key, progress.as_deref_mut()) {
                     state.table = Some(table.qualified.clone());
                     state.after = Some(key);

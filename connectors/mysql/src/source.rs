@@ -526,6 +526,8 @@ struct StreamState {
     fde: FormatDescription,
     checksum_default: ChecksumAlg,
     tables: HashMap<u64, MappedTable>,
+    /// The id each table is mapped under now (to forget the ids the server stopped using).
+    table_ids: HashMap<TableId, u64>,
     catalog: HashMap<TableId, Vec<CatalogColumn>>,
     collations: Collations,
     /// The last schema seen per table, for TRUNCATE events.
@@ -560,6 +562,7 @@ impl StreamState {
             fde: FormatDescription::initial(ChecksumAlg::Off),
             checksum_default: ChecksumAlg::Off,
             tables: HashMap::new(),
+            table_ids: HashMap::new(),
             catalog: HashMap::new(),
             collations: Collations::new(),
             known: HashMap::new(),
@@ -585,6 +588,7 @@ impl StreamState {
         self.checksum_default = if facts.binlog_checksum == "CRC32" { ChecksumAlg::Crc32 } else { ChecksumAlg::Off };
         self.fde = FormatDescription::initial(self.checksum_default);
         self.tables.clear();
+        self.table_ids.clear();
         self.txn = None;
     }
 
@@ -744,6 +748,7 @@ impl StreamState {
                 let real = !header.is_artificial() && header.timestamp != 0;
                 self.file = name;
                 self.tables.clear();
+                self.table_ids.clear();
                 // A real rotate ends a file: everything before it is delivered once what was
                 // emitted is acknowledged, so the checkpoint may move to the next file.
                 if real && self.txn.is_none() {
@@ -940,6 +945,13 @@ impl StreamState {
         } else {
             None
         };
+        // The server gives a table a new id whenever it reopens its definition (a full table
+        // cache, FLUSH TABLES): the old id is never used again, so its mapping goes.
+        if let Some(old) = self.table_ids.insert(table_id(map), map.table_id)
+            && old != map.table_id
+        {
+            self.tables.remove(&old);
+        }
         self.tables.insert(map.table_id, MappedTable { body: map.body.to_vec(), info });
         Ok(())
     }

@@ -158,9 +158,9 @@ pub async fn run(
                 Ok(Some(rows)) => rows,
                 Ok(None) => return Ok(false),
                 Err(e) => {
-                    // What was read is sent, so that `progress` (the last marker) matches what the
-                    // pipeline got: a retry in this process goes on from there.
-                    emitter.release().await;
+                    // The pipeline gets exactly what the last marker (and so `progress`) covers: a
+                    // retry in this process goes on from there, repeating nothing.
+                    emitter.abandon().await;
                     return Err(e);
                 }
             };
@@ -322,9 +322,11 @@ async fn read_table(
         while let Some(values) = reader.next_row(data, &mut at, table)? {
             let row_bytes = at - row_start;
             row_start = at;
-            // The last key of a full page is where a resumed snapshot starts.
-            let key =
-                (pages.next_ends_page() && keyset && progress.is_some()).then(|| reader.key(table, &values)).flatten();
+            // The last key before a send is where a resumed snapshot starts: whatever is sent is
+            // covered by a marker, so a retry repeats nothing.
+            let key = (pages.next_sends(row_bytes) && keyset && progress.is_some())
+                .then(|| reader.key(table, &values))
+                .flatten();
             emitter.event(ChangeEvent {
                 op: Op::Read,
                 table: table.schema.clone(),
@@ -334,9 +336,8 @@ async fn read_table(
             });
             match pages.row(row_bytes) {
                 AfterRow::Continue => continue,
-                AfterRow::Send => {}
-                // Page markers only for a lone reader: parallel readers record whole tables.
-                AfterRow::PageEnd => {
+                // Markers only for a lone reader: parallel readers record whole tables.
+                AfterRow::Send | AfterRow::PageEnd => {
                     if let (Some(progress), Some(key)) = (progress.as_deref_mut(), key) {
                         progress.table = Some(table.qualified.clone());
                         progress.after = Some(key);

@@ -205,15 +205,35 @@ impl PostgresSource {
             if state.batcher.hand_over(&ctx.output, None).await == HandOver::Closed {
                 return Ok(());
             }
-            let completed = match snapshot::run(&job, exported.as_deref(), consistent, &mut progress, &ctx.output).await
-            {
-                Ok(completed) => completed,
-                Err(e) => {
-                    // A retry in this process resumes after the last page handed over, streaming
-                    // still from the same consistent point.
-                    state.snapshot_progress = Some(progress);
-                    return Err(e);
+            let mut retries = 0;
+            let mut first_error = None;
+            let completed = loop {
+                let error = match snapshot::run(&job, exported.as_deref(), consistent, &mut progress, &ctx.output).await
+                {
+                    Ok(completed) => break completed,
+                    // A retry refused outright (the export died with our connection): the lost
+                    // reader is what to report, and the reconnect below what to do.
+                    Err(e) if !e.is_transient() && first_error.is_some() => {
+                        debug!(error = %e, "the exported snapshot is gone");
+                        first_error.take().unwrap_or(e)
+                    }
+                    Err(e) => e,
+                };
+                // A reader lost while this connection still exports the snapshot: read on from the
+                // last marker in the very same snapshot, so the retry repeats and reorders nothing.
+                // If the export is gone too (this connection died), the reconnect below resumes
+                // from a fresh snapshot instead (rows changed meanwhile may come twice).
+                if error.is_transient() && exported.is_some() && retries < 5 && !ctx.shutdown.is_cancelled() {
+                    retries += 1;
+                    warn!(error = %error, retry = retries, "snapshot reader lost; reading on from the same snapshot");
+                    first_error = Some(error);
+                    tokio::time::sleep(Duration::from_millis(500) * retries).await;
+                    continue;
                 }
+                // A retry in this process resumes after the last page handed over, streaming
+                // still from the same consistent point.
+                state.snapshot_progress = Some(progress);
+                return Err(error);
             };
             state.ever_streamed = true;
             if !completed || ctx.shutdown.is_cancelled() {

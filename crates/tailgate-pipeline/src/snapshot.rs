@@ -28,12 +28,14 @@ pub struct SnapshotEmitter<'a> {
     /// fresh multi-megabyte vector by doubling faulted in new pages for every page of rows.
     capacity: usize,
     first_pending: bool,
+    /// Where the batch ends after its last progress marker (see [`SnapshotEmitter::abandon`]).
+    marked_until: usize,
 }
 
 impl<'a> SnapshotEmitter<'a> {
     /// `first`: whether the next event is the snapshot's very first (false when resuming one).
     pub fn new(output: &'a mpsc::Sender<Batch>, first: bool) -> Self {
-        SnapshotEmitter { output, batch: Vec::new(), held_from: 0, capacity: 0, first_pending: first }
+        SnapshotEmitter { output, batch: Vec::new(), held_from: 0, capacity: 0, first_pending: first, marked_until: 0 }
     }
 
     pub fn event(&mut self, mut event: ChangeEvent) {
@@ -48,6 +50,7 @@ impl<'a> SnapshotEmitter<'a> {
     /// A progress marker: everything emitted before it is checkpointed at `position`.
     pub fn marker(&mut self, position: Position) {
         self.batch.push(Item::Commit(position));
+        self.marked_until = self.batch.len();
     }
 
     /// Sends what is certain not to be the last event. Returns false when the pipeline is gone.
@@ -58,9 +61,19 @@ impl<'a> SnapshotEmitter<'a> {
         self.capacity = self.capacity.max(self.batch.len());
         let mut next = Vec::with_capacity(self.capacity);
         next.extend(self.batch.drain(self.held_from..));
+        self.marked_until = self.marked_until.saturating_sub(self.held_from);
         self.held_from = 0;
         let batch = std::mem::replace(&mut self.batch, next);
         self.output.send(batch).await.is_ok()
+    }
+
+    /// The read failed: drops the events after the last progress marker (never sent: the progress
+    /// does not cover them, and the retry reads them again), then sends the rest, so that what the
+    /// pipeline got ends exactly where the progress says. Returns false when the pipeline is gone.
+    pub async fn abandon(&mut self) -> bool {
+        self.batch.truncate(self.marked_until);
+        self.held_from = self.held_from.min(self.batch.len());
+        self.release().await
     }
 
     /// Sends everything, the held event included, without marking it `last`: the snapshot stops
@@ -85,7 +98,8 @@ impl<'a> SnapshotEmitter<'a> {
 pub enum AfterRow {
     /// Read on.
     Continue,
-    /// Send what was emitted (wide rows reached [`MAX_BATCH_BYTES`]), without a progress marker.
+    /// Send what was emitted (wide rows reached [`MAX_BATCH_BYTES`]); a lone reader with a key
+    /// marks its progress first, as at a page end.
     Send,
     /// The row ended a page: add its progress marker (a lone reader with a key), then send.
     PageEnd,
@@ -125,6 +139,13 @@ impl<'a> TablePages<'a> {
     /// Whether the next row ends a page: its key is then where a resumed read starts.
     pub fn next_ends_page(&self) -> bool {
         self.page + 1 >= self.fetch_rows
+    }
+
+    /// Whether the next row, of `bytes`, is followed by a send ([`AfterRow::Send`] or
+    /// [`AfterRow::PageEnd`]): a lone reader with a key marks its progress there, so that what is
+    /// sent is always covered by a marker.
+    pub fn next_sends(&self, bytes: usize) -> bool {
+        self.next_ends_page() || self.unsent_bytes + bytes >= MAX_BATCH_BYTES
     }
 
     /// Counts an emitted row that took `bytes` bytes of the server's output.
@@ -369,6 +390,26 @@ mod tests {
         drop(rx);
         emitter.event(read(4));
         assert!(!emitter.release().await, "the pipeline is gone");
+    }
+
+    /// A failed read sends exactly up to its last marker: the rows after it were never sent and are
+    /// read again by the retry (sending them would make the retry repeat them).
+    #[tokio::test]
+    async fn abandon_drops_what_follows_the_last_marker() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut emitter = SnapshotEmitter::new(&tx, false);
+        emitter.event(read(1));
+        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(1) });
+        emitter.event(read(2));
+        assert!(emitter.flush().await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(1):true", "C"]);
+        emitter.event(read(3));
+        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(3) });
+        emitter.event(read(4));
+        emitter.event(read(5));
+        assert!(emitter.abandon().await);
+        assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(2):true", "Int(3):true", "C"]);
+        assert!(rx.try_recv().is_err(), "rows 4 and 5 are read again by the retry");
     }
 
     #[test]
