@@ -21,10 +21,42 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use tailgate_pipeline::{AckTracker, Checkpoint, Encoder, Sink, SinkError, SinkItem, SinkTotals};
+use serde::Deserialize;
+use tailgate_pipeline::{
+    AckTracker, BoxFuture, CheckResult, Checkpoint, Encoder, KeyError, Sink, SinkBuilder, SinkContext, SinkError,
+    SinkItem, SinkTotals, key_error,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// `[sink]` with `type = "kafka"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Default: the connector name. Topics are `<topic_prefix>.<schema>.<table>`.
+    pub topic_prefix: Option<String>,
+    /// Partitions of the topics tailgate creates. Default 1.
+    #[serde(default = "one")]
+    pub topic_partitions: i32,
+    /// Replication factor of the topics tailgate creates. Default 1.
+    #[serde(default = "one")]
+    pub topic_replication_factor: i32,
+    /// librdkafka settings, over tailgate's defaults. Settings that would weaken delivery
+    /// (`enable.idempotence` off, `acks` other than all) are refused unless `unsafe_overrides`.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+    /// Accept `[sink.librdkafka]` settings that can lose or reorder records. Default false.
+    #[serde(default)]
+    pub unsafe_overrides: bool,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// What the sink needs at run time: the section plus the client id (from the connector's name).
 #[derive(Debug, Clone)]
 pub struct KafkaSinkConfig {
     pub brokers: String,
@@ -35,6 +67,85 @@ pub struct KafkaSinkConfig {
     pub topic_replication_factor: i32,
     /// librdkafka settings, applied over tailgate's defaults.
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    fn sink_config(&self, connector: &str) -> KafkaSinkConfig {
+        KafkaSinkConfig {
+            brokers: self.brokers.clone(),
+            client_id: format!("tailgate-{connector}"),
+            topic_partitions: self.topic_partitions,
+            topic_replication_factor: self.topic_replication_factor,
+            librdkafka: self.librdkafka.clone(),
+        }
+    }
+}
+
+impl SinkBuilder for KafkaConfig {
+    fn kind(&self) -> &'static str {
+        "Kafka"
+    }
+
+    fn validate(&self) -> Result<(), KeyError> {
+        if self.brokers.trim().is_empty() {
+            return Err(key_error("sink.brokers", "name at least one broker, e.g. \"127.0.0.1:9092\""));
+        }
+        if self.topic_partitions < 1 {
+            return Err(key_error("sink.topic_partitions", "must be at least 1"));
+        }
+        // What tailgate's promise rests on: acknowledged by every in-sync replica, written once and
+        // in order per partition.
+        let weakening = [
+            ("enable.idempotence", &["true"][..], "duplicates and reordering on producer retries"),
+            ("acks", &["all", "-1"][..], "records acknowledged before they are replicated, lost with a broker"),
+        ];
+        for (setting, safe, risk) in weakening {
+            if let Some(value) = self.librdkafka.get(setting)
+                && !safe.contains(&value.as_str())
+                && !self.unsafe_overrides
+            {
+                return Err(key_error(
+                    format!("sink.librdkafka.\"{setting}\""),
+                    format!(
+                        "{value:?} weakens delivery ({risk}). Fix: remove it (tailgate sets {setting} = {:?}), or set \
+                         sink.unsafe_overrides = true to accept the risk",
+                        safe[0]
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn topic_prefix(&self) -> Option<&str> {
+        self.topic_prefix.as_deref()
+    }
+
+    /// librdkafka's `message.max.bytes` (1,000,000 unless set in `[sink.librdkafka]`).
+    fn max_record_bytes(&self) -> Option<usize> {
+        Some(self.librdkafka.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(1_000_000))
+    }
+
+    fn build(&self, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> {
+        let config = self.sink_config(&ctx.name);
+        tracing::info!(brokers = %config.brokers, "sink: kafka");
+        Ok(Box::new(KafkaSink::new(config, Encoder::new(ctx.encoder), ctx.shutdown, ctx.drain_timeout)?))
+    }
+
+    fn check<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Vec<CheckResult>> {
+        let config = self.sink_config(name);
+        Box::pin(async move {
+            let brokers = config.brokers.clone();
+            match tokio::task::spawn_blocking(move || probe_brokers(&config, Duration::from_secs(5))).await {
+                Ok(Ok(n)) => vec![CheckResult::ok("kafka", format!("{brokers} answered ({n} broker(s))"))],
+                Ok(Err(e)) => vec![CheckResult::failed(
+                    "kafka",
+                    format!("{brokers} did not answer: {e}. Fix: start the broker or correct sink.brokers"),
+                )],
+                Err(e) => vec![CheckResult::failed("kafka", e.to_string())],
+            }
+        })
+    }
 }
 
 /// tailgate's producer defaults; `[sink.librdkafka]` may override any of them.
@@ -322,7 +433,30 @@ async fn produce(
 }
 
 impl Sink for KafkaSink {
-    async fn send(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
+    fn send(&mut self, batch: Vec<SinkItem>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(self.send_batch(batch))
+    }
+
+    fn poll_acks(&mut self) -> Result<Option<Checkpoint>, SinkError> {
+        self.serve_deliveries()?;
+        Ok(self.tracker.take_checkpoint())
+    }
+
+    fn flush(&mut self, timeout: Duration) -> BoxFuture<'_, Result<Option<Checkpoint>, SinkError>> {
+        Box::pin(self.flush_all(timeout))
+    }
+
+    fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    fn totals(&self) -> SinkTotals {
+        self.totals
+    }
+}
+
+impl KafkaSink {
+    async fn send_batch(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
         self.encoder.begin_batch();
         for item in &batch {
             if let SinkItem::Commit(position) = item {
@@ -350,12 +484,7 @@ impl Sink for KafkaSink {
         self.serve_deliveries()
     }
 
-    fn poll_acks(&mut self) -> Result<Option<Checkpoint>, SinkError> {
-        self.serve_deliveries()?;
-        Ok(self.tracker.take_checkpoint())
-    }
-
-    async fn flush(&mut self, timeout: Duration) -> Result<Option<Checkpoint>, SinkError> {
+    async fn flush_all(&mut self, timeout: Duration) -> Result<Option<Checkpoint>, SinkError> {
         let deadline = Instant::now() + timeout;
         while self.tracker.in_flight() > 0 && Instant::now() < deadline {
             self.serve_deliveries()?;
@@ -365,14 +494,6 @@ impl Sink for KafkaSink {
         }
         self.serve_deliveries()?;
         Ok(self.tracker.take_checkpoint())
-    }
-
-    fn in_flight(&self) -> usize {
-        self.tracker.in_flight()
-    }
-
-    fn totals(&self) -> SinkTotals {
-        self.totals
     }
 }
 

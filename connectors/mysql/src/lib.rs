@@ -7,10 +7,13 @@
 //! - [`snapshot`]: the initial snapshot (consistent point, keyset pages).
 //! - [`source`]: the [`tailgate_pipeline::Source`] implementation.
 //! - [`check`]: the checks behind `tailgate check`.
+//! - [`config`]: the `[source]` section; [`engine`]: the [`tailgate_pipeline::Engine`] the binary drives.
 
 pub mod binlog;
 pub mod catalog;
 pub mod check;
+pub mod config;
+pub mod engine;
 pub mod error;
 pub mod replication;
 pub mod schema;
@@ -18,5 +21,7 @@ pub mod snapshot;
 pub mod source;
 
 pub use catalog::Flavor;
+pub use config::MysqlConfig;
+pub use engine::MysqlEngine;
 pub use error::MyError;
 pub use source::{MysqlSource, MysqlSourceConfig};

@@ -7,9 +7,12 @@
 //! - [`catalog`]: ordinary SQL: prerequisites, slots, publications.
 //! - [`source`]: the [`tailgate_pipeline::Source`] implementation.
 //! - [`check`]: the checks behind `tailgate check`.
+//! - [`config`]: the `[source]` section; [`engine`]: the [`tailgate_pipeline::Engine`] the binary drives.
 
 pub mod catalog;
 pub mod check;
+pub mod config;
+pub mod engine;
 pub mod error;
 pub mod geometry;
 pub mod pgoutput;
@@ -18,5 +21,7 @@ pub mod snapshot;
 pub mod source;
 pub mod types;
 
+pub use config::PostgresConfig;
+pub use engine::PostgresEngine;
 pub use error::PgError;
 pub use source::{PostgresSource, PostgresSourceConfig, SnapshotMode};

@@ -14,26 +14,32 @@
 
 pub mod ack;
 pub mod check;
+pub mod config;
 pub mod encode;
+pub mod engine;
 pub mod metrics;
 pub mod offsets;
 pub mod runtime;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
-pub mod stdout;
 pub mod stream;
 pub mod transform;
 
 pub use ack::AckTracker;
 pub use check::{CheckResult, Status};
+pub use config::{KeyError, key_error};
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
+pub use engine::{BoxFuture, Classify, Engine, EngineError, ErrorClass, SourceParams};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
-pub use sink::{Checkpoint, DeadLetterPolicy, RawRecord, Sink, SinkError, SinkItem, SinkTotals};
+pub use sink::{
+    Checkpoint, DeadLetterPolicy, RawRecord, Sink, SinkBuilder, SinkContext, SinkError, SinkItem, SinkTotals,
+};
 pub use snapshot::{AfterRow, AfterTable, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
-pub use source::{Batch, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate, TableRules};
-pub use stdout::StdoutSink;
+pub use source::{
+    Batch, DynSource, Item, MAX_BATCH_BYTES, SnapshotMode, Source, SourceContext, TablePredicate, TableRules,
+};
 pub use stream::{HandOver, Reconnecting, StreamBatcher, run_reconnecting};
 pub use transform::{FilterSpec, OutboxSpec, RouteSpec, RuleError, Rules, TransformSpec, Transformer};

@@ -10,10 +10,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::engine::{Classify, EngineError, ErrorClass};
 use crate::metrics::{BatchCounts, Metrics, now_ms};
 use crate::offsets::{OffsetStore, OffsetsError};
 use crate::sink::{Checkpoint, DeadLetterPolicy, Sink, SinkError, SinkItem, SinkTotals};
-use crate::source::{Batch, Item, Source, SourceContext};
+use crate::source::{Batch, DynSource, Item, SourceContext};
 use crate::transform::{Rules, TransformCounts, TransformError, Transformer};
 
 #[derive(Debug, Clone)]
@@ -61,7 +62,7 @@ pub struct RunSummary {
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("source: {0}")]
-    Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Source(#[source] EngineError),
     #[error("sink: {0}")]
     Sink(#[from] SinkError),
     #[error(transparent)]
@@ -75,12 +76,15 @@ pub enum PipelineError {
     DrainTimeout { in_flight: usize, timeout: Duration, checkpoint: String },
 }
 
-impl PipelineError {
-    /// The source's own error, for callers that classify it (e.g. exit codes).
-    pub fn source_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+impl Classify for PipelineError {
+    fn class(&self) -> ErrorClass {
         match self {
-            PipelineError::Source(e) => Some(e.as_ref()),
-            _ => None,
+            PipelineError::Source(e) => e.class,
+            PipelineError::Sink(e) => e.class(),
+            // A rule that stops the run (a missing outbox column, on_error = "stop") is for the
+            // operator to fix in the config or the data.
+            PipelineError::Transform(_) => ErrorClass::Config,
+            PipelineError::Offsets(_) | PipelineError::DrainTimeout { .. } => ErrorClass::Runtime,
         }
     }
 }
@@ -90,9 +94,9 @@ impl PipelineError {
 /// Checkpoints: an acknowledged position is published to the source at once (it feeds the
 /// database's own progress marker) and written to `store` at most every `flush_interval`, and once
 /// more when the run ends. Nothing unacknowledged is ever written.
-pub async fn run<S: Source, K: Sink>(
-    source: S,
-    mut sink: K,
+pub async fn run(
+    source: Box<dyn DynSource>,
+    mut sink: Box<dyn Sink>,
     context: RunContext,
     opts: RunOptions,
 ) -> Result<RunSummary, PipelineError> {
@@ -206,8 +210,10 @@ pub async fn run<S: Source, K: Sink>(
 
     // Let the source report the final position upstream and close cleanly.
     let source_result = match tokio::time::timeout(Duration::from_secs(10), &mut source_task).await {
-        Ok(Ok(r)) => r.map_err(|e| PipelineError::Source(Box::new(e))),
-        Ok(Err(join)) => Err(PipelineError::Source(format!("source task failed: {join}").into())),
+        Ok(Ok(r)) => r.map_err(PipelineError::Source),
+        Ok(Err(join)) => {
+            Err(PipelineError::Source(EngineError::new(ErrorClass::Runtime, format!("source task failed: {join}"))))
+        }
         Err(_) => {
             warn!("source did not stop within 10s; aborting it");
             source_task.abort();

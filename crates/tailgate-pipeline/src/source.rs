@@ -7,6 +7,7 @@ use tailgate_core::{Event, Position};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::{BoxFuture, Classify, EngineError};
 use crate::metrics::Metrics;
 use crate::transform::Rules;
 
@@ -76,6 +77,24 @@ pub enum SnapshotMode {
     InitialOnly,
 }
 
+impl SnapshotMode {
+    /// The `source.snapshot` value: `initial`, `never`, `when_needed` or `initial_only`.
+    pub fn parse(text: &str) -> Result<Self, crate::config::KeyError> {
+        Ok(match text {
+            "initial" => SnapshotMode::Initial,
+            "never" => SnapshotMode::Never,
+            "when_needed" => SnapshotMode::WhenNeeded,
+            "initial_only" => SnapshotMode::InitialOnly,
+            other => {
+                return Err(crate::config::key_error(
+                    "source.snapshot",
+                    format!("{other:?}: use \"initial\", \"never\", \"when_needed\" or \"initial_only\""),
+                ));
+            }
+        })
+    }
+}
+
 /// One element of the ordered stream a source emits.
 #[derive(Debug, Clone)]
 pub enum Item {
@@ -112,11 +131,35 @@ pub struct SourceContext {
 
 /// A change source, e.g. PostgreSQL logical replication.
 ///
-/// Contract: items come in commit order; the events of a transaction are followed by one
-/// `Item::Commit` whose position resumes after that transaction; a source never emits a
-/// transaction that committed before `resume_from`.
+/// Contract:
+/// - **Order.** Items come in commit order; the events of a transaction come together, in statement
+///   order, followed by one `Item::Commit` whose position resumes right after that transaction.
+///   `Item::Commit` may also come between transactions (an idle server's progress).
+/// - **Resume.** A source never emits a transaction that committed before `resume_from`, and after
+///   a lost connection it resumes exactly after the last commit it emitted, dropping what it already
+///   emitted of a transaction cut in half ([`crate::StreamBatcher`] implements this): duplicates
+///   only ever follow a crash.
+/// - **Progress upstream.** It reports to its server only positions read from `acked` (never one
+///   that was merely emitted), so the server keeps every log record not yet delivered.
+/// - **Backpressure.** `output` is bounded; a source waits for room (keeping its connection alive
+///   meanwhile) and reads nothing more while it waits: memory stays flat whatever the backlog.
+/// - **Shutdown.** On `shutdown` it stops at the next transaction boundary, drops `output`, may
+///   wait for `acked` to close (the final checkpoint) to report it, and returns `Ok`.
+/// - **Errors.** Transient failures are retried inside `run` ([`crate::run_reconnecting`]); an
+///   error returned from `run` stops the connector, classified by [`Classify`].
 pub trait Source: Send + 'static {
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: std::error::Error + Classify + Send + Sync + 'static;
 
     fn run(self, ctx: SourceContext) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// A [`Source`] behind a pointer: what engines hand the binary.
+pub trait DynSource: Send {
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), EngineError>>;
+}
+
+impl<S: Source> DynSource for S {
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), EngineError>> {
+        Box::pin(async move { Source::run(*self, ctx).await.map_err(EngineError::from) })
+    }
 }

@@ -29,22 +29,41 @@ pub(crate) struct OutboxColumns {
 
 /// The configured columns `table` does not have, as an error message naming keys and the fix.
 pub(crate) fn missing_columns(rule: &OutboxRule, index: usize, table: &TableSchema) -> Option<String> {
+    let names: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+    missing_of(rule, index, &names)
+}
+
+fn missing_of(rule: &OutboxRule, index: usize, names: &[&str]) -> Option<String> {
     let missing: Vec<String> = rule
         .columns(index)
         .into_iter()
-        .filter(|(_, column)| !table.columns.iter().any(|c| c.name == *column))
+        .filter(|(_, column)| !names.contains(column))
         .map(|(key, column)| format!("`{key}` = {column:?}"))
         .collect();
     if missing.is_empty() {
         return None;
     }
-    let has: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
     Some(format!(
         "config error: the outbox table has no column for {} (its columns: {}). Fix: correct the config, then \
          reload (SIGHUP) or restart; nothing of this table is delivered until then",
         missing.join(", "),
-        has.join(", ")
+        names.join(", ")
     ))
+}
+
+impl super::Rules {
+    /// The outbox tables the rules name (`schema.table`).
+    pub fn outbox_tables(&self) -> impl Iterator<Item = &str> {
+        self.outboxes.iter().filter_map(|o| o.table.as_deref())
+    }
+
+    /// What is wrong with the outbox rule of `table` given the table's `columns`, if anything (see
+    /// [`Rules::outbox_tables`]): checked at start and on reload, before any event.
+    pub fn missing_outbox_columns(&self, table: &str, columns: &[String]) -> Option<String> {
+        let index = self.outboxes.iter().position(|o| o.table.as_deref() == Some(table))?;
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        missing_of(&self.outboxes[index], index, &names)
+    }
 }
 
 impl Transformer {

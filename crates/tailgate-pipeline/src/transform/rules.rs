@@ -139,15 +139,11 @@ pub struct TransformSpec {
     pub dead_letter_stop: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("config key `{key}`: {message}")]
-pub struct RuleError {
-    pub key: String,
-    pub message: String,
-}
+/// A rule that cannot be compiled, named by its config key.
+pub type RuleError = crate::config::KeyError;
 
 fn rule_error(key: impl Into<String>, message: impl Into<String>) -> RuleError {
-    RuleError { key: key.into(), message: message.into() }
+    crate::config::key_error(key, message)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,12 +6,18 @@
 //! `[[outbox]] topic`, a template whose `${...}` name columns.
 //! Errors name the offending key and the fix.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use tailgate_core::{BigIntUnsignedHandling, DecimalHandling};
-use tailgate_pipeline::{FilterSpec, OutboxSpec, RouteSpec, Rules, SnapshotMode, TransformSpec};
+use tailgate_kafka::KafkaConfig;
+use tailgate_mysql::{MysqlConfig, MysqlEngine};
+use tailgate_pipeline::{
+    Engine, EngineError, FilterSpec, KeyError, OutboxSpec, RouteSpec, Rules, SinkBuilder, SnapshotMode, TransformSpec,
+};
+use tailgate_postgres::{PostgresConfig, PostgresEngine};
+use tailgate_stdout::StdoutConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -21,6 +27,12 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Key { key: String, message: String },
+}
+
+impl From<KeyError> for ConfigError {
+    fn from(e: KeyError) -> Self {
+        ConfigError::Key { key: e.key, message: e.message }
+    }
 }
 
 fn key_error(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -67,6 +79,7 @@ pub struct HttpConfig {
     pub lag_poll_s: u64,
 }
 
+/// `[source]`: the engine, by its `type`. The one place that lists the engines.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
@@ -76,102 +89,31 @@ pub enum SourceConfig {
 }
 
 impl SourceConfig {
+    /// The engine for connector `name`.
+    pub fn engine(&self, name: &str) -> Result<Arc<dyn Engine>, EngineError> {
+        Ok(match self {
+            SourceConfig::Postgres(pg) => Arc::new(PostgresEngine::new(name, pg.clone())?),
+            SourceConfig::Mysql(my) => Arc::new(MysqlEngine::new(name, my.clone())?),
+        })
+    }
+
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        match self {
+            SourceConfig::Postgres(pg) => pg.validate(name),
+            SourceConfig::Mysql(my) => my.validate(),
+        }
+        .map_err(ConfigError::from)
+    }
+
     fn snapshot(&self) -> &str {
         match self {
             SourceConfig::Postgres(pg) => &pg.snapshot,
             SourceConfig::Mysql(my) => &my.snapshot,
         }
     }
-
-    pub fn snapshot_fetch_rows(&self) -> usize {
-        match self {
-            SourceConfig::Postgres(pg) => pg.snapshot_fetch_rows,
-            SourceConfig::Mysql(my) => my.snapshot_fetch_rows,
-        }
-    }
-
-    fn snapshot_parallel(&self) -> usize {
-        match self {
-            SourceConfig::Postgres(pg) => pg.snapshot_parallel,
-            SourceConfig::Mysql(my) => my.snapshot_parallel,
-        }
-    }
-
-    pub fn batch_size(&self) -> usize {
-        match self {
-            SourceConfig::Postgres(pg) => pg.batch_size,
-            SourceConfig::Mysql(my) => my.batch_size,
-        }
-    }
 }
 
-/// `[source]` with `type = "mysql"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MysqlConfig {
-    /// `mysql://user:password@host:3306/database`; a database limits capture to it, none captures
-    /// every database but the server's own (mysql, sys, performance_schema, information_schema).
-    pub url: String,
-    /// This replica's id on the server: unique among the server and its replicas. Default: a number
-    /// derived from `name`, stable across restarts.
-    pub server_id: Option<u32>,
-    /// As for PostgreSQL: `initial` (default) | `never` | `when_needed` | `initial_only`.
-    #[serde(default = "default_snapshot")]
-    pub snapshot: String,
-    /// Rows per snapshot chunk. Default 10000.
-    #[serde(default = "default_snapshot_fetch_rows")]
-    pub snapshot_fetch_rows: usize,
-    /// Tables read at the same time, each on its own connection with the same read view (opened
-    /// without locks where the server allows; otherwise fewer readers). Default 1.
-    #[serde(default = "one_usize")]
-    pub snapshot_parallel: usize,
-    /// Events handed to the pipeline per batch, at most. Default 2048.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-    /// How often an idle server sends a heartbeat, in milliseconds; three missed heartbeats mean the
-    /// connection is dead and tailgate reconnects. Default 5000.
-    #[serde(default = "default_heartbeat_ms")]
-    pub heartbeat_interval_ms: u64,
-    /// Fill `source.query` with the statement behind each change (Debezium's `include.query`;
-    /// MySQL also needs `binlog_rows_query_log_events = ON`). Default false.
-    #[serde(default)]
-    pub include_query: bool,
-    /// Connection timeout in milliseconds. Default 10000.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresConfig {
-    /// `postgres://user:password@host:port/database`
-    pub url: String,
-    /// Default `tailgate_<name>`; created when missing.
-    pub slot: Option<String>,
-    /// Default `tailgate_<name>`; created FOR ALL TABLES when missing.
-    pub publication: Option<String>,
-    /// Create the publication when it is missing (needs a superuser). Default true.
-    #[serde(default = "yes")]
-    pub create_publication: bool,
-    /// `initial` (default): snapshot once, then stream | `never` | `when_needed` (again when the slot
-    /// is gone) | `initial_only` (snapshot, then exit 0).
-    #[serde(default = "default_snapshot")]
-    pub snapshot: String,
-    /// Rows per snapshot page. Default 10000.
-    #[serde(default = "default_snapshot_fetch_rows")]
-    pub snapshot_fetch_rows: usize,
-    /// Tables read at the same time, each on its own connection sharing the exported snapshot.
-    /// Default 1.
-    #[serde(default = "one_usize")]
-    pub snapshot_parallel: usize,
-    /// Events handed to the pipeline per batch, at most. Default 2048.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-    /// Standby status update interval in milliseconds. Default 1000.
-    #[serde(default = "default_status_interval_ms")]
-    pub status_interval_ms: u64,
-}
-
+/// `[sink]`: the destination, by its `type`. The one place that lists the sinks.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SinkConfig {
@@ -179,32 +121,13 @@ pub enum SinkConfig {
     Stdout(StdoutConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    pub brokers: String,
-    /// Default: the connector name. Topics are `<topic_prefix>.<schema>.<table>`.
-    pub topic_prefix: Option<String>,
-    /// Partitions of the topics tailgate creates. Default 1.
-    #[serde(default = "one")]
-    pub topic_partitions: i32,
-    /// Replication factor of the topics tailgate creates. Default 1.
-    #[serde(default = "one")]
-    pub topic_replication_factor: i32,
-    /// librdkafka settings, over tailgate's defaults. Settings that would weaken delivery
-    /// (`enable.idempotence` off, `acks` other than all) are refused unless `unsafe_overrides`.
-    #[serde(default)]
-    pub librdkafka: BTreeMap<String, String>,
-    /// Accept `[sink.librdkafka]` settings that can lose or reorder records. Default false.
-    #[serde(default)]
-    pub unsafe_overrides: bool,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutConfig {
-    /// Default: the connector name.
-    pub topic_prefix: Option<String>,
+impl SinkConfig {
+    pub fn builder(&self) -> &dyn SinkBuilder {
+        match self {
+            SinkConfig::Kafka(k) => k,
+            SinkConfig::Stdout(s) => s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,30 +191,6 @@ pub struct LogConfig {
 fn yes() -> bool {
     true
 }
-fn one() -> i32 {
-    1
-}
-fn default_snapshot() -> String {
-    "initial".into()
-}
-fn default_snapshot_fetch_rows() -> usize {
-    10_000
-}
-fn one_usize() -> usize {
-    1
-}
-fn default_batch_size() -> usize {
-    2048
-}
-fn default_status_interval_ms() -> u64 {
-    1000
-}
-fn default_heartbeat_ms() -> u64 {
-    5000
-}
-fn default_connect_timeout_ms() -> u64 {
-    10_000
-}
 fn default_ready_window_s() -> u64 {
     60
 }
@@ -323,86 +222,8 @@ impl Config {
         if !valid_name(&self.name) {
             return Err(key_error("name", "use letters, digits, '_', '-' or '.' (it names topics and the slot)"));
         }
-        self.snapshot_mode()?;
-        if self.source.snapshot_fetch_rows() == 0 {
-            return Err(key_error("source.snapshot_fetch_rows", "must be at least 1"));
-        }
-        if self.source.snapshot_parallel() == 0 {
-            return Err(key_error("source.snapshot_parallel", "must be at least 1"));
-        }
-        if self.source.batch_size() == 0 {
-            return Err(key_error("source.batch_size", "must be at least 1"));
-        }
-        match &self.source {
-            SourceConfig::Postgres(pg) => {
-                for (key, value) in [("source.slot", self.slot_name()), ("source.publication", self.publication_name())]
-                {
-                    if value.is_empty()
-                        || value.len() > 63
-                        || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                    {
-                        return Err(key_error(
-                            key,
-                            format!(
-                                "{value:?} is not a valid PostgreSQL slot/publication name: use at most 63 lower-case letters, digits and '_'"
-                            ),
-                        ));
-                    }
-                }
-                if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
-                    return Err(key_error(
-                        "source.url",
-                        "must start with postgres:// (e.g. postgres://user:pass@127.0.0.1:5432/db)",
-                    ));
-                }
-            }
-            SourceConfig::Mysql(my) => {
-                if !my.url.starts_with("mysql://") && !my.url.starts_with("mariadb://") {
-                    return Err(key_error(
-                        "source.url",
-                        "must start with mysql:// (e.g. mysql://cdc:secret@127.0.0.1:3306/shop)",
-                    ));
-                }
-                if my.server_id == Some(0) {
-                    return Err(key_error(
-                        "source.server_id",
-                        "must be at least 1 (0 means \"not a replica\" to MySQL)",
-                    ));
-                }
-                if my.heartbeat_interval_ms < 100 {
-                    return Err(key_error("source.heartbeat_interval_ms", "must be at least 100"));
-                }
-            }
-        }
-        if let SinkConfig::Kafka(k) = &self.sink {
-            if k.brokers.trim().is_empty() {
-                return Err(key_error("sink.brokers", "name at least one broker, e.g. \"127.0.0.1:9092\""));
-            }
-            if k.topic_partitions < 1 {
-                return Err(key_error("sink.topic_partitions", "must be at least 1"));
-            }
-            // What tailgate's promise rests on: acknowledged by every in-sync replica, written once
-            // and in order per partition.
-            let weakening = [
-                ("enable.idempotence", &["true"][..], "duplicates and reordering on producer retries"),
-                ("acks", &["all", "-1"][..], "records acknowledged before they are replicated, lost with a broker"),
-            ];
-            for (setting, safe, risk) in weakening {
-                if let Some(value) = k.librdkafka.get(setting)
-                    && !safe.contains(&value.as_str())
-                    && !k.unsafe_overrides
-                {
-                    return Err(key_error(
-                        format!("sink.librdkafka.\"{setting}\""),
-                        format!(
-                            "{value:?} weakens delivery ({risk}). Fix: remove it (tailgate sets {setting} = {:?}), or set \
-                             sink.unsafe_overrides = true to accept the risk",
-                            safe[0]
-                        ),
-                    ));
-                }
-            }
-        }
+        self.source.validate(&self.name)?;
+        self.sink.builder().validate()?;
         let prefix = self.topic_prefix();
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
             return Err(key_error(
@@ -432,57 +253,11 @@ impl Config {
     }
 
     pub fn snapshot_mode(&self) -> Result<SnapshotMode, ConfigError> {
-        use SnapshotMode::*;
-        Ok(match self.source.snapshot() {
-            "initial" => Initial,
-            "never" => Never,
-            "when_needed" => WhenNeeded,
-            "initial_only" => InitialOnly,
-            other => {
-                return Err(key_error(
-                    "source.snapshot",
-                    format!("{other:?}: use \"initial\", \"never\", \"when_needed\" or \"initial_only\""),
-                ));
-            }
-        })
-    }
-
-    /// PostgreSQL: the replication slot (default `tailgate_<name>`).
-    pub fn slot_name(&self) -> String {
-        match &self.source {
-            SourceConfig::Postgres(pg) => pg.slot.clone(),
-            SourceConfig::Mysql(_) => None,
-        }
-        .unwrap_or_else(|| default_pg_name(&self.name))
-    }
-
-    /// PostgreSQL: the publication (default `tailgate_<name>`).
-    pub fn publication_name(&self) -> String {
-        match &self.source {
-            SourceConfig::Postgres(pg) => pg.publication.clone(),
-            SourceConfig::Mysql(_) => None,
-        }
-        .unwrap_or_else(|| default_pg_name(&self.name))
-    }
-
-    /// MySQL: this replica's server id (configured, or derived from `name`: FNV-1a into
-    /// 1,000,000..1,999,999,999, far from the small ids servers usually have).
-    pub fn server_id(&self) -> u32 {
-        match &self.source {
-            SourceConfig::Mysql(MysqlConfig { server_id: Some(id), .. }) => *id,
-            _ => {
-                let hash = self.name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-                1_000_000 + hash % 1_999_000_000
-            }
-        }
+        Ok(SnapshotMode::parse(self.source.snapshot())?)
     }
 
     pub fn topic_prefix(&self) -> String {
-        let prefix = match &self.sink {
-            SinkConfig::Kafka(k) => k.topic_prefix.clone(),
-            SinkConfig::Stdout(s) => s.topic_prefix.clone(),
-        };
-        prefix.unwrap_or_else(|| self.name.clone())
+        self.sink.builder().topic_prefix().map_or_else(|| self.name.clone(), str::to_owned)
     }
 
     pub fn offsets_path(&self) -> PathBuf {
@@ -518,23 +293,10 @@ impl Config {
         Ok(rules)
     }
 
-    /// Records larger than this go to the dead-letter topic: librdkafka's `message.max.bytes`
-    /// (1,000,000 unless set in `[sink.librdkafka]`).
+    /// Records larger than this go to the dead-letter topic (the sink's limit).
     pub fn max_record_bytes(&self) -> Option<usize> {
-        match &self.sink {
-            SinkConfig::Kafka(k) => {
-                Some(k.librdkafka.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(1_000_000))
-            }
-            SinkConfig::Stdout(_) => None,
-        }
+        self.sink.builder().max_record_bytes()
     }
-}
-
-/// The default slot/publication name: `tailgate_<name>` with characters PostgreSQL refuses replaced.
-fn default_pg_name(name: &str) -> String {
-    let cleaned: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
-    format!("tailgate_{cleaned}")
 }
 
 /// Turns serde's wording into an instruction.
@@ -662,8 +424,8 @@ path = "shop.offsets.json"
         let c = parse(MINIMAL).unwrap();
         let SourceConfig::Postgres(pg) = &c.source else { panic!("not postgres") };
         assert_eq!(pg.url, "postgres://cdc:s3cret@127.0.0.1:5432/shop");
-        assert_eq!(c.slot_name(), "tailgate_shop");
-        assert_eq!(c.publication_name(), "tailgate_shop");
+        assert_eq!(pg.slot_name(&c.name), "tailgate_shop");
+        assert_eq!(pg.publication_name(&c.name), "tailgate_shop");
         assert_eq!(c.topic_prefix(), "shop");
         assert!(c.rules().unwrap().skip_ops.contains(&tailgate_core::Op::Truncate));
         assert_eq!(c.offsets_path(), PathBuf::from("shop.offsets.json"));
@@ -704,7 +466,8 @@ path = "shop.offsets.json"
     #[test]
     fn snapshot_parallel_is_at_least_one() {
         let parallel = MINIMAL.replace("snapshot = \"never\"", "snapshot = \"never\"\nsnapshot_parallel = 3");
-        assert_eq!(parse(&parallel).unwrap().source.snapshot_parallel(), 3);
+        let SourceConfig::Postgres(pg) = parse(&parallel).unwrap().source else { panic!() };
+        assert_eq!(pg.snapshot_parallel, 3);
         let err = parse(&MINIMAL.replace("snapshot = \"never\"", "snapshot_parallel = 0")).unwrap_err().to_string();
         assert!(err.contains("source.snapshot_parallel"), "{err}");
     }
@@ -742,10 +505,11 @@ path = "shop.offsets.json"
         let SourceConfig::Mysql(my) = &c.source else { panic!("not mysql") };
         assert_eq!(my.url, "mysql://cdc:s3cret@127.0.0.1:3306/shop");
         assert_eq!((my.heartbeat_interval_ms, my.include_query, my.batch_size), (5000, false, 2048));
-        assert_eq!(c.server_id(), parse(&text).unwrap().server_id(), "derived server id is stable");
-        assert!(c.server_id() >= 1_000_000);
+        assert_eq!(my.server_id(&c.name), my.server_id("shop"), "derived server id is stable");
+        assert!(my.server_id(&c.name) >= 1_000_000);
         let with_id = parse(&text.replace("snapshot = \"never\"", "snapshot = \"never\"\nserver_id = 5400")).unwrap();
-        assert_eq!(with_id.server_id(), 5400);
+        let SourceConfig::Mysql(my) = &with_id.source else { panic!() };
+        assert_eq!(my.server_id(&with_id.name), 5400);
         let err = parse(&text.replace("snapshot = \"never\"", "snapshot = \"never\"\nslot = \"x\"")).unwrap_err();
         assert!(err.to_string().contains("slot"), "PostgreSQL keys are refused for MySQL: {err}");
         let err = parse(&text.replace("mysql://", "postgres://")).unwrap_err();

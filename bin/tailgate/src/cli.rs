@@ -7,23 +7,18 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tailgate_core::{BinlogFile, FormatOptions, Lsn, Position};
-use tailgate_kafka::{KafkaSink, KafkaSinkConfig};
-use tailgate_mysql::MyError;
+use tailgate_core::{FormatOptions, Position};
 use tailgate_pipeline::{
-    Encoder, EncoderOptions, Metrics, OffsetStore, PipelineError, Rules, RunContext, RunOptions, Source, Status,
-    StdoutSink,
+    Classify, EncoderOptions, Engine, EngineError, ErrorClass, Metrics, OffsetStore, PipelineError, Rules, RunContext,
+    RunOptions, SinkContext, SourceParams, Status, TableRules,
 };
-use tailgate_postgres::PgError;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, SinkConfig, SourceConfig};
-use crate::source::{mysql, postgres};
+use crate::config::Config;
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
-pub const EXIT_PREREQUISITE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -43,14 +38,11 @@ enum Command {
     Run {
         #[arg(short, long)]
         config: PathBuf,
-        /// PostgreSQL: stop by itself once everything committed before this LSN (e.g. 0/16B3748) is
-        /// delivered and checkpointed, like pg_recvlogical --endpos.
-        #[arg(long, value_name = "LSN", conflicts_with = "stop_at_binlog")]
-        stop_at_lsn: Option<Lsn>,
-        /// MySQL/MariaDB: stop by itself once a transaction ending at or after FILE:POS (e.g.
-        /// mysql-bin.000003:4711) is delivered and checkpointed.
-        #[arg(long, value_name = "FILE:POS", value_parser = parse_binlog_arg)]
-        stop_at_binlog: Option<(BinlogFile, u64)>,
+        /// Stop by itself once everything before this position is delivered and checkpointed, like
+        /// pg_recvlogical --endpos: a PostgreSQL LSN (e.g. 0/16B3748) or a MySQL/MariaDB FILE:POS
+        /// (e.g. mysql-bin.000003:4711, the end of a transaction).
+        #[arg(long, value_name = "POSITION", visible_aliases = ["stop-at-lsn", "stop-at-binlog"])]
+        stop_at: Option<String>,
     },
     /// Verify configuration, connectivity and prerequisites; exit 0 only if all pass.
     Check {
@@ -94,20 +86,17 @@ enum OffsetsAction {
     /// Without options: forget it, so the next run starts afresh (PostgreSQL: from the slot's
     /// confirmed position or a new slot; MySQL: from the end of the binlog, after a snapshot unless
     /// snapshot = "never"); use it to accept a gap after a dropped slot or a purged binlog.
-    /// `--to-end` skips everything up to the end of the server's log now; `--to-lsn` and
-    /// `--to-binlog` set a position.
+    /// `--to-end` skips everything up to the end of the server's log now; `--to` sets a position.
     Reset {
         #[arg(short, long)]
         config: PathBuf,
         /// Skip to the current end of the WAL / binlog.
-        #[arg(long, conflicts_with_all = ["to_lsn", "to_binlog"])]
+        #[arg(long, conflicts_with = "to")]
         to_end: bool,
-        /// PostgreSQL: resume after this LSN (e.g. 0/16B3748).
-        #[arg(long, value_name = "LSN", conflicts_with = "to_binlog")]
-        to_lsn: Option<Lsn>,
-        /// MySQL/MariaDB: resume at FILE:POS (the end of a transaction, e.g. mysql-bin.000003:4711).
-        #[arg(long, value_name = "FILE:POS", value_parser = parse_binlog_arg)]
-        to_binlog: Option<(BinlogFile, u64)>,
+        /// Resume at this position: a PostgreSQL LSN (e.g. 0/16B3748) or a MySQL/MariaDB FILE:POS
+        /// (the end of a transaction, e.g. mysql-bin.000003:4711).
+        #[arg(long, value_name = "POSITION", visible_aliases = ["to-lsn", "to-binlog"])]
+        to: Option<String>,
     },
 }
 
@@ -126,6 +115,14 @@ pub fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    // The one place that picks the engine: everything after talks to `dyn Engine`.
+    let engine = match config.source.engine(&config.name) {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("tailgate: configuration error: {e}");
+            return ExitCode::from(e.class.exit_code());
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -135,35 +132,20 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { stop_at_lsn, stop_at_binlog, config: path } => {
-                run(path, config, StopAt { lsn: stop_at_lsn, binlog: stop_at_binlog }).await
-            }
-            Command::Check { .. } => check(config).await,
+            Command::Run { stop_at, config: path } => run(path, config, &engine, stop_at).await,
+            Command::Check { .. } => check(config, engine.as_ref()).await,
             Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
-            Command::Offsets { action: OffsetsAction::Reset { to_end, to_lsn, to_binlog, .. } } => {
-                let target = match (to_lsn, to_binlog) {
-                    (Some(lsn), _) => ResetTo::Position(Position::Postgres { lsn }),
-                    (_, Some((file, pos))) => ResetTo::Position(Position::Mysql { file, pos, gtids: None }),
-                    _ if to_end => ResetTo::End,
-                    _ => ResetTo::Nothing,
+            Command::Offsets { action: OffsetsAction::Reset { to_end, to, .. } } => {
+                let target = match to {
+                    Some(text) => ResetTo::Position(text),
+                    None if to_end => ResetTo::End,
+                    None => ResetTo::Nothing,
                 };
-                offsets_reset(&config, target).await
+                offsets_reset(&config, engine.as_ref(), target).await
             }
-            Command::Slot { action: SlotAction::Drop { yes, .. } } => slot_drop(&config, yes).await,
+            Command::Slot { action: SlotAction::Drop { yes, .. } } => slot_drop(&config, engine.as_ref(), yes).await,
         }
     })
-}
-
-fn parse_binlog_arg(text: &str) -> Result<(BinlogFile, u64), String> {
-    tailgate_mysql::source::parse_binlog_position(text)
-        .ok_or_else(|| format!("{text:?} is not FILE:POS, e.g. mysql-bin.000003:4711"))
-}
-
-/// Where `run` stops by itself (benchmarks, controlled catch-up).
-#[derive(Debug, Default)]
-struct StopAt {
-    lsn: Option<Lsn>,
-    binlog: Option<(BinlogFile, u64)>,
 }
 
 fn init_tracing(config: &Config) {
@@ -179,8 +161,8 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn encoder(config: &Config, rules: &Rules) -> Encoder {
-    Encoder::new(EncoderOptions {
+fn encoder_options(config: &Config, rules: &Rules) -> EncoderOptions {
+    EncoderOptions {
         tombstones: config.format.tombstones,
         format: FormatOptions {
             decimal_handling: config.format.decimal_handling,
@@ -190,24 +172,11 @@ fn encoder(config: &Config, rules: &Rules) -> Encoder {
         max_record_bytes: config.max_record_bytes(),
         dead_letter_topic: rules.dead_letter_topic.clone(),
         stop_on_dead_letter: rules.dead_letter_stop,
-    })
-}
-
-fn kafka_config(config: &Config) -> Option<KafkaSinkConfig> {
-    match &config.sink {
-        SinkConfig::Kafka(k) => Some(KafkaSinkConfig {
-            brokers: k.brokers.clone(),
-            client_id: format!("tailgate-{}", config.name),
-            topic_partitions: k.topic_partitions,
-            topic_replication_factor: k.topic_replication_factor,
-            librdkafka: k.librdkafka.clone(),
-        }),
-        SinkConfig::Stdout(_) => None,
     }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once (nothing is checkpointed
-/// past what Kafka acknowledged, so even that loses nothing).
+/// past what the sink acknowledged, so even that loses nothing).
 fn watch_signals(token: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -224,8 +193,8 @@ fn watch_signals(token: CancellationToken) {
     });
 }
 
-async fn run(config_path: PathBuf, config: Config, stop_at: StopAt) -> ExitCode {
-    match run_inner(config_path, config, stop_at).await {
+async fn run(config_path: PathBuf, config: Config, engine: &Arc<dyn Engine>, stop_at: Option<String>) -> ExitCode {
+    match run_inner(config_path, config, engine, stop_at).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code_for(&e);
@@ -237,7 +206,12 @@ async fn run(config_path: PathBuf, config: Config, stop_at: StopAt) -> ExitCode 
     }
 }
 
-async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> anyhow::Result<()> {
+async fn run_inner(
+    config_path: PathBuf,
+    config: Config,
+    engine: &Arc<dyn Engine>,
+    stop_at: Option<String>,
+) -> anyhow::Result<()> {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let stored = store.load()?;
     let resume = stored.map(|s| s.position);
@@ -248,6 +222,7 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> any
         None => info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored"),
     }
     let rules = Arc::new(config.rules()?);
+    check_outbox_columns(engine.as_ref(), &rules).await?;
     let (rules_tx, rules_rx) = tokio::sync::watch::channel(rules.clone());
     let metrics = Arc::new(Metrics::new(config.name.clone()));
     if let Some(http) = &config.http {
@@ -255,38 +230,31 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> any
         crate::http::serve(listen, metrics.clone(), Duration::from_secs(http.ready_window_s))
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
-        let every = Duration::from_secs(http.lag_poll_s.max(1));
-        match &config.source {
-            SourceConfig::Postgres(pg) => postgres::spawn_lag_poller(&config, pg, metrics.clone(), every),
-            SourceConfig::Mysql(my) => mysql::spawn_lag_poller(my, metrics.clone(), every),
-        }
+        engine.spawn_lag_poller(metrics.clone(), Duration::from_secs(http.lag_poll_s.max(1)));
     }
     crate::progress::spawn_snapshot_bar(metrics.clone());
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
-    watch_reloads(config_path.clone(), config.clone(), rules_tx);
+    watch_reloads(config_path.clone(), config.clone(), engine.clone(), rules_tx);
     let opts = RunOptions {
         flush_interval: Duration::from_millis(config.offsets.flush_interval_ms.unwrap_or(1000)),
         ..RunOptions::default()
     };
-    let context =
-        RunContext { store, resume_from: resume, shutdown: shutdown.clone(), metrics, rules: rules_rx.clone() };
-    let summary = match &config.source {
-        SourceConfig::Postgres(pg) => {
-            if stop_at.binlog.is_some() {
-                anyhow::bail!("--stop-at-binlog is for MySQL sources; use --stop-at-lsn");
-            }
-            let source = postgres::source(&config, pg, stop_at.lsn, &rules_rx)?;
-            run_pipeline(source, &config, &rules, context, opts).await?
-        }
-        SourceConfig::Mysql(my) => {
-            if stop_at.lsn.is_some() {
-                anyhow::bail!("--stop-at-lsn is for PostgreSQL sources; use --stop-at-binlog");
-            }
-            let source = mysql::source(&config, my, stop_at.binlog, &rules_rx)?;
-            run_pipeline(source, &config, &rules, context, opts).await?
-        }
-    };
+    let source = engine.source(SourceParams {
+        name: config.name.clone(),
+        tables: TableRules::new(rules_rx.clone()),
+        snapshot: config.snapshot_mode()?,
+        stop_at,
+    })?;
+    let sink = config.sink.builder().build(SinkContext {
+        name: config.name.clone(),
+        encoder: encoder_options(&config, &rules),
+        shutdown: shutdown.clone(),
+        drain_timeout: opts.drain_timeout,
+    })?;
+    info!(sink = config.sink.builder().kind(), prefix = %config.topic_prefix(), "sink ready");
+    let context = RunContext { store, resume_from: resume, shutdown, metrics, rules: rules_rx };
+    let summary = tailgate_pipeline::run(source, sink, context, opts).await?;
     info!(
         events = summary.events,
         checkpoint = %summary.checkpoint.as_ref().map_or("(none)".to_owned(), ToString::to_string),
@@ -295,31 +263,32 @@ async fn run_inner(config_path: PathBuf, config: Config, stop_at: StopAt) -> any
     Ok(())
 }
 
-/// Runs `source` into the configured sink.
-async fn run_pipeline<S: Source>(
-    source: S,
-    config: &Config,
-    rules: &Rules,
-    context: RunContext,
-    opts: RunOptions,
-) -> anyhow::Result<tailgate_pipeline::RunSummary> {
-    Ok(match kafka_config(config) {
-        Some(kc) => {
-            info!(brokers = %kc.brokers, prefix = %config.topic_prefix(), "sink: kafka");
-            let sink = KafkaSink::new(kc, encoder(config, rules), context.shutdown.clone(), opts.drain_timeout)?;
-            tailgate_pipeline::run(source, sink, context, opts).await?
+/// An `[[outbox]]` naming a column its table does not have is a config error at start (and on
+/// reload), not a surprise at the table's first event.
+async fn check_outbox_columns(engine: &dyn Engine, rules: &Rules) -> anyhow::Result<()> {
+    for table in rules.outbox_tables() {
+        let columns = match engine.table_columns(table).await {
+            Ok(Some(columns)) => columns,
+            // A table created later is checked at its first event; an unreachable server is
+            // reported by the source itself.
+            Ok(None) | Err(_) => continue,
+        };
+        if let Some(message) = rules.missing_outbox_columns(table, &columns) {
+            return Err(crate::config::ConfigError::Key { key: format!("outbox (table {table})"), message }.into());
         }
-        None => {
-            let sink = StdoutSink::new(Box::new(std::io::stdout()), encoder(config, rules));
-            tailgate_pipeline::run(source, sink, context, opts).await?
-        }
-    })
+    }
+    Ok(())
 }
 
-/// SIGHUP re-reads the config file and applies its `[filter]`, `[[route]]` and `[[outbox]]` rules from
-/// the next transaction on (and brings a tailgate-managed publication in line). A broken file is
-/// refused and the running rules kept.
-fn watch_reloads(path: PathBuf, running: Config, rules_tx: tokio::sync::watch::Sender<Arc<Rules>>) {
+/// SIGHUP re-reads the config file and applies its `[filter]`, `[[route]]`, `[[outbox]]` and
+/// `[dead_letter]` rules from the next transaction on (and lets the engine bring server-side state
+/// in line). A broken file is refused and the running rules kept.
+fn watch_reloads(
+    path: PathBuf,
+    running: Config,
+    engine: Arc<dyn Engine>,
+    rules_tx: tokio::sync::watch::Sender<Arc<Rules>>,
+) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -327,7 +296,7 @@ fn watch_reloads(path: PathBuf, running: Config, rules_tx: tokio::sync::watch::S
             return;
         };
         while hup.recv().await.is_some() {
-            match reload(&path, &running).await {
+            match reload(&path, &running, engine.as_ref()).await {
                 Ok(rules) => {
                     rules_tx.send_replace(Arc::new(rules));
                     info!(config = %path.display(), "reloaded: new rules apply from the next transaction");
@@ -338,26 +307,33 @@ fn watch_reloads(path: PathBuf, running: Config, rules_tx: tokio::sync::watch::S
     });
 }
 
-async fn reload(path: &std::path::Path, running: &Config) -> anyhow::Result<Rules> {
+async fn reload(path: &std::path::Path, running: &Config, engine: &dyn Engine) -> anyhow::Result<Rules> {
     let new = Config::load(path)?;
     let rules = new.rules()?;
     if new.source_and_sink_differ(running) {
         warn!("only [filter], [[route]], [[outbox]] and [dead_letter] are reloaded; restart to apply other changes");
     }
-    if let SourceConfig::Postgres(pg) = &running.source {
-        postgres::on_reload(running, pg, &rules).await?;
-    }
+    check_outbox_columns(engine, &rules).await?;
+    engine.on_reload(&rules).await?;
     Ok(rules)
 }
 
 fn exit_code_for(e: &anyhow::Error) -> u8 {
-    let source_error = e.downcast_ref::<PipelineError>().and_then(|p| p.source_error());
-    let pg = source_error.and_then(|s| s.downcast_ref::<PgError>()).or_else(|| e.downcast_ref::<PgError>());
-    let my = source_error.and_then(|s| s.downcast_ref::<MyError>()).or_else(|| e.downcast_ref::<MyError>());
-    pg.and_then(postgres::exit_code).or_else(|| my.and_then(mysql::exit_code)).unwrap_or(EXIT_RUNTIME)
+    let class = if let Some(p) = e.downcast_ref::<PipelineError>() {
+        p.class()
+    } else if let Some(e) = e.downcast_ref::<EngineError>() {
+        e.class
+    } else if let Some(e) = e.downcast_ref::<tailgate_pipeline::SinkError>() {
+        e.class()
+    } else if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+        ErrorClass::Config
+    } else {
+        ErrorClass::Runtime
+    };
+    class.exit_code()
 }
 
-async fn check(config: Config) -> ExitCode {
+async fn check(config: Config, engine: &dyn Engine) -> ExitCode {
     println!("ok      config: {} parsed and valid", config.name);
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     let checkpoint = match store.load() {
@@ -374,10 +350,8 @@ async fn check(config: Config) -> ExitCode {
             None
         }
     };
-    let results = match &config.source {
-        SourceConfig::Postgres(pg) => postgres::check(&config, pg, checkpoint.as_ref()).await,
-        SourceConfig::Mysql(my) => mysql::check(&config, my, checkpoint.as_ref()).await,
-    };
+    let mut results = engine.check(checkpoint.as_ref()).await;
+    results.extend(config.sink.builder().check(&config.name).await);
     let mut failed = false;
     for r in &results {
         let label = match r.status {
@@ -390,23 +364,7 @@ async fn check(config: Config) -> ExitCode {
         };
         println!("{label} {}: {}", r.name, r.detail);
     }
-    if let Some(kc) = kafka_config(&config) {
-        let brokers = kc.brokers.clone();
-        match tokio::task::spawn_blocking(move || tailgate_kafka::probe_brokers(&kc, Duration::from_secs(5))).await {
-            Ok(Ok(n)) => println!("ok      kafka: {brokers} answered ({n} broker(s))"),
-            Ok(Err(e)) => {
-                failed = true;
-                println!("FAILED  kafka: {brokers} did not answer: {e}. Fix: start the broker or correct sink.brokers");
-            }
-            Err(e) => {
-                failed = true;
-                println!("FAILED  kafka: {e}");
-            }
-        }
-    } else {
-        println!("ok      sink: stdout");
-    }
-    if failed { ExitCode::from(EXIT_PREREQUISITE) } else { ExitCode::SUCCESS }
+    if failed { ExitCode::from(ErrorClass::Prerequisite.exit_code()) } else { ExitCode::SUCCESS }
 }
 
 fn offsets_show(config: &Config) -> ExitCode {
@@ -436,42 +394,27 @@ enum ResetTo {
     Nothing,
     /// The end of the server's log now.
     End,
-    Position(Position),
+    /// A position as the operator wrote it.
+    Position(String),
 }
 
-async fn offsets_reset(config: &Config, target: ResetTo) -> ExitCode {
+async fn offsets_reset(config: &Config, engine: &dyn Engine, target: ResetTo) -> ExitCode {
     let store = OffsetStore::new(config.offsets_path(), config.name.clone());
     // Refuse while the connector runs.
-    if let Err(e) = ensure_not_running(config).await {
-        eprintln!("tailgate: {e:#}");
-        return ExitCode::from(EXIT_PREREQUISITE);
+    if let Err(e) = engine.ensure_not_running().await {
+        eprintln!("tailgate: {e}");
+        return ExitCode::from(e.class.exit_code());
     }
-    let position = match target {
-        ResetTo::Nothing => None,
-        ResetTo::End => {
-            let end = match &config.source {
-                SourceConfig::Postgres(pg) => postgres::end_position(pg).await,
-                SourceConfig::Mysql(my) => mysql::end_position(my).await,
-            };
-            match end {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    eprintln!("tailgate: {e:#}");
-                    return ExitCode::from(EXIT_RUNTIME);
-                }
-            }
-        }
-        ResetTo::Position(p) => {
-            let matches_source = matches!(
-                (&p, &config.source),
-                (Position::Postgres { .. }, SourceConfig::Postgres(_))
-                    | (Position::Mysql { .. }, SourceConfig::Mysql(_))
-            );
-            if !matches_source {
-                eprintln!("tailgate: use --to-lsn for PostgreSQL sources and --to-binlog for MySQL sources");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            Some(p)
+    let position: Result<Option<Position>, EngineError> = match target {
+        ResetTo::Nothing => Ok(None),
+        ResetTo::End => engine.end_position().await.map(Some),
+        ResetTo::Position(text) => engine.parse_position(&text).map(Some),
+    };
+    let position = match position {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            return ExitCode::from(e.class.exit_code());
         }
     };
     if let Some(position) = position {
@@ -502,44 +445,40 @@ async fn offsets_reset(config: &Config, target: ResetTo) -> ExitCode {
     }
 }
 
-async fn slot_drop(config: &Config, yes: bool) -> ExitCode {
-    let SourceConfig::Postgres(pg) = &config.source else {
-        eprintln!(
-            "tailgate: MySQL sources have no slot: the server keeps binlogs by binlog_expire_logs_seconds whatever tailgate does. \
-             To start over, run `tailgate offsets reset`"
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    let slot = config.slot_name();
-    let publication = config.publication_name();
+async fn slot_drop(config: &Config, engine: &dyn Engine, yes: bool) -> ExitCode {
     if !yes {
         eprintln!(
-            "tailgate: this drops slot {slot} and publication {publication}: changes made until the connector runs again will not be captured. Add --yes to confirm."
+            "tailgate: this drops what the connector keeps on the {} server (the replication slot and publication): \
+             changes made until the connector runs again will not be captured. Add --yes to confirm.",
+            engine.kind()
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    let result: anyhow::Result<()> = async {
-        ensure_not_running(config).await?;
-        postgres::drop_slot(config, pg).await?;
-        let store = OffsetStore::new(config.offsets_path(), config.name.clone());
-        if store.clear()? {
-            println!("cleared the checkpoint in {}", store.path().display());
-        }
-        Ok(())
+    let result: Result<Vec<String>, EngineError> = async {
+        engine.ensure_not_running().await?;
+        let done = engine.retire().await?;
+        Ok(done)
     }
     .await;
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tailgate: {e:#}");
-            ExitCode::from(EXIT_RUNTIME)
+        Ok(done) => {
+            for line in done {
+                println!("{line}");
+            }
+            let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+            match store.clear() {
+                Ok(true) => println!("cleared the checkpoint in {}", store.path().display()),
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("tailgate: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            }
+            ExitCode::SUCCESS
         }
-    }
-}
-
-async fn ensure_not_running(config: &Config) -> anyhow::Result<()> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => postgres::ensure_not_running(config, pg).await,
-        SourceConfig::Mysql(my) => mysql::ensure_not_running(config, my).await,
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            ExitCode::from(e.class.exit_code())
+        }
     }
 }

@@ -7,7 +7,6 @@ mod cli;
 mod config;
 mod http;
 mod progress;
-mod source;
 
 use std::process::ExitCode;
 

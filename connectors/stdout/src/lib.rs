@@ -8,10 +8,47 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use tailgate_core::envelope::write_str;
+use tailgate_pipeline::{
+    BoxFuture, CheckResult, Checkpoint, Encoder, KeyError, Sink, SinkBuilder, SinkContext, SinkError, SinkItem,
+    SinkTotals,
+};
 
-use crate::encode::Encoder;
-use crate::sink::{Checkpoint, Sink, SinkError, SinkItem, SinkTotals};
+/// `[sink]` with `type = "stdout"`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutConfig {
+    /// Default: the connector name.
+    pub topic_prefix: Option<String>,
+}
+
+impl SinkBuilder for StdoutConfig {
+    fn kind(&self) -> &'static str {
+        "stdout"
+    }
+
+    fn validate(&self) -> Result<(), KeyError> {
+        Ok(())
+    }
+
+    fn topic_prefix(&self) -> Option<&str> {
+        self.topic_prefix.as_deref()
+    }
+
+    /// No destination limit: a pipe takes lines of any length.
+    fn max_record_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    fn build(&self, ctx: SinkContext) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(StdoutSink::new(Box::new(std::io::stdout()), Encoder::new(ctx.encoder))))
+    }
+
+    fn check<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Vec<CheckResult>> {
+        Box::pin(async { vec![CheckResult::ok("sink", "stdout")] })
+    }
+}
 
 pub struct StdoutSink {
     out: Box<dyn Write + Send>,
@@ -84,6 +121,18 @@ impl StdoutSink {
         Ok(last_commit)
     }
 
+    /// Writes a batch; flushes when the last flush is old enough (see the module doc).
+    fn write(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
+        let committed = self.write_batch(&batch)?;
+        if committed.is_some() {
+            self.written = committed;
+        }
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush_now()?;
+        }
+        Ok(())
+    }
+
     fn flush_now(&mut self) -> Result<(), SinkError> {
         let io = |source| SinkError::Io { what: "stdout", source };
         self.out.write_all(&self.buf).map_err(io)?;
@@ -108,15 +157,9 @@ fn push_json_or_string(line: &mut Vec<u8>, bytes: Option<&[u8]>, raw: bool) {
 }
 
 impl Sink for StdoutSink {
-    async fn send(&mut self, batch: Vec<SinkItem>) -> Result<(), SinkError> {
-        let committed = self.write_batch(&batch)?;
-        if committed.is_some() {
-            self.written = committed;
-        }
-        if self.last_flush.elapsed() >= FLUSH_EVERY {
-            self.flush_now()?;
-        }
-        Ok(())
+    fn send(&mut self, batch: Vec<SinkItem>) -> BoxFuture<'_, Result<(), SinkError>> {
+        let result = self.write(batch);
+        Box::pin(std::future::ready(result))
     }
 
     /// Called after every batch and on the run loop's 20 ms tick: written data is flushed within
@@ -128,9 +171,9 @@ impl Sink for StdoutSink {
         Ok(self.acked.take())
     }
 
-    async fn flush(&mut self, _timeout: Duration) -> Result<Option<Checkpoint>, SinkError> {
-        self.flush_now()?;
-        Ok(self.acked.take())
+    fn flush(&mut self, _timeout: Duration) -> BoxFuture<'_, Result<Option<Checkpoint>, SinkError>> {
+        let result = self.flush_now().map(|()| self.acked.take());
+        Box::pin(std::future::ready(result))
     }
 
     fn in_flight(&self) -> usize {
