@@ -17,7 +17,7 @@ use crate::check::CheckInput;
 use crate::config::MysqlConfig;
 use crate::error::MyError;
 use crate::replication::ConnInfo;
-use crate::source::{MysqlSource, MysqlSourceConfig, parse_binlog_position};
+use crate::source::{MysqlSource, MysqlSourceConfig};
 
 pub struct MysqlEngine {
     name: String,
@@ -172,5 +172,22 @@ impl Engine for MysqlEngine {
             "MySQL sources have no slot: the server keeps binlogs by binlog_expire_logs_seconds whatever tailgate \
              does. To start over, run `tailgate offsets reset`",
         ))))
+    }
+}
+
+/// `file:pos` as given on the command line (`run --stop-at`).
+pub fn parse_binlog_position(text: &str) -> Option<(BinlogFile, u64)> {
+    let (file, pos) = text.rsplit_once(':')?;
+    Some((BinlogFile(file.to_owned()), pos.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binlog_positions_parse() {
+        assert_eq!(parse_binlog_position("binlog.000003:1234"), Some((BinlogFile("binlog.000003".into()), 1234)));
+        assert_eq!(parse_binlog_position("nope"), None);
     }
 }

@@ -5,7 +5,9 @@
 //! - [`replication`]: the replication connection (the client protocol over tokio).
 //! - [`catalog`]: ordinary SQL (`mysql_async`): server facts, prerequisites, positions.
 //! - [`snapshot`]: the initial snapshot (consistent point, keyset pages).
-//! - [`source`]: the [`tailgate_pipeline::Source`] implementation.
+//! - [`stream`]: binlog events into change events and commits, without I/O; [`statement`]: what is
+//!   read from statement text.
+//! - [`source`]: the [`tailgate_pipeline::Source`] implementation (the I/O driver).
 //! - [`check`]: the checks behind `tailgate check`.
 //! - [`config`]: the `[source]` section; [`engine`]: the [`tailgate_pipeline::Engine`] the binary drives.
 
@@ -19,6 +21,8 @@ pub mod replication;
 pub mod schema;
 pub mod snapshot;
 pub mod source;
+pub mod statement;
+pub mod stream;
 
 pub use catalog::Flavor;
 pub use config::MysqlConfig;

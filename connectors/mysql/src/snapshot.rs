@@ -41,8 +41,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
 use tailgate_core::{
-    BinlogFile, ChangeEvent, ColumnSchema, GtidSet, MysqlGtidSet, MysqlSource as SourceBlock, Op, Position, SourceInfo,
-    Symbol, TableId, TableSchema, Value,
+    BinlogFile, ChangeEvent, ColumnSchema, GtidSet, MysqlGtidSet, MysqlSourceBlock as SourceBlock, Op, Position,
+    SourceInfo, Symbol, TableId, TableSchema, Value,
 };
 use tailgate_pipeline::{
     AfterRow, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages, TablePredicate,

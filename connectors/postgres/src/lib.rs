@@ -5,7 +5,8 @@
 //! - [`types`]: text and binary values to Debezium's representation.
 //! - [`geometry`]: the geometric types among them.
 //! - [`catalog`]: ordinary SQL: prerequisites, slots, publications.
-//! - [`source`]: the [`tailgate_pipeline::Source`] implementation.
+//! - [`stream`]: pgoutput messages into change events and commits, without I/O.
+//! - [`source`]: the [`tailgate_pipeline::Source`] implementation (the I/O driver).
 //! - [`check`]: the checks behind `tailgate check`.
 //! - [`config`]: the `[source]` section; [`engine`]: the [`tailgate_pipeline::Engine`] the binary drives.
 
@@ -19,6 +20,7 @@ pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
 pub mod source;
+pub mod stream;
 pub mod types;
 
 pub use config::PostgresConfig;

@@ -22,8 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tailgate_core::{
-    ChangeEvent, ColumnSchema, Lsn, Op, PgSource as PgSourceInfo, Position, Row, SourceInfo, Symbol, TableId,
-    TableSchema, Value,
+    ChangeEvent, ColumnSchema, Lsn, Op, PgSourceBlock, Position, Row, SourceInfo, Symbol, TableId, TableSchema, Value,
 };
 use tailgate_pipeline::{AfterRow, Batch, Metrics, ParallelReaders, ReaderEnd, SnapshotEmitter, TablePages};
 use tokio::sync::mpsc;
@@ -126,7 +125,7 @@ pub async fn run(
         readers = workers,
         "snapshot started"
     );
-    let source = SourceInfo::Postgres(PgSourceInfo {
+    let source = SourceInfo::Postgres(PgSourceBlock {
         name: job.name,
         db: job.db,
         commit_ts_us: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),

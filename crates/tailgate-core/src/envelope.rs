@@ -631,7 +631,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::event::{ColumnSchema, Op, PgSource, TableId, TableSchema};
+    use crate::event::{ColumnSchema, Op, PgSourceBlock, TableId, TableSchema};
 
     fn table(keyed: bool) -> Arc<TableSchema> {
         Arc::new(TableSchema {
@@ -644,7 +644,7 @@ mod tests {
     }
 
     fn source() -> SourceInfo {
-        SourceInfo::Postgres(PgSource {
+        SourceInfo::Postgres(PgSourceBlock {
             name: "shop".into(),
             db: "shop".into(),
             commit_ts_us: 1_700_000_000_123_456,
@@ -800,7 +800,7 @@ mod tests {
             }),
             before: Some(vec![Value::Int(1)]),
             after: Some(vec![Value::Int(1)]),
-            source: SourceInfo::Mysql(crate::MysqlSource {
+            source: SourceInfo::Mysql(crate::MysqlSourceBlock {
                 connector: "mysql",
                 name: "shop".into(),
                 ts_us: 1_700_000_000_123_456,

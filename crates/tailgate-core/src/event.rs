@@ -79,8 +79,8 @@ impl TableSchema {
 /// Where an event came from, as Debezium's `source` block describes it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceInfo {
-    Postgres(PgSource),
-    Mysql(MysqlSource),
+    Postgres(PgSourceBlock),
+    Mysql(MysqlSourceBlock),
 }
 
 impl SourceInfo {
@@ -102,7 +102,7 @@ impl SourceInfo {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct PgSource {
+pub struct PgSourceBlock {
     /// The connector's logical name (`name` in the config).
     pub name: Symbol,
     pub db: Symbol,
@@ -120,7 +120,7 @@ pub struct PgSource {
 /// The `source` block of Debezium's MySQL and MariaDB connectors. The database and table come from
 /// the event's [`TableId`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct MysqlSource {
+pub struct MysqlSourceBlock {
     /// `"mysql"` or `"mariadb"`, as Debezium's two connectors call themselves.
     pub connector: &'static str,
     /// The connector's logical name (`name` in the config).

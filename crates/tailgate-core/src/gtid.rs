@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::position::ParsePositionError;
+use crate::parse::ParsePositionError;
 
 /// A server UUID (MySQL's `server_uuid`, the source id of its GTIDs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

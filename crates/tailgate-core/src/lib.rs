@@ -1,7 +1,7 @@
 //! tailgate's vocabulary, shared by every connector and sink. No I/O lives here.
 //!
 //! - [`position`]: typed log positions ([`Lsn`], [`BinlogFile`], [`Position`]) and their stable text forms.
-//! - [`gtid`]: MySQL and MariaDB GTID sets.
+//! - [`gtid`]: MySQL and MariaDB GTID sets; [`parse`]: the error of their text forms.
 //! - [`value`]: column values already converted to Debezium's logical representation.
 //! - [`event`]: the normalized [`ChangeEvent`] a source emits for each committed row change.
 //! - [`envelope`]: rendering of keys and values as Debezium's JSON converter (schemas disabled) writes them.
@@ -11,6 +11,7 @@
 pub mod envelope;
 pub mod event;
 pub mod gtid;
+pub mod parse;
 pub mod position;
 pub mod symbol;
 pub mod temporal;
@@ -18,10 +19,12 @@ pub mod value;
 
 pub use envelope::{BigIntUnsignedHandling, DecimalHandling, FormatOptions, ValueFormat};
 pub use event::{
-    ChangeEvent, ColumnSchema, Event, LogicalMessage, MysqlSource, Op, PgSource, SourceInfo, TableId, TableSchema,
+    ChangeEvent, ColumnSchema, Event, LogicalMessage, MysqlSourceBlock, Op, PgSourceBlock, SourceInfo, TableId,
+    TableSchema,
 };
 pub use gtid::{GtidSet, MariadbGtidList, MysqlGtidSet, Uuid};
-pub use position::{BinlogFile, Lsn, ParsePositionError, Position};
+pub use parse::ParsePositionError;
+pub use position::{BinlogFile, Lsn, Position};
 pub use symbol::Symbol;
 pub use value::{Decimal, Row, Value};
 

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::gtid::GtidSet;
+use crate::parse::ParsePositionError;
 
 /// A PostgreSQL write-ahead-log position, shown as PostgreSQL shows it (`16/B374D848`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -23,13 +24,6 @@ impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
     }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid log position {input:?}: {reason}")]
-pub struct ParsePositionError {
-    pub input: String,
-    pub reason: &'static str,
 }
 
 impl FromStr for Lsn {

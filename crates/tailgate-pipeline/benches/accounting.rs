@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tailgate_core::{
-    ChangeEvent, ColumnSchema, Decimal, Event, Lsn, Op, PgSource, Position, SourceInfo, TableId, TableSchema, Value,
+    ChangeEvent, ColumnSchema, Decimal, Event, Lsn, Op, PgSourceBlock, Position, SourceInfo, TableId, TableSchema,
+    Value,
 };
 use tailgate_pipeline::runtime::Stage;
 use tailgate_pipeline::{Encoder, EncoderOptions, Item, Metrics, Rules, SinkItem, TransformSpec};
@@ -32,7 +33,7 @@ fn batch(table: &Arc<TableSchema>, n: usize) -> Vec<Item> {
                 Value::String("new".into()),
                 Value::String("2026-11-22T08:09:30.692006Z".into()),
             ]),
-            source: SourceInfo::Postgres(PgSource {
+            source: SourceInfo::Postgres(PgSourceBlock {
                 name: "bench".into(),
                 db: "bench".into(),
                 commit_ts_us: 1_795_334_660_886_408,

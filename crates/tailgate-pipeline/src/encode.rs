@@ -262,7 +262,7 @@ impl Encoder {
 
 #[cfg(test)]
 mod tests {
-    use tailgate_core::{ChangeEvent, ColumnSchema, PgSource, SourceInfo, TableId, TableSchema, Value};
+    use tailgate_core::{ChangeEvent, ColumnSchema, PgSourceBlock, SourceInfo, TableId, TableSchema, Value};
 
     use crate::sink::{DeadLetterPolicy, RawRecord};
 
@@ -282,7 +282,7 @@ mod tests {
                 }),
                 before: Some(vec![Value::Int(7), Value::String(note.into())]),
                 after: None,
-                source: SourceInfo::Postgres(PgSource {
+                source: SourceInfo::Postgres(PgSourceBlock {
                     name: "n".into(),
                     db: "d".into(),
                     commit_ts_us: 0,

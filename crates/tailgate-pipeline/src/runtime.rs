@@ -336,7 +336,7 @@ fn record_progress(metrics: &Metrics, acked: &Checkpoint, pending: &mut VecDeque
 
 #[cfg(test)]
 mod tests {
-    use tailgate_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgSource, SourceInfo, TableId};
+    use tailgate_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgSourceBlock, SourceInfo, TableId};
 
     use super::*;
     use crate::transform::TransformSpec;
@@ -350,7 +350,7 @@ mod tests {
             }),
             before: None,
             after: Some(vec![tailgate_core::Value::Int(1)]),
-            source: SourceInfo::Postgres(PgSource {
+            source: SourceInfo::Postgres(PgSourceBlock {
                 name: "n".into(),
                 db: "d".into(),
                 commit_ts_us: 1,

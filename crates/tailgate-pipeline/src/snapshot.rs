@@ -322,7 +322,7 @@ mod tests {
 
     fn read(id: i64) -> ChangeEvent {
         use std::sync::Arc;
-        use tailgate_core::{ColumnSchema, Op, PgSource, SourceInfo, TableId, TableSchema, Value};
+        use tailgate_core::{ColumnSchema, Op, PgSourceBlock, SourceInfo, TableId, TableSchema, Value};
         ChangeEvent {
             op: Op::Read,
             table: Arc::new(TableSchema {
@@ -331,7 +331,7 @@ mod tests {
             }),
             before: None,
             after: Some(vec![Value::Int(id)]),
-            source: SourceInfo::Postgres(PgSource {
+            source: SourceInfo::Postgres(PgSourceBlock {
                 name: "n".into(),
                 db: "d".into(),
                 commit_ts_us: 0,

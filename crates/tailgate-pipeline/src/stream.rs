@@ -196,9 +196,11 @@ impl StreamBatcher {
         self.batch.len()
     }
 
-    /// Whether the batch must be handed over before reading on.
+    /// Whether the batch must be handed over before reading on. Never for an empty batch: log data
+    /// that yielded nothing (other databases' transactions, a large event of an excluded table) has
+    /// nothing to hand over, and a caller looping until the batch is not full would spin.
     pub fn is_full(&self) -> bool {
-        self.batch.len() >= self.batch_size || self.bytes >= MAX_BATCH_BYTES
+        !self.batch.is_empty() && (self.batch.len() >= self.batch_size || self.bytes >= MAX_BATCH_BYTES)
     }
 
     /// The socket ran dry: whether to wait [`COALESCE_WINDOW`] for more data before handing a small
@@ -222,6 +224,7 @@ impl StreamBatcher {
     ) -> HandOver {
         self.coalescing_since = None;
         if self.batch.is_empty() {
+            self.bytes = 0;
             return HandOver::Sent;
         }
         let permit = match tick {
@@ -292,7 +295,7 @@ pub async fn run_reconnecting<R: Reconnecting>(source: &mut R, ctx: &mut SourceC
 mod tests {
     use std::sync::Arc;
 
-    use tailgate_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgSource, SourceInfo, TableId, TableSchema, Value};
+    use tailgate_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgSourceBlock, SourceInfo, TableId, TableSchema, Value};
 
     use super::*;
 
@@ -305,7 +308,7 @@ mod tests {
             }),
             before: None,
             after: Some(vec![Value::Int(id)]),
-            source: SourceInfo::Postgres(PgSource {
+            source: SourceInfo::Postgres(PgSourceBlock {
                 name: "n".into(),
                 db: "d".into(),
                 commit_ts_us: 0,
@@ -446,6 +449,19 @@ mod tests {
         drop(rx);
         transaction(&mut b, 3, &[6], Some(7));
         assert_eq!(b.hand_over(&tx, None).await, HandOver::Closed);
+    }
+
+    /// Megabytes of log that yielded no event (a large event of a table not captured) neither make
+    /// an empty batch "full" nor linger: a caller handing over until it is not full must not spin.
+    #[tokio::test]
+    async fn log_bytes_without_events_do_not_fill_an_empty_batch() {
+        let (tx, _rx) = mpsc::channel(4);
+        let mut b = StreamBatcher::new(100, None);
+        b.add_bytes(MAX_BATCH_BYTES * 3);
+        assert!(!b.is_full());
+        assert_eq!(b.hand_over(&tx, None).await, HandOver::Sent);
+        transaction(&mut b, 1, &[1], Some(2));
+        assert!(!b.is_full(), "the bytes were forgotten with the empty hand-over");
     }
 
     #[test]

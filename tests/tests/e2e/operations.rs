@@ -202,7 +202,7 @@ fn docker_compose_is_valid_and_references_existing_files() {
 fn example_configs_are_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut checked = 0;
-    for entry in std::fs::read_dir(root.join("connectors")).unwrap() {
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let (code, _, err) = tailgate_cmd(&["offsets", "show", "--config", path.to_str().unwrap()]);

@@ -224,7 +224,7 @@ fn op_bit(op: Op) -> u8 {
 #[cfg(test)]
 mod tests {
     use sha2::{Digest, Sha256};
-    use tailgate_core::{ChangeEvent, LogicalMessage, PgSource, SourceInfo, TableId, Value};
+    use tailgate_core::{ChangeEvent, LogicalMessage, PgSourceBlock, SourceInfo, TableId, Value};
 
     use super::*;
 
@@ -236,7 +236,7 @@ mod tests {
     }
 
     fn source() -> SourceInfo {
-        SourceInfo::Postgres(PgSource {
+        SourceInfo::Postgres(PgSourceBlock {
             name: "shop".into(),
             db: "shop".into(),
             commit_ts_us: 0,
