@@ -62,6 +62,10 @@ pub struct Encoder {
     /// The topic and size of the last record found too large (for the error under `stop`).
     intended: String,
     oversize_bytes: usize,
+    /// The last record's id (see [`Encoder::record_id`]).
+    id: String,
+    /// Records rendered since the last commit: the index of the next one in its transaction.
+    txn_index: u64,
 }
 
 impl Encoder {
@@ -77,6 +81,8 @@ impl Encoder {
             renderer: Renderer::default(),
             intended: String::new(),
             oversize_bytes: 0,
+            id: String::with_capacity(64),
+            txn_index: 0,
         }
     }
 
@@ -111,10 +117,80 @@ impl Encoder {
         }
     }
 
+    /// A deterministic id of the record [`Encoder::prepare`] rendered last, the same whenever the
+    /// record is sent again (after a crash the stream resumes at a transaction's start and renders
+    /// its records in the same order): destinations with a de-duplication window (JetStream's
+    /// `Nats-Msg-Id`, an idempotency key) drop the repeats. A change: its source position and its
+    /// index in the transaction (PostgreSQL `lsn 0/16B3748/3`, MySQL `binlog.000003:4711:0/3`); a
+    /// snapshot read: its table and key; an outbox record: its event id (the `id` header); a dead
+    /// letter: its source position and index, marked `dlq`. The tombstone after a delete adds `/t`.
+    pub fn record_id(&self) -> &str {
+        &self.id
+    }
+
+    fn set_id(&mut self, item: &SinkItem, index: u64) {
+        use std::fmt::Write as _;
+        self.id.clear();
+        match item {
+            SinkItem::Change { topic, event } => {
+                let source = event.source();
+                let snapshot = match source {
+                    tailgate_core::SourceInfo::Postgres(pg) => pg.snapshot != "false",
+                    tailgate_core::SourceInfo::Mysql(my) => my.snapshot != "false",
+                };
+                if snapshot {
+                    // Snapshot reads share one position: the row's key names them (a resumed
+                    // snapshot starts at another row, so an index would not be stable).
+                    let _ = write!(self.id, "{topic}/snapshot/{}", String::from_utf8_lossy(&self.key));
+                } else {
+                    let _ = match source {
+                        tailgate_core::SourceInfo::Postgres(pg) => {
+                            write!(self.id, "{topic}/lsn {}/{index}", tailgate_core::Lsn(pg.lsn))
+                        }
+                        tailgate_core::SourceInfo::Mysql(my) => {
+                            write!(self.id, "{topic}/{}:{}:{}/{index}", my.file, my.pos, my.row)
+                        }
+                    };
+                }
+            }
+            SinkItem::Raw(record) => {
+                let header = |name: &str| record.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+                match (record.dead_letter, header("id")) {
+                    (false, Some(id)) => self.id.push_str(&String::from_utf8_lossy(id)),
+                    _ => {
+                        let _ = write!(self.id, "{}/dlq", record.topic);
+                        for (k, v) in &record.headers {
+                            if let Some(name) = k.strip_prefix("tailgate.source.") {
+                                let _ = write!(self.id, " {name}={}", String::from_utf8_lossy(v));
+                            }
+                        }
+                        let _ = write!(self.id, "/{index}");
+                    }
+                }
+            }
+            SinkItem::Commit(_) | SinkItem::DeadLetters(_) => {}
+        }
+    }
+
     fn prepare_record(&mut self, item: &SinkItem) -> Option<Prepared> {
         self.key.clear();
         self.value.clear();
         self.headers.clear();
+        if let SinkItem::Change { .. } | SinkItem::Raw(_) = item {
+            let index = self.txn_index;
+            self.txn_index += 1;
+            // The key is rendered below; snapshot ids need it, so the id is set after it.
+            let prepared = self.prepare_inner(item);
+            self.set_id(item, index);
+            return prepared;
+        }
+        if let SinkItem::Commit(_) = item {
+            self.txn_index = 0;
+        }
+        self.prepare_inner(item)
+    }
+
+    fn prepare_inner(&mut self, item: &SinkItem) -> Option<Prepared> {
         let prepared = match item {
             SinkItem::Commit(_) => return None,
             SinkItem::DeadLetters(policy) => {
@@ -398,5 +474,41 @@ mod tests {
         let err = enc.prepare(&delete_event(&"x".repeat(1000))).unwrap_err().to_string();
         assert!(err.contains("over the limit of 600 bytes") && err.contains("on_error"), "{err}");
         assert!(enc.prepare(&delete_event("small")).unwrap().is_some(), "records that fit still go");
+    }
+
+    /// Record ids are the same whenever a transaction is rendered again, and distinct within it.
+    #[test]
+    fn record_ids_are_deterministic_and_distinct() {
+        let mut enc = encoder(true, None);
+        let mut ids = Vec::new();
+        let commit = SinkItem::Commit(crate::sink::Checkpoint {
+            seq: 1,
+            position: tailgate_core::Position::Postgres { lsn: tailgate_core::Lsn(9) },
+        });
+        for _ in 0..2 {
+            for item in [&delete_event("a"), &delete_event("b"), &commit] {
+                if enc.prepare(item).unwrap().is_some() {
+                    ids.push(enc.record_id().to_owned());
+                }
+            }
+        }
+        assert_eq!(
+            ids,
+            [
+                "shop.public.t/lsn 0/1/0",
+                "shop.public.t/lsn 0/1/1",
+                "shop.public.t/lsn 0/1/0",
+                "shop.public.t/lsn 0/1/1"
+            ]
+        );
+        let outbox = RawRecord {
+            topic: "outbox.event.order".into(),
+            key: Some(b"42".to_vec()),
+            value: Some(b"{}".to_vec()),
+            headers: vec![("id".into(), b"e-17".to_vec())],
+            dead_letter: false,
+        };
+        enc.prepare(&SinkItem::Raw(outbox)).unwrap();
+        assert_eq!(enc.record_id(), "e-17", "an outbox record is named by its event id");
     }
 }
