@@ -93,9 +93,18 @@ impl PgError {
         match self {
             PgError::Connect { .. } | PgError::ConnectionLost(_) => true,
             // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 53300 too_many_connections
-            PgError::Server { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "53300" | "08006"),
-            PgError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
+            PgError::Server { code, .. } => transient_code(code),
+            // A terminated backend (57P01) reaches a tokio-postgres connection as a db error or as a
+            // closed connection, depending on timing: both are transient.
+            PgError::Sql(e) => e.is_closed() || e.as_db_error().is_none_or(|db| transient_code(db.code().code())),
             _ => false,
         }
     }
+}
+
+/// SQLSTATEs that mean "the server or the connection went away", not "the request is wrong":
+/// 57P01 admin_shutdown (a terminated backend), 57P02 crash_shutdown, 57P03 cannot_connect_now,
+/// 53300 too_many_connections, and class 08 (connection exceptions).
+fn transient_code(code: &str) -> bool {
+    matches!(code, "57P01" | "57P02" | "57P03" | "53300") || code.starts_with("08")
 }
