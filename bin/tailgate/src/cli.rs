@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tailgate_core::{FormatOptions, Position};
 use tailgate_pipeline::{
-    Classify, EncoderOptions, Engine, EngineError, ErrorClass, Metrics, OffsetStore, PipelineError, Rules, RunContext,
-    RunOptions, SinkContext, SourceParams, Status, TableRules,
+    Classify, EncoderOptions, Engine, EngineError, ErrorClass, FileStore, Metrics, OffsetStore, OffsetsError,
+    PipelineError, Rules, RunContext, RunOptions, SinkContext, SourceParams, Status, TableRules,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -81,6 +81,12 @@ enum OffsetsAction {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Copy the offsets file's checkpoint into the shared store (`offsets.store = "database"`), to
+    /// move a single instance to high availability; refused while the connector runs.
+    Migrate {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Reset the stored position; refused while the connector runs.
     ///
     /// Without options: forget it, so the next run starts afresh (PostgreSQL: from the slot's
@@ -104,7 +110,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
         Command::Run { config, .. } | Command::Check { config } => config,
-        Command::Offsets { action: OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. } } => config,
+        Command::Offsets {
+            action:
+                OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. } | OffsetsAction::Migrate { config },
+        } => config,
         Command::Slot { action: SlotAction::Drop { config, .. } } => config,
     };
     let config = match Config::load(&config_path.clone()) {
@@ -134,7 +143,10 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run { stop_at, config: path } => run(path, config, &engine, stop_at).await,
             Command::Check { .. } => check(config, engine.as_ref()).await,
-            Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config),
+            Command::Offsets { action: OffsetsAction::Show { .. } } => offsets_show(&config, engine.as_ref()).await,
+            Command::Offsets { action: OffsetsAction::Migrate { .. } } => {
+                offsets_migrate(&config, engine.as_ref()).await
+            }
             Command::Offsets { action: OffsetsAction::Reset { to_end, to, .. } } => {
                 let target = match to {
                     Some(text) => ResetTo::Position(text),
@@ -206,21 +218,22 @@ async fn run(config_path: PathBuf, config: Config, engine: &Arc<dyn Engine>, sto
     }
 }
 
+/// The configured offsets store: the file, or the table every instance shares.
+fn offset_store(config: &Config, engine: &dyn Engine) -> Result<Arc<dyn OffsetStore>, EngineError> {
+    if config.shared_offsets() {
+        engine.shared_store(&config.offsets_table(), &config.instance())
+    } else {
+        Ok(Arc::new(FileStore::new(config.offsets_path(), config.name.clone())))
+    }
+}
+
 async fn run_inner(
     config_path: PathBuf,
     config: Config,
     engine: &Arc<dyn Engine>,
     stop_at: Option<String>,
 ) -> anyhow::Result<()> {
-    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
-    let stored = store.load()?;
-    let resume = stored.map(|s| s.position);
-    match &resume {
-        Some(p) => {
-            info!(connector = %config.name, position = %p, file = %store.path().display(), "resuming from checkpoint")
-        }
-        None => info!(connector = %config.name, file = %store.path().display(), "no checkpoint stored"),
-    }
+    let store = offset_store(&config, engine.as_ref())?;
     let rules = Arc::new(config.rules()?);
     check_outbox_columns(engine.as_ref(), &rules).await?;
     let (rules_tx, rules_rx) = tokio::sync::watch::channel(rules.clone());
@@ -236,6 +249,112 @@ async fn run_inner(
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     watch_reloads(config_path.clone(), config.clone(), engine.clone(), rules_tx);
+    let instance = config.instance();
+    loop {
+        // High availability: stand by until this instance holds the lease.
+        let mut lease = match config.ha() {
+            Some(ha) => {
+                metrics.standby.store(true, std::sync::atomic::Ordering::Relaxed);
+                info!(instance = %instance, "standby: waiting to lead connector {}", config.name);
+                let acquired = tokio::select! {
+                    lease = engine.acquire_lease(&instance, Duration::from_secs(ha.lease_s)) => lease?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                info!(instance = %instance, "leader: streaming connector {}", config.name);
+                Some(acquired)
+            }
+            None => None,
+        };
+        metrics.standby.store(false, std::sync::atomic::Ordering::Relaxed);
+        // From here on the writes of any earlier leader are refused.
+        store.take_over().await?;
+        let term = shutdown.child_token();
+        let run = lead(&config, engine.as_ref(), store.clone(), &rules_rx, &metrics, term.clone(), stop_at.clone());
+        tokio::pin!(run);
+        let stall = config.ha().map(|ha| Duration::from_secs(ha.max_stall_s.max(1)));
+        let step_down = tokio::select! {
+            result = &mut run => match result {
+                // A successor took over while this instance was paused: stand by again.
+                Err(e) if config.ha().is_some() && is_fenced(&e) => {
+                    warn!("{e}");
+                    true
+                }
+                other => return other,
+            },
+            reason = lost(&mut lease) => {
+                warn!(reason = %reason, "lost leadership: stepping down without checkpointing further");
+                term.cancel();
+                if let Err(e) = run.await && !is_fenced(&e) {
+                    warn!("{e}");
+                }
+                true
+            }
+            _ = stalled(&metrics, stall) => {
+                warn!("no progress for {:?}: stepping down so that a healthier instance can lead", stall.unwrap_or_default());
+                term.cancel();
+                if let Err(e) = run.await && !is_fenced(&e) {
+                    warn!("{e}");
+                }
+                drop(lease.take());
+                // Let another instance win the lease before competing again.
+                tokio::time::sleep(Duration::from_secs(config.ha().map_or(1, |ha| ha.lease_s))).await;
+                true
+            }
+        };
+        if !step_down || shutdown.is_cancelled() {
+            return Ok(());
+        }
+        metrics.source_connected.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn is_fenced(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<PipelineError>(), Some(PipelineError::Offsets(OffsetsError::Fenced { .. })))
+}
+
+/// Resolves when the lease is lost; never without one.
+async fn lost(lease: &mut Option<Box<dyn tailgate_pipeline::Lease>>) -> String {
+    match lease {
+        Some(lease) => lease.lost().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the leader has made no progress for `limit` while it had work (records in flight,
+/// or its source disconnected); never without a limit.
+async fn stalled(metrics: &Metrics, limit: Option<Duration>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(limit) = limit else { return std::future::pending().await };
+    let since = tailgate_pipeline::metrics::now_ms();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = tailgate_pipeline::metrics::now_ms();
+        let progress = metrics.last_progress_ms.load(Relaxed).max(since);
+        let busy = metrics.in_flight_records.load(Relaxed) > 0 || !metrics.source_connected.load(Relaxed);
+        if busy && now.saturating_sub(progress) >= limit.as_millis() as u64 {
+            return;
+        }
+    }
+}
+
+/// One term of leadership (the whole run without high availability): load the checkpoint, build the
+/// source and the sink, run the pipeline until it ends or `term` is cancelled.
+async fn lead(
+    config: &Config,
+    engine: &dyn Engine,
+    store: Arc<dyn OffsetStore>,
+    rules_rx: &tokio::sync::watch::Receiver<Arc<Rules>>,
+    metrics: &Arc<Metrics>,
+    term: CancellationToken,
+    stop_at: Option<String>,
+) -> anyhow::Result<()> {
+    let resume = store.load().await?.map(|s| s.position);
+    match &resume {
+        Some(p) => {
+            info!(connector = %config.name, position = %p, store = %store.describe(), "resuming from checkpoint")
+        }
+        None => info!(connector = %config.name, store = %store.describe(), "no checkpoint stored"),
+    }
     let opts = RunOptions {
         flush_interval: Duration::from_millis(config.offsets.flush_interval_ms.unwrap_or(1000)),
         ..RunOptions::default()
@@ -245,15 +364,18 @@ async fn run_inner(
         tables: TableRules::new(rules_rx.clone()),
         snapshot: config.snapshot_mode()?,
         stop_at,
+        taking_over: config.ha().is_some(),
     })?;
+    let rules = rules_rx.borrow().clone();
     let sink = config.sink.builder().build(SinkContext {
         name: config.name.clone(),
-        encoder: encoder_options(&config, &rules),
-        shutdown: shutdown.clone(),
+        encoder: encoder_options(config, &rules),
+        shutdown: term.clone(),
         drain_timeout: opts.drain_timeout,
     })?;
     info!(sink = config.sink.builder().kind(), prefix = %config.topic_prefix(), "sink ready");
-    let context = RunContext { store, resume_from: resume, shutdown, metrics, rules: rules_rx };
+    let context =
+        RunContext { store, resume_from: resume, shutdown: term, metrics: metrics.clone(), rules: rules_rx.clone() };
     let summary = tailgate_pipeline::run(source, sink, context, opts).await?;
     info!(
         events = summary.events,
@@ -335,14 +457,17 @@ fn exit_code_for(e: &anyhow::Error) -> u8 {
 
 async fn check(config: Config, engine: &dyn Engine) -> ExitCode {
     println!("ok      config: {} parsed and valid", config.name);
-    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
-    let checkpoint = match store.load() {
-        Ok(Some(stored)) => {
-            println!("ok      offsets: checkpoint at {} in {}", stored.position, store.path().display());
+    let loaded = match offset_store(&config, engine) {
+        Ok(store) => store.load().await.map(|stored| (store.describe(), stored)).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let checkpoint = match loaded {
+        Ok((store, Some(stored))) => {
+            println!("ok      offsets: checkpoint at {} in {store}", stored.position);
             Some(stored.position)
         }
-        Ok(None) => {
-            println!("ok      offsets: no checkpoint yet ({})", store.path().display());
+        Ok((store, None)) => {
+            println!("ok      offsets: no checkpoint yet ({store})");
             None
         }
         Err(e) => {
@@ -367,23 +492,67 @@ async fn check(config: Config, engine: &dyn Engine) -> ExitCode {
     if failed { ExitCode::from(ErrorClass::Prerequisite.exit_code()) } else { ExitCode::SUCCESS }
 }
 
-fn offsets_show(config: &Config) -> ExitCode {
-    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
-    match store.load() {
+async fn offsets_show(config: &Config, engine: &dyn Engine) -> ExitCode {
+    let store = match offset_store(config, engine) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            return ExitCode::from(e.class.exit_code());
+        }
+    };
+    match store.load().await {
         Ok(Some(stored)) => {
             println!(
                 "{}",
-                serde_json::json!({"connector": config.name, "file": store.path(), "position": stored.position, "updated_at_ms": stored.updated_at_ms})
+                serde_json::json!({"connector": config.name, "file": store.describe(), "position": stored.position, "updated_at_ms": stored.updated_at_ms})
             );
             ExitCode::SUCCESS
         }
         Ok(None) => {
-            println!("{}", serde_json::json!({"connector": config.name, "file": store.path(), "position": null}));
+            println!("{}", serde_json::json!({"connector": config.name, "file": store.describe(), "position": null}));
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("tailgate: {e}");
             ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// `offsets migrate`: copies the checkpoint of the offsets file (`offsets.path`) into the shared
+/// store (`offsets.store = "database"`), so that instances started with the shared store resume
+/// where the single instance stopped. Refused while the connector runs.
+async fn offsets_migrate(config: &Config, engine: &dyn Engine) -> ExitCode {
+    if !config.shared_offsets() {
+        eprintln!("tailgate: set offsets.store = \"database\" first: the checkpoint is copied into that store");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let result: anyhow::Result<String> = async {
+        engine.ensure_not_running().await?;
+        let file = FileStore::new(config.offsets_path(), config.name.clone());
+        let Some(stored) = file.load()? else {
+            anyhow::bail!("no checkpoint of {} in {}: nothing to copy", config.name, file.path().display());
+        };
+        let shared = offset_store(config, engine)?;
+        shared.take_over().await?;
+        shared.save(&stored.position).await?;
+        Ok(format!(
+            "copied the checkpoint of {} ({}) from {} to {}",
+            config.name,
+            stored.position,
+            file.path().display(),
+            shared.describe()
+        ))
+    }
+    .await;
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tailgate: {e:#}");
+            ExitCode::from(exit_code_for(&e))
         }
     }
 }
@@ -399,7 +568,13 @@ enum ResetTo {
 }
 
 async fn offsets_reset(config: &Config, engine: &dyn Engine, target: ResetTo) -> ExitCode {
-    let store = OffsetStore::new(config.offsets_path(), config.name.clone());
+    let store = match offset_store(config, engine) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            return ExitCode::from(e.class.exit_code());
+        }
+    };
     // Refuse while the connector runs.
     if let Err(e) = engine.ensure_not_running().await {
         eprintln!("tailgate: {e}");
@@ -417,10 +592,14 @@ async fn offsets_reset(config: &Config, engine: &dyn Engine, target: ResetTo) ->
             return ExitCode::from(e.class.exit_code());
         }
     };
+    if let Err(e) = store.take_over().await {
+        eprintln!("tailgate: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     if let Some(position) = position {
-        return match store.save(&position) {
+        return match store.save(&position).await {
             Ok(()) => {
-                println!("checkpoint of {} set to {position} in {}", config.name, store.path().display());
+                println!("checkpoint of {} set to {position} in {}", config.name, store.describe());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -429,13 +608,13 @@ async fn offsets_reset(config: &Config, engine: &dyn Engine, target: ResetTo) ->
             }
         };
     }
-    match store.clear() {
+    match store.clear().await {
         Ok(true) => {
-            println!("cleared the checkpoint of {} in {}", config.name, store.path().display());
+            println!("cleared the checkpoint of {} in {}", config.name, store.describe());
             ExitCode::SUCCESS
         }
         Ok(false) => {
-            println!("no checkpoint stored for {} in {}", config.name, store.path().display());
+            println!("no checkpoint stored for {} in {}", config.name, store.describe());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -465,10 +644,13 @@ async fn slot_drop(config: &Config, engine: &dyn Engine, yes: bool) -> ExitCode 
             for line in done {
                 println!("{line}");
             }
-            let store = OffsetStore::new(config.offsets_path(), config.name.clone());
-            match store.clear() {
-                Ok(true) => println!("cleared the checkpoint in {}", store.path().display()),
-                Ok(false) => {}
+            let cleared = match offset_store(config, engine) {
+                Ok(store) => store.clear().await.map(|c| (c, store.describe())).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match cleared {
+                Ok((true, store)) => println!("cleared the checkpoint in {store}"),
+                Ok((false, _)) => {}
                 Err(e) => {
                     eprintln!("tailgate: {e}");
                     return ExitCode::from(EXIT_RUNTIME);

@@ -64,6 +64,34 @@ pub struct Config {
     pub log: LogConfig,
     /// Off when absent.
     pub http: Option<HttpConfig>,
+    /// High availability: off when absent.
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`: several instances of this connector, one streaming, the others standing by.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Default true once the section is present.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Seconds a frozen or cut-off leader keeps leadership before a standby takes over. Default 10.
+    #[serde(default = "default_lease_s")]
+    pub lease_s: u64,
+    /// Seconds a leader may go without progress (the sink or the database away) before it steps down
+    /// for a healthier instance. Default 60.
+    #[serde(default = "default_max_stall_s")]
+    pub max_stall_s: u64,
+    /// This instance's name in logs and in the offsets table. Default: `$HOSTNAME` (or the host
+    /// name) and the process id.
+    pub instance: Option<String>,
+}
+
+fn default_lease_s() -> u64 {
+    10
+}
+fn default_max_stall_s() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +205,12 @@ pub struct OffsetsConfig {
     pub path: Option<PathBuf>,
     /// How often acknowledged progress is written, in milliseconds. Default 1000.
     pub flush_interval_ms: Option<u64>,
+    /// `file` (default: `path`, for a single instance) or `database`: a table in the source database
+    /// that every instance reaches (needed by `[ha]`; the user needs rights to create and write it).
+    pub store: Option<String>,
+    /// The `database` store's table: `schema.table` (MySQL: `database.table`), created when missing.
+    /// Default `tailgate.offsets`.
+    pub table: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -243,6 +277,27 @@ impl Config {
                 return Err(key_error("http.ready_window_s", "must be at least 1"));
             }
         }
+        match self.offsets.store.as_deref() {
+            None | Some("file") | Some("database") => {}
+            Some(other) => return Err(key_error("offsets.store", format!("{other:?}: use \"file\" or \"database\""))),
+        }
+        if let Some(table) = &self.offsets.table
+            && table.split_once('.').is_none_or(|(a, b)| a.is_empty() || b.is_empty())
+        {
+            return Err(key_error("offsets.table", format!("{table:?}: write schema.table (MySQL: database.table)")));
+        }
+        if let Some(ha) = self.ha.as_ref().filter(|ha| ha.enabled) {
+            if !self.shared_offsets() {
+                return Err(key_error(
+                    "ha",
+                    "standbys must see the leader's checkpoints: set offsets.store = \"database\" (a table in the \
+                     source database every instance reaches)",
+                ));
+            }
+            if ha.lease_s < 2 {
+                return Err(key_error("ha.lease_s", "must be at least 2"));
+            }
+        }
         if let Some(f) = self.log.format.as_deref()
             && f != "text"
             && f != "json"
@@ -260,13 +315,40 @@ impl Config {
         self.sink.builder().topic_prefix().map_or_else(|| self.name.clone(), str::to_owned)
     }
 
+    /// Whether checkpoints live in the shared database store.
+    pub fn shared_offsets(&self) -> bool {
+        self.offsets.store.as_deref() == Some("database")
+    }
+
+    /// The database store's table.
+    pub fn offsets_table(&self) -> String {
+        self.offsets.table.clone().unwrap_or_else(|| "tailgate.offsets".to_owned())
+    }
+
+    /// High availability, when on.
+    pub fn ha(&self) -> Option<&HaConfig> {
+        self.ha.as_ref().filter(|ha| ha.enabled)
+    }
+
+    /// This instance's name: `ha.instance`, else the host name and the process id.
+    pub fn instance(&self) -> String {
+        self.ha.as_ref().and_then(|ha| ha.instance.clone()).unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+                .unwrap_or_else(|| "host".to_owned());
+            format!("{host}:{}", std::process::id())
+        })
+    }
+
     pub fn offsets_path(&self) -> PathBuf {
         self.offsets.path.clone().unwrap_or_else(|| PathBuf::from(format!("{}.offsets.json", self.name)))
     }
 
     /// Whether anything outside the reloadable sections changed.
     pub fn source_and_sink_differ(&self, other: &Config) -> bool {
-        let fixed = |c: &Config| format!("{:?}", (&c.name, &c.source, &c.sink, &c.format, &c.offsets, &c.http, &c.log));
+        let fixed =
+            |c: &Config| format!("{:?}", (&c.name, &c.source, &c.sink, &c.format, &c.offsets, &c.http, &c.log, &c.ha));
         fixed(self) != fixed(other)
     }
 

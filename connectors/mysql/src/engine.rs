@@ -8,8 +8,8 @@ use std::time::Duration;
 use mysql_async::prelude::Queryable;
 use tailgate_core::{BinlogFile, Position};
 use tailgate_pipeline::{
-    BoxFuture, CheckResult, Classify, DynSource, Engine, EngineError, ErrorClass, KeyError, Metrics, Rules,
-    SourceParams,
+    BoxFuture, CheckResult, Classify, DynSource, Engine, EngineError, ErrorClass, KeyError, Lease, Metrics,
+    OffsetStore, Rules, SourceParams,
 };
 
 use crate::catalog;
@@ -164,6 +164,21 @@ impl Engine for MysqlEngine {
             let _ = conn.disconnect().await;
             Ok((!columns.is_empty()).then_some(columns))
         })
+    }
+
+    fn acquire_lease<'a>(
+        &'a self,
+        instance: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn Lease>, EngineError>> {
+        Box::pin(async move {
+            let _ = instance;
+            Ok(crate::ha::acquire_lease(&self.info, &self.name, lease).await?)
+        })
+    }
+
+    fn shared_store(&self, table: &str, instance: &str) -> Result<Arc<dyn OffsetStore>, EngineError> {
+        Ok(crate::ha::TableStore::new(&self.info, table, &self.name, instance)?)
     }
 
     fn retire(&self) -> BoxFuture<'_, Result<Vec<String>, EngineError>> {

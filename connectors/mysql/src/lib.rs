@@ -17,6 +17,7 @@ pub mod check;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod ha;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;

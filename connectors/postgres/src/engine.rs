@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tailgate_core::{Lsn, Position};
 use tailgate_pipeline::{
-    BoxFuture, CheckResult, Classify, DynSource, Engine, EngineError, ErrorClass, KeyError, Metrics, Rules,
-    SourceParams,
+    BoxFuture, CheckResult, Classify, DynSource, Engine, EngineError, ErrorClass, KeyError, Lease, Metrics,
+    OffsetStore, Rules, SourceParams,
 };
 
 use crate::catalog;
@@ -89,6 +89,7 @@ impl Engine for PostgresEngine {
             snapshot: params.snapshot,
             snapshot_fetch_rows: self.config.snapshot_fetch_rows,
             snapshot_parallel: self.config.snapshot_parallel,
+            wait_for_slot: params.taking_over,
         })?;
         Ok(Box::new(source))
     }
@@ -184,6 +185,21 @@ impl Engine for PostgresEngine {
                 .map_err(PgError::from)?;
             Ok((!rows.is_empty()).then(|| rows.iter().map(|r| r.get(0)).collect()))
         })
+    }
+
+    fn acquire_lease<'a>(
+        &'a self,
+        instance: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn Lease>, EngineError>> {
+        Box::pin(async move {
+            let _ = instance;
+            Ok(crate::ha::acquire_lease(&self.info, &self.name, lease).await?)
+        })
+    }
+
+    fn shared_store(&self, table: &str, instance: &str) -> Result<Arc<dyn OffsetStore>, EngineError> {
+        Ok(crate::ha::TableStore::new(&self.info, table, &self.name, instance)?)
     }
 
     fn retire(&self) -> BoxFuture<'_, Result<Vec<String>, EngineError>> {

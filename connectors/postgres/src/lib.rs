@@ -5,6 +5,7 @@
 //! - [`types`]: text and binary values to Debezium's representation.
 //! - [`geometry`]: the geometric types among them.
 //! - [`catalog`]: ordinary SQL: prerequisites, slots, publications.
+//! - [`ha`]: the leadership lease and the shared offsets table.
 //! - [`stream`]: pgoutput messages into change events and commits, without I/O.
 //! - [`source`]: the [`tailgate_pipeline::Source`] implementation (the I/O driver).
 //! - [`check`]: the checks behind `tailgate check`.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod geometry;
+pub mod ha;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;

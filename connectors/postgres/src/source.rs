@@ -58,6 +58,9 @@ pub struct PostgresSourceConfig {
     pub snapshot_fetch_rows: usize,
     /// Tables read at the same time, each on its own connection sharing the exported snapshot.
     pub snapshot_parallel: usize,
+    /// A slot held by another process is waited for rather than refused at start (a new leader
+    /// whose predecessor's walsender has not yet timed out).
+    pub wait_for_slot: bool,
 }
 
 impl std::fmt::Debug for PostgresSourceConfig {
@@ -117,7 +120,9 @@ impl Reconnecting for Session<'_> {
     // Once streaming, the connector rides out restarts and network trouble by itself. Our own
     // previous walsender may hold the slot for a moment after a reconnect.
     fn retry(&self, e: &PgError) -> bool {
-        (e.is_transient() || matches!(e, PgError::SlotInUse { .. })) && self.state.ever_streamed
+        let slot_in_use = matches!(e, PgError::SlotInUse { .. });
+        (e.is_transient() || slot_in_use)
+            && (self.state.ever_streamed || (slot_in_use && self.source.config.wait_for_slot))
     }
 
     fn made_progress(&self) -> bool {
@@ -155,7 +160,17 @@ impl PostgresSource {
             warn!(publication = %self.config.publication, tables = %outside.join(", "), "tables outside the publication are not captured");
         }
         match catalog::slot_state(&client, &self.config.slot).await? {
-            Some(slot) => catalog::validate_slot(&self.config.slot, &slot, &self.info.dbname),
+            Some(slot) => match catalog::validate_slot(&self.config.slot, &slot, &self.info.dbname) {
+                // This instance holds the lease, so the slot's holder is a former leader (frozen,
+                // cut off): end its walsender instead of waiting for wal_sender_timeout. Its
+                // records in flight may come twice; its checkpoints are fenced.
+                Err(PgError::SlotInUse { pid, .. }) if self.config.wait_for_slot => {
+                    warn!(slot = %self.config.slot, pid, "the slot is held by a previous leader's walsender: ending it");
+                    client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+                    Err(PgError::SlotInUse { slot: self.config.slot.clone(), pid })
+                }
+                other => other,
+            },
             None => {
                 if let Some(checkpoint) = state.resume_after.or(state.emitted_until()) {
                     if self.config.snapshot != SnapshotMode::WhenNeeded {

@@ -340,6 +340,7 @@ mod tests {
             snapshot: SnapshotMode::Never,
             snapshot_fetch_rows: 100,
             snapshot_parallel: 1,
+            wait_for_slot: false,
         };
         let mut s = StreamState::new(&cfg, "shop", resume);
         s.add_relation(

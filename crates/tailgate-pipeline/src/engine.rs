@@ -18,6 +18,7 @@ use tailgate_core::Position;
 
 use crate::check::CheckResult;
 use crate::metrics::Metrics;
+use crate::offsets::OffsetStore;
 use crate::source::{DynSource, SnapshotMode, TableRules};
 use crate::transform::Rules;
 
@@ -79,6 +80,14 @@ impl<E: Classify + std::error::Error + Send + Sync + 'static> From<E> for Engine
     }
 }
 
+/// Leadership among the instances of one connector (high availability), held through the source
+/// database. Dropping it gives it up.
+pub trait Lease: Send {
+    /// Resolves, with the reason, once leadership is lost (the session that holds it ended, the
+    /// server went away): the holder stops its pipeline at once.
+    fn lost(&mut self) -> BoxFuture<'_, String>;
+}
+
 /// What the binary gives an engine to build its source.
 #[derive(Clone)]
 pub struct SourceParams {
@@ -90,6 +99,10 @@ pub struct SourceParams {
     /// `run --stop-at POS`: stop by itself once everything before POS is delivered. The engine
     /// parses POS ([`Engine::parse_position`] states the form).
     pub stop_at: Option<String>,
+    /// This instance just took over from another (high availability): resources the predecessor
+    /// may still hold for a moment (PostgreSQL: the slot, until its walsender times out) are waited
+    /// for instead of refused.
+    pub taking_over: bool,
 }
 
 /// A source database, as the binary drives it. Implementations answer every method with their own
@@ -127,6 +140,18 @@ pub trait Engine: Send + Sync {
     /// The column names of `table` (`schema.table` / `database.table`), `None` when it does not
     /// exist: lets the binary refuse an outbox rule naming a missing column at start and reload.
     fn table_columns<'a>(&'a self, table: &'a str) -> BoxFuture<'a, Result<Option<Vec<String>>, EngineError>>;
+
+    /// Waits until this instance (`instance`, for logs) holds the connector's lease; a frozen holder
+    /// keeps it at most `lease`. See docs/operations.md for each engine's mechanism and timing.
+    fn acquire_lease<'a>(
+        &'a self,
+        instance: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn Lease>, EngineError>>;
+
+    /// The offsets store shared by every instance: `table` (`schema.table`, created when missing)
+    /// in the source database, fenced per [`crate::OffsetStore::take_over`].
+    fn shared_store(&self, table: &str, instance: &str) -> Result<Arc<dyn OffsetStore>, EngineError>;
 
     /// `tailgate slot drop`: removes what the connector keeps on the server (PostgreSQL: its slot
     /// and publication) so that the server stops retaining log for it. Returns what was done, a

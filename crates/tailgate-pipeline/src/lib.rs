@@ -30,9 +30,9 @@ pub use ack::AckTracker;
 pub use check::{CheckResult, Status};
 pub use config::{KeyError, key_error};
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
-pub use engine::{BoxFuture, Classify, Engine, EngineError, ErrorClass, SourceParams};
+pub use engine::{BoxFuture, Classify, Engine, EngineError, ErrorClass, Lease, SourceParams};
 pub use metrics::{BatchCounts, Metrics};
-pub use offsets::{OffsetStore, OffsetsError, StoredOffset};
+pub use offsets::{FileStore, OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};
 pub use sink::{
     Checkpoint, DeadLetterPolicy, RawRecord, Sink, SinkBuilder, SinkContext, SinkError, SinkItem, SinkTotals,

@@ -82,6 +82,9 @@ pub struct Metrics {
     pub last_progress_ms: AtomicU64,
     /// Set when the run failed for good; `/health` turns red.
     pub fatal: Mutex<Option<String>>,
+    /// High availability: set while another instance leads (`/ready` answers 503,
+    /// `tailgate_leader` is 0).
+    pub standby: AtomicBool,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     tables: Mutex<BTreeMap<String, u64>>,
 }
@@ -156,6 +159,9 @@ impl Metrics {
     /// the acknowledged position moved within `window`. An idle source that keeps answering is ready.
     pub fn readiness(&self, window: Duration) -> Result<(), String> {
         self.health()?;
+        if self.standby.load(Relaxed) {
+            return Err("standby: another instance leads this connector".into());
+        }
         if !self.source_connected.load(Relaxed) {
             return Err("source not connected".into());
         }
@@ -238,6 +244,11 @@ impl Metrics {
             i64::from(self.source_connected.load(Relaxed)),
         );
         gauge("tailgate_ready", "1 when /ready answers 200.", i64::from(self.readiness(ready_window).is_ok()));
+        gauge(
+            "tailgate_leader",
+            "1 while this instance streams (always, without high availability); 0 while standby.",
+            i64::from(!self.standby.load(Relaxed)),
+        );
         gauge(
             "tailgate_last_progress_timestamp_seconds",
             "Unix time the acknowledged position last moved.",

@@ -1,5 +1,8 @@
-//! The offsets file: where each connector resumes.
+//! Where each connector resumes: the [`OffsetStore`] contract, and its default, the offsets file
+//! ([`FileStore`]). Shared stores (a table in the source database, for instances that take over
+//! from each other) implement the same contract in their engine crates.
 //!
+//! The file:
 //! One JSON file may hold several connectors, keyed by their `name`. It is replaced atomically
 //! (write a temporary file, fsync it, rename it over the old one, fsync the folder), so a crash
 //! leaves either the old or the new checkpoint, never a torn one. Connectors sharing the file (in one
@@ -19,6 +22,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tailgate_core::Position;
 
+use crate::engine::BoxFuture;
+
 const FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,40 @@ pub enum OffsetsError {
     Format { path: PathBuf, found: u32 },
     #[error("cannot write offsets file {path}: {source}. Fix: check that its folder exists and is writable")]
     Write { path: PathBuf, source: std::io::Error },
+    /// A shared store refused the write: another instance took over this connector (it raised the
+    /// store's epoch). This instance must stop without writing anything more.
+    #[error(
+        "another instance ({holder}) took over connector {connector}: this one stops without checkpointing \
+         (records it had in flight may be delivered twice, none is lost)"
+    )]
+    Fenced { connector: String, holder: String },
+    /// A shared store failed (its database unreachable, a missing right).
+    #[error("offsets store {store}: {message}")]
+    Store { store: String, message: String },
+}
+
+/// Where checkpoints are kept. Contract: `save` makes `position` durable before it returns (a crash
+/// right after leaves it or a later one, never an earlier one or a torn one); a store shared by
+/// several instances refuses (`Fenced`) the writes of an instance that lost its leadership, so that a
+/// leader paused and woken up cannot move the checkpoint its successor relies on.
+pub trait OffsetStore: Send + Sync {
+    /// For logs and `offsets show`: the path, or the table and database.
+    fn describe(&self) -> String;
+
+    /// The stored checkpoint of this connector, if any.
+    fn load(&self) -> BoxFuture<'_, Result<Option<StoredOffset>, OffsetsError>>;
+
+    /// Stores `position` for this connector.
+    fn save<'a>(&'a self, position: &'a Position) -> BoxFuture<'a, Result<(), OffsetsError>>;
+
+    /// Removes this connector's checkpoint; whether there was one.
+    fn clear(&self) -> BoxFuture<'_, Result<bool, OffsetsError>>;
+
+    /// This instance becomes the connector's only writer: a shared store raises its epoch, so the
+    /// writes of any earlier writer are refused from now on. A private store has nothing to do.
+    fn take_over(&self) -> BoxFuture<'_, Result<(), OffsetsError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,15 +89,34 @@ struct OffsetsFile {
     connectors: BTreeMap<String, StoredOffset>,
 }
 
+/// The offsets file (the default store, for a single instance).
 #[derive(Debug, Clone)]
-pub struct OffsetStore {
+pub struct FileStore {
     path: PathBuf,
     name: String,
 }
 
-impl OffsetStore {
+impl OffsetStore for FileStore {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Option<StoredOffset>, OffsetsError>> {
+        Box::pin(std::future::ready(FileStore::load(self)))
+    }
+
+    fn save<'a>(&'a self, position: &'a Position) -> BoxFuture<'a, Result<(), OffsetsError>> {
+        Box::pin(std::future::ready(FileStore::save(self, position)))
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<bool, OffsetsError>> {
+        Box::pin(std::future::ready(FileStore::clear(self)))
+    }
+}
+
+impl FileStore {
     pub fn new(path: impl Into<PathBuf>, name: impl Into<String>) -> Self {
-        OffsetStore { path: path.into(), name: name.into() }
+        FileStore { path: path.into(), name: name.into() }
     }
 
     pub fn path(&self) -> &Path {
@@ -168,8 +226,8 @@ mod tests {
     fn save_then_load_keeps_other_connectors() {
         let dir = tmpdir("keep");
         let path = dir.join("o.json");
-        let a = OffsetStore::new(&path, "a");
-        let b = OffsetStore::new(&path, "b");
+        let a = FileStore::new(&path, "a");
+        let b = FileStore::new(&path, "b");
         assert_eq!(a.load().unwrap(), None);
         a.save(&Position::Postgres { lsn: Lsn(1) }).unwrap();
         b.save(&Position::Postgres { lsn: Lsn(2) }).unwrap();
@@ -191,7 +249,7 @@ mod tests {
         let savers: Vec<_> = ["a", "b", "c"]
             .into_iter()
             .map(|name| {
-                let store = OffsetStore::new(&path, name);
+                let store = FileStore::new(&path, name);
                 std::thread::spawn(move || {
                     for i in 1..=300u64 {
                         store.save(&Position::Postgres { lsn: Lsn(i) }).unwrap();
@@ -205,7 +263,7 @@ mod tests {
             saver.join().unwrap();
         }
         for name in ["a", "b", "c"] {
-            let stored = OffsetStore::new(&path, name).load().unwrap().unwrap();
+            let stored = FileStore::new(&path, name).load().unwrap().unwrap();
             assert_eq!(stored.position, Position::Postgres { lsn: Lsn(300) }, "{name}");
         }
         use std::os::unix::fs::PermissionsExt;
@@ -222,7 +280,7 @@ mod tests {
             r#"{"format":1,"connectors":{"shop":{"position":{"type":"postgres","lsn":"0/16B3748"},"updated_at_ms":1700000000000}}}"#,
         )
         .unwrap();
-        let stored = OffsetStore::new(&path, "shop").load().unwrap().unwrap();
+        let stored = FileStore::new(&path, "shop").load().unwrap().unwrap();
         assert_eq!(stored.position, Position::Postgres { lsn: "0/16B3748".parse().unwrap() });
         assert_eq!(stored.updated_at_ms, 1_700_000_000_000);
     }
@@ -232,7 +290,7 @@ mod tests {
         let dir = tmpdir("corrupt");
         let path = dir.join("o.json");
         fs::write(&path, "{not json").unwrap();
-        let err = OffsetStore::new(&path, "shop").load().unwrap_err().to_string();
+        let err = FileStore::new(&path, "shop").load().unwrap_err().to_string();
         assert!(err.contains("o.json") && err.contains("not valid"), "{err}");
     }
 }

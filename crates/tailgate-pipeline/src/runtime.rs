@@ -43,7 +43,7 @@ impl Default for RunOptions {
 
 /// What a run is wired to.
 pub struct RunContext {
-    pub store: OffsetStore,
+    pub store: Arc<dyn OffsetStore>,
     /// The stored checkpoint, if any.
     pub resume_from: Option<Position>,
     /// Cancelled on SIGINT/SIGTERM: drain, checkpoint, stop.
@@ -158,7 +158,7 @@ pub async fn run(
             }
             if summary.checkpoint != persisted && last_persist.elapsed() >= opts.flush_interval {
                 if let Some(p) = &summary.checkpoint {
-                    store.save(p)?;
+                    store.save(p).await?;
                     debug!(position = %p, "checkpoint written");
                 }
                 persisted = summary.checkpoint.clone();
@@ -189,10 +189,13 @@ pub async fn run(
             }
         }
     }
+    // Never after being fenced: another instance owns the checkpoint now.
+    let fenced = matches!(&result, Err(PipelineError::Offsets(OffsetsError::Fenced { .. })));
     if summary.checkpoint != persisted
+        && !fenced
         && let Some(p) = &summary.checkpoint
     {
-        store.save(p)?;
+        store.save(p).await?;
         info!(position = %p, "final checkpoint written");
     }
     if let Some(p) = &summary.checkpoint {
@@ -228,7 +231,10 @@ pub async fn run(
         (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(())) => Ok(summary),
     };
-    if let Err(e) = &outcome {
+    // Fenced (another instance took over) is a step down, not a failure of this process.
+    if let Err(e) = &outcome
+        && !matches!(e, PipelineError::Offsets(OffsetsError::Fenced { .. }))
+    {
         metrics.error(match e {
             PipelineError::Source(_) => "source",
             PipelineError::Sink(_) => "sink",

@@ -4,6 +4,7 @@
 
 mod auth;
 mod faults;
+mod ha;
 mod mysql_resilience;
 mod mysql_snapshot;
 mod mysql_streaming;
