@@ -271,12 +271,84 @@ CNF
   log "MySQL ready: $(mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -N -e 'select concat(version(), " gtid_mode=", @@gtid_mode, " port=", @@port)')"
 }
 
+# A second MySQL 9.7 on 127.0.0.1:3308 replicating from the first by GTID auto-position: the
+# failover test starts it, promotes it and stops it (`mysql-replica-start` / `mysql-replica-stop`).
+# Its data starts empty each time: it copies the primary's history through replication.
+MYSQL_REPLICA_DATA="$CACHE/mysql-replica-data"
+mysql_replica_start() {
+  mysql_install
+  mkdir -p "$MYSQL_RUN"
+  local cnf="$MYSQL_RUN/mysql-replica.cnf"
+  cat >"$cnf" <<CNF
+# written by tailgate scripts/services.sh: a GTID replica of the test MySQL, for the failover test
+[mysqld]
+basedir = $MYSQL_ROOT/usr
+datadir = $MYSQL_REPLICA_DATA
+plugin-dir = $MYSQL_ROOT/usr/lib/mysql/plugin
+lc-messages-dir = $MYSQL_ROOT/usr/share/mysql
+character-sets-dir = $MYSQL_ROOT/usr/share/mysql/charsets
+socket = $MYSQL_RUN/mysql-replica.sock
+pid-file = $MYSQL_RUN/mysql-replica.pid
+log-error = $MYSQL_RUN/mysql-replica.err
+secure-file-priv =
+port = 3308
+bind-address = 127.0.0.1
+mysqlx = OFF
+user = root
+server-id = 2
+log-bin = binlog
+log-replica-updates = ON
+binlog-format = ROW
+binlog-row-image = FULL
+binlog-row-metadata = FULL
+gtid-mode = ON
+enforce-gtid-consistency = ON
+performance-schema = OFF
+innodb-buffer-pool-size = 32M
+max-connections = 200
+skip-replica-start = ON
+CNF
+  local sock="$MYSQL_RUN/mysql-replica.sock"
+  if ! mysql_tool mysql --socket="$sock" -uroot -e 'select 1' >/dev/null 2>&1; then
+    rm -rf "$MYSQL_REPLICA_DATA"
+    mysql_tool mysqld --defaults-file="$cnf" --initialize-insecure
+    nohup "${MYSQL_LOADER[@]}" "$MYSQL_ROOT/usr/sbin/mysqld" --defaults-file="$cnf" >"$MYSQL_RUN/mysqld-replica.out" 2>&1 &
+    wait_for 60 "the MySQL replica" mysql_tool mysql --socket="$sock" -uroot -e 'select 1'
+  fi
+  # Provisioned at the primary's present (as if restored from a backup taken now: the primary's
+  # older binlogs may be purged) and limited to the failover test's databases, which are created
+  # after it starts.
+  local executed
+  executed=$(mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -N -e 'SELECT @@GLOBAL.gtid_executed' | tr -d '\n')
+  mysql_tool mysql --socket="$sock" -uroot -e "
+    CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
+    GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+    STOP REPLICA;
+    RESET BINARY LOGS AND GTIDS;
+    SET GLOBAL gtid_purged = '$executed';
+    CHANGE REPLICATION FILTER REPLICATE_WILD_DO_TABLE = ('${2:-tg_my_failover%.%}');
+    CHANGE REPLICATION SOURCE TO SOURCE_HOST = '127.0.0.1', SOURCE_PORT = 3307, SOURCE_USER = 'root',
+      SOURCE_PASSWORD = '', SOURCE_AUTO_POSITION = 1, GET_SOURCE_PUBLIC_KEY = 1;
+    START REPLICA;"
+  log "MySQL replica ready on 127.0.0.1:3308 (from 3307)"
+}
+
+mysql_replica_stop() {
+  local sock="$MYSQL_RUN/mysql-replica.sock"
+  mysql_tool mysql --socket="$sock" -uroot -e 'SHUTDOWN' >/dev/null 2>&1 || true
+  wait_for 60 "the MySQL replica to stop" bash -c "! (exec 3<>/dev/tcp/127.0.0.1/3308) 2>/dev/null"
+  rm -rf "$MYSQL_REPLICA_DATA"
+  log "MySQL replica stopped"
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
   mariadb) mariadb_server ;;
   mysql) mysql_server ;;
   kafka | tansu) tansu ;;
   kafka-restart | tansu-restart) tansu_restart ;;
+  mysql-replica-start) mysql_replica_start "$@" ;;
+  mysql-replica-stop) mysql_replica_stop ;;
   all) postgres; mariadb_server; mysql_server; tansu ;;
-  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
 esac

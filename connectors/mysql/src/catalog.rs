@@ -252,6 +252,51 @@ pub async fn position_available(
             Err(format!("transactions not in the stored GTID set were purged (gtid_purged = {purged})"))
         });
     }
+    binlog_file_available(conn, file).await
+}
+
+/// Whether the server has executed every transaction the checkpoint says was delivered: a server
+/// that lags behind it (a replica promoted before it caught up) or diverged from it would stream
+/// from a history the checkpoint does not describe. `Err` names what is missing.
+pub async fn has_checkpoint(
+    conn: &mut Conn,
+    f: &ServerFacts,
+    position: &Position,
+) -> Result<Result<(), String>, MyError> {
+    let Position::Mysql { gtids: Some(gtids), .. } = position else { return Ok(Ok(())) };
+    match gtids {
+        GtidSet::Mysql(set) if f.gtid_mode => {
+            let executed: String = conn.query_first("SELECT @@GLOBAL.gtid_executed").await?.unwrap_or_default();
+            let contained: Option<i64> =
+                conn.exec_first("SELECT GTID_SUBSET(?, ?)", (set.to_string(), executed.clone())).await?;
+            Ok(if contained == Some(1) {
+                Ok(())
+            } else {
+                Err(format!("its gtid_executed ({executed}) lacks transactions of the checkpoint ({set})"))
+            })
+        }
+        GtidSet::Mariadb(list) if !list.is_empty() => {
+            let pos: String = conn.query_first("SELECT @@GLOBAL.gtid_binlog_pos").await?.unwrap_or_default();
+            let server: MariadbGtidList = match pos.parse() {
+                Ok(l) => l,
+                Err(_) => return Ok(Ok(())),
+            };
+            let behind: Vec<String> = list
+                .iter()
+                .filter(|(domain, _, seq)| server.get(*domain).is_none_or(|(_, s)| s < *seq))
+                .map(|(d, s, q)| format!("{d}-{s}-{q}"))
+                .collect();
+            Ok(if behind.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("its gtid_binlog_pos ({pos}) is behind the checkpoint in {}", behind.join(", ")))
+            })
+        }
+        _ => Ok(Ok(())),
+    }
+}
+
+async fn binlog_file_available(conn: &mut Conn, file: &BinlogFile) -> Result<Result<(), String>, MyError> {
     let logs = binary_logs(conn).await?;
     Ok(if logs.iter().any(|l| l == &file.0) {
         Ok(())

@@ -40,6 +40,14 @@ pub enum MyError {
     PositionPurged { position: String, message: String },
 
     #[error(
+        "server {server} has not executed everything the stored checkpoint ({position}) says was delivered: \
+         {message}. Streaming from it could skip transactions (a replica promoted before it caught up, or a \
+         diverged history). Fix: wait until it has replicated those transactions, or point source.url at the \
+         server that has them"
+    )]
+    ServerBehind { server: String, position: String, message: String },
+
+    #[error(
         "server_id {server_id} is already used by another replica of this server ({message}). \
          Fix: give every connector its own `source.server_id`, or stop the other one"
     )]
@@ -127,6 +135,7 @@ impl MyError {
                 | MyError::Setting { .. }
                 | MyError::Privilege { .. }
                 | MyError::PositionPurged { .. }
+                | MyError::ServerBehind { .. }
                 | MyError::ServerIdInUse { .. }
         )
     }

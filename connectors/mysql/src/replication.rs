@@ -31,6 +31,10 @@ pub struct ConnInfo {
     pub password: String,
     /// The database named in the URL: capture is limited to it.
     pub database: Option<String>,
+    /// More servers after the first (`mysql://u:p@primary:3306,replica:3306/db`): tried in order
+    /// when the ones before cannot be reached, so that a restart or a reconnect finds a promoted
+    /// replica by itself.
+    pub alternates: Vec<(String, u16)>,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -64,14 +68,27 @@ impl ConnInfo {
             Some((h, _)) => (h, None),
             None => (host_path, None),
         };
-        let (host, port) = match host_port.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| err(&format!("has port {p:?}, which is not a number")))?),
-            None => (host_port, 3306),
-        };
-        if host.is_empty() {
-            return Err(err("has no host"));
+        let mut servers = Vec::new();
+        for host_port in host_port.split(',') {
+            let (host, port) = match host_port.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse().map_err(|_| err(&format!("has port {p:?}, which is not a number")))?),
+                None => (host_port, 3306),
+            };
+            if host.is_empty() {
+                return Err(err("has no host"));
+            }
+            servers.push((host.trim_matches(['[', ']']).to_owned(), port));
         }
-        Ok(ConnInfo { host: host.trim_matches(['[', ']']).to_owned(), port, user, password, database })
+        let (host, port) = servers.remove(0);
+        Ok(ConnInfo { host, port, user, password, database, alternates: servers })
+    }
+
+    /// Every server of the URL, in order, as a connection target of its own.
+    pub fn servers(&self) -> Vec<ConnInfo> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.alternates.iter().cloned())
+            .map(|(host, port)| ConnInfo { host, port, alternates: Vec::new(), ..self.clone() })
+            .collect()
     }
 
     pub fn addr(&self) -> String {
@@ -597,6 +614,16 @@ mod tests {
         assert_eq!((i.port, i.user.as_str(), i.database), (3306, "root", None));
         assert!(ConnInfo::from_url("postgres://x").is_err());
         assert!(ConnInfo::from_url("mysql://u@h:port/db").is_err());
+    }
+
+    /// A host list: the first is where to connect, the others are tried in order when it fails.
+    #[test]
+    fn urls_name_several_servers() {
+        let i = ConnInfo::from_url("mysql://cdc:pw@primary:3307,replica,[::1]:3308/shop").unwrap();
+        let servers: Vec<String> = i.servers().iter().map(ConnInfo::addr).collect();
+        assert_eq!(servers, ["primary:3307", "replica:3306", "::1:3308"]);
+        assert!(i.servers().iter().all(|s| s.user == "cdc" && s.database.as_deref() == Some("shop")));
+        assert!(ConnInfo::from_url("mysql://u@a:1,/db").is_err(), "an empty host is refused");
     }
 
     #[test]

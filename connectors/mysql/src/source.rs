@@ -131,9 +131,27 @@ impl Reconnecting for Session<'_> {
 }
 
 impl MysqlSource {
+    /// The first server of the URL that answers (a host list finds a promoted replica by itself).
+    async fn pick_server(&self) -> Result<(ConnInfo, mysql_async::Conn), MyError> {
+        let mut last = None;
+        for (i, server) in self.info.servers().into_iter().enumerate() {
+            match catalog::connect(&server).await {
+                Ok(conn) => {
+                    if i > 0 {
+                        warn!(server = %server.addr(), "the servers before it in source.url did not answer: using this one");
+                    }
+                    return Ok((server, conn));
+                }
+                Err(e) if e.is_transient() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| MyError::Url { detail: "names no server".into() }))
+    }
+
     async fn stream(&self, ctx: &mut SourceContext, state: &mut StreamState) -> Result<(), MyError> {
         state.streamed_since_connect = false;
-        let mut catalog = catalog::connect(&self.info).await?;
+        let (info, mut catalog) = self.pick_server().await?;
         let facts = catalog::server_facts(&mut catalog).await?;
         catalog::required_settings(&facts)?;
         if facts.server_id == self.config.server_id {
@@ -148,7 +166,7 @@ impl MysqlSource {
             state.collations = catalog::collations(&mut catalog, facts.flavor).await?;
         }
         state.flavor = facts.flavor;
-        if !self.snapshot_if_due(ctx, state, &mut catalog, &facts).await? {
+        if !self.snapshot_if_due(ctx, state, &info, &mut catalog, &facts).await? {
             return Ok(());
         }
         let (start, from_checkpoint) = match state.restart_position() {
@@ -157,6 +175,10 @@ impl MysqlSource {
         };
         if from_checkpoint && let Err(message) = catalog::position_available(&mut catalog, &facts, &start).await? {
             return Err(MyError::PositionPurged { position: start.to_string(), message });
+        }
+        // After a failover the server must hold everything delivered so far.
+        if from_checkpoint && let Err(message) = catalog::has_checkpoint(&mut catalog, &facts, &start).await? {
+            return Err(MyError::ServerBehind { server: info.addr(), position: start.to_string(), message });
         }
         let Position::Mysql { file, pos, gtids } = &start else {
             return Err(MyError::Protocol(format!(
@@ -193,8 +215,8 @@ impl MysqlSource {
             // ALTER TABLE that followed that row (DDL events refresh them later on).
             state.catalog = catalog::all_columns(&mut catalog, state.database.as_deref()).await?;
         }
-        let mut conn = ReplicationConnection::connect(&self.info, self.config.connect_timeout).await?;
-        let classify = |e| classify(e, &self.info.user, self.config.server_id, &start);
+        let mut conn = ReplicationConnection::connect(&info, self.config.connect_timeout).await?;
+        let classify = |e| classify(e, &info.user, self.config.server_id, &start);
         self.prepare_dump(&mut conn, &facts, &from, state).await.map_err(classify)?;
         conn.register(self.config.server_id, &label).await.map_err(classify)?;
         let flags =
@@ -335,6 +357,7 @@ impl MysqlSource {
         &self,
         ctx: &mut SourceContext,
         state: &mut StreamState,
+        info: &ConnInfo,
         catalog: &mut mysql_async::Conn,
         facts: &ServerFacts,
     ) -> Result<bool, MyError> {
@@ -349,7 +372,7 @@ impl MysqlSource {
         }
         let Some(progress) = &mut state.snapshot else { return Ok(true) };
         let job = SnapshotJob {
-            info: &self.info,
+            info,
             facts,
             database: state.database.as_deref(),
             tables: state.tables_filter.as_ref(),

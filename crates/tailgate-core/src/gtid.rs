@@ -188,6 +188,11 @@ impl MariadbGtidList {
     pub fn get(&self, domain: u32) -> Option<(u32, u64)> {
         self.domains.get(&domain).copied()
     }
+
+    /// `(domain, server_id, seq)` per domain, in domain order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32, u64)> + '_ {
+        self.domains.iter().map(|(d, (s, q))| (*d, *s, *q))
+    }
 }
 
 impl fmt::Display for MariadbGtidList {

@@ -294,3 +294,103 @@ async fn mariadb_standby_takes_over_without_loss() {
 async fn mysql_standby_takes_over_without_loss() {
     ha_suite(Engine::Mysql).await;
 }
+
+/// Runs `scripts/services.sh <args>`.
+fn services(args: &[&str]) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
+    let out = std::process::Command::new("bash").arg(&script).args(args).output().unwrap();
+    assert!(out.status.success(), "services.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Puts the MySQL servers back as the other tests expect them, whatever happens: the primary
+/// running on 3307, no replica.
+struct RestoreMysql;
+
+impl Drop for RestoreMysql {
+    fn drop(&mut self) {
+        services(&["mysql"]);
+        services(&["mysql-replica-stop"]);
+    }
+}
+
+/// Polls `sql` on `url` until it returns 1.
+async fn until_one(url: &str, sql: &str, timeout: Duration) {
+    use mysql_async::prelude::Queryable;
+    let deadline = Instant::now() + Duration::from_secs(timeout.as_secs());
+    loop {
+        if let Ok(mut conn) = mysql_async::Conn::new(mysql_async::Opts::from_url(url).unwrap()).await
+            && conn.query_first::<i64, _>(sql).await.ok().flatten() == Some(1)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{sql} on {url} never returned 1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// MySQL failover with GTIDs: the primary stops mid-stream, its replica is promoted, and tailgate
+/// (with both in its host list) goes on from the replica by GTID set with nothing lost and nothing
+/// twice. A replica that lags behind the checkpoint is refused, naming why.
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_failover_to_a_promoted_replica_loses_nothing() {
+    use mysql_async::prelude::Queryable;
+    let _lock = server_lock(Server::Mysql).write().await;
+    services(&["mysql-replica-start"]);
+    let _restore = RestoreMysql;
+    let primary = Server::Mysql.admin_url();
+    let replica = "mysql://root@127.0.0.1:3308".to_owned();
+    let mut db = MyDb::new(Server::Mysql, "failover").await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    until_one(
+        &replica,
+        &format!("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}'", db.name),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let dir = scratch("failover_my");
+    let url = format!("mysql://root@127.0.0.1:3307,127.0.0.1:3308/{}", db.name);
+    let cfg = my_config(&db.name, &url, &dir, "snapshot = \"never\"", &stdout_sink(), "");
+    let mut tg = Tailgate::start(&dir, &cfg);
+    tg.wait_streaming().await;
+    for batch in 0..10 {
+        let values: Vec<String> = (batch * 50 + 1..=batch * 50 + 50).map(|i| format!("({i})")).collect();
+        db.exec(&format!("INSERT INTO t VALUES {}", values.join(","))).await;
+    }
+    wait_stdout(&mut tg, 500, Duration::from_secs(30)).await;
+    // The replica has everything, then the primary goes away and the replica is promoted.
+    let executed: String = db.conn.query_first("SELECT @@GLOBAL.gtid_executed").await.unwrap().unwrap();
+    until_one(&replica, &format!("SELECT GTID_SUBSET('{executed}', @@GLOBAL.gtid_executed)"), Duration::from_secs(30))
+        .await;
+    tailgate_e2e::mysql::admin(Server::Mysql, "SHUTDOWN").await;
+    let mut promoted =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&format!("{replica}/{}", db.name)).unwrap()).await.unwrap();
+    promoted.query_drop("STOP REPLICA; RESET REPLICA ALL").await.unwrap();
+    for batch in 10..20 {
+        let values: Vec<String> = (batch * 50 + 1..=batch * 50 + 50).map(|i| format!("({i})")).collect();
+        promoted.query_drop(format!("INSERT INTO t VALUES {}", values.join(","))).await.unwrap();
+    }
+    tg.wait_for_log("using this one", Duration::from_secs(60)).await;
+    let records = wait_stdout(&mut tg, 1000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = if records.len() > 1000 { records } else { stdout_records(&tg.stdout) };
+    let ids: BTreeSet<i64> = records.iter().filter_map(|r| r["value"]["after"]["id"].as_i64()).collect();
+    assert_eq!(ids.len(), 1000, "every row, from both servers");
+    assert_eq!(records.len(), 1000, "nothing twice across the failover");
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+
+    // The checkpoint now holds the promoted server's transactions: the old primary (back, without
+    // them) is refused, naming why.
+    services(&["mysql"]);
+    let old_only =
+        my_config(&db.name, &format!("{primary}/{}", db.name), &dir, "snapshot = \"never\"", &stdout_sink(), "");
+    let mut tg = Tailgate::start(&dir, &old_only);
+    let status = tg.wait_exit(Duration::from_secs(60)).await;
+    let log = tg.log_text();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(log.contains("has not executed everything the stored checkpoint"), "{log}");
+    drop(promoted);
+    db.conn = tailgate_e2e::mysql::connect(&primary).await;
+    db.drop().await;
+}
