@@ -264,9 +264,19 @@ impl ReplicationConnection {
     /// Creates a logical slot with the pgoutput plugin; returns its consistent point and, with
     /// `export`, the name of a snapshot of the database at exactly that point. The snapshot stays
     /// usable until this connection runs its next command.
-    pub async fn create_slot(&mut self, slot: &str, export: bool) -> Result<(Lsn, Option<String>), PgError> {
-        let mode = if export { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {mode}", quote_ident(slot));
+    /// Creates the slot; `export` exports a snapshot for the initial read; `failover` (PostgreSQL
+    /// 17+) makes the slot one that a physical standby keeps in sync, so that it survives a
+    /// failover of the server.
+    pub async fn create_slot(
+        &mut self,
+        slot: &str,
+        export: bool,
+        failover: bool,
+    ) -> Result<(Lsn, Option<String>), PgError> {
+        let snapshot = if export { "'export'" } else { "'nothing'" };
+        let failover = if failover { ", FAILOVER true" } else { "" };
+        let sql =
+            format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT {snapshot}{failover})", quote_ident(slot));
         let rows = self.simple_query(&sql, "CREATE_REPLICATION_SLOT").await?;
         let row = rows.first().ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
         let consistent = row

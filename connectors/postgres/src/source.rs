@@ -194,6 +194,9 @@ impl PostgresSource {
         let (_system_id, server_lsn) = conn.identify_system().await?;
         let catalog_client = catalog::connect(&self.info).await?;
         let existing = catalog::slot_state(&catalog_client, &self.config.slot).await?;
+        // PostgreSQL 17+ keeps FAILOVER slots on its physical standbys: a promoted standby has it.
+        let version: String = catalog_client.query_one("SHOW server_version_num", &[]).await?.get(0);
+        state.failover_slots = version.parse::<u32>().is_ok_and(|v| v >= 170_000);
         if let Some(snapshot) = self.plan_snapshot(&mut conn, &existing, state).await? {
             let (exported, consistent, mut progress) = snapshot;
             let tables = self.config.tables.predicate();
@@ -352,7 +355,7 @@ impl PostgresSource {
                 // snapshot): what it held is lost to us, so a new snapshot must cover it.
                 SnapshotMode::WhenNeeded => true,
             };
-            let (consistent, exported) = conn.create_slot(&self.config.slot, wants).await?;
+            let (consistent, exported) = conn.create_slot(&self.config.slot, wants, state.failover_slots).await?;
             info!(slot = %self.config.slot, consistent_point = %consistent, "replication slot created");
             if !wants {
                 return Ok(None);

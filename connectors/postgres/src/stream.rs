@@ -64,6 +64,8 @@ pub(crate) struct StreamState {
     /// An interrupted snapshot to resume (from the offsets file).
     pub(crate) snapshot_progress: Option<SnapshotProgress>,
     pub(crate) snapshot_done: bool,
+    /// The server keeps FAILOVER slots on its standbys (PostgreSQL 17+): new slots are created so.
+    pub(crate) failover_slots: bool,
 }
 
 impl StreamState {
@@ -84,6 +86,7 @@ impl StreamState {
             ever_streamed: false,
             snapshot_progress: None,
             snapshot_done: false,
+            failover_slots: false,
         }
     }
 
