@@ -168,7 +168,8 @@ impl StreamState {
                     self.batcher.begin(final_lsn);
                 }
                 self.in_transaction = true;
-                self.txn = Some(Transaction { xid, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_MICROS, skip });
+                self.txn =
+                    Some(Transaction { xid, commit_ts_us: commit_ts.saturating_add(PG_EPOCH_OFFSET_MICROS), skip });
             }
             PgOutput::Commit { commit_lsn, end_lsn, .. } => {
                 let skipped = self.txn.take().is_some_and(|t| t.skip);

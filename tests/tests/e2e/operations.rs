@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde::Deserialize as _;
 use tailgate_e2e::*;
 
 async fn wait_http(port: u16, path: &str, want: u16, timeout: Duration) -> String {
@@ -267,4 +268,52 @@ async fn http_endpoint_caps_connections_and_drops_slow_clients() {
     }
     drop(idle);
     s.finish(tg).await;
+}
+
+/// The Kubernetes example deploys a working high-availability pair: two replicas, probes on
+/// /health and /ready at the port the config listens on, the shared offsets store and `[ha]`,
+/// every secret read from a file of the mounted Secret, and a config tailgate accepts.
+#[test]
+fn kubernetes_manifests_are_consistent() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let text = std::fs::read_to_string(root.join("examples/kubernetes/tailgate.yaml")).unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("valid YAML"))
+        .collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k}"));
+    let (secret, config_map, deployment) = (kind("Secret"), kind("ConfigMap"), kind("Deployment"));
+    let spec = &deployment["spec"];
+    assert!(spec["replicas"].as_u64().unwrap() >= 2, "a standby needs a second replica");
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/health");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+
+    let config_text = config_map["data"]["tailgate.toml"].as_str().unwrap();
+    let config: toml::Value = toml::from_str(config_text).expect("the embedded config is TOML");
+    assert!(config["http"]["listen"].as_str().unwrap().ends_with(&format!(":{port}")), "probes hit the http port");
+    assert_eq!(config["offsets"]["store"].as_str(), Some("database"), "standbys share the checkpoints");
+    assert!(config.get("ha").is_some(), "[ha] is on");
+    // Config and secrets are mounted where the container reads them.
+    let mounts: Vec<(&str, &str)> = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["mountPath"].as_str().unwrap()))
+        .collect();
+    let config_path = container["args"].as_sequence().unwrap().last().unwrap().as_str().unwrap();
+    let (config_dir, config_file) = config_path.rsplit_once('/').unwrap();
+    assert!(mounts.contains(&("config", config_dir)) && config_file == "tailgate.toml", "{mounts:?} {config_path}");
+    let secret_dir = mounts.iter().find(|(n, _)| *n == "secrets").expect("secrets mounted").1;
+    let mut files = 0;
+    for reference in config_text.split("${file:").skip(1) {
+        let path = reference.split('}').next().unwrap();
+        let (dir, key) = path.rsplit_once('/').unwrap();
+        assert_eq!(dir, secret_dir, "{path} is not in the mounted Secret");
+        assert!(secret["stringData"].get(key).is_some(), "the Secret has no key {key}");
+        files += 1;
+    }
+    assert!(files >= 1, "secrets come from files");
+    assert!(!config_text.contains("change-me"), "no secret in the ConfigMap");
 }
