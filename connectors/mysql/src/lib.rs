@@ -12,6 +12,8 @@ pub mod binlog;
 pub mod catalog;
 pub mod check;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;

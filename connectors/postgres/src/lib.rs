@@ -10,6 +10,8 @@
 pub mod catalog;
 pub mod check;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
