@@ -99,6 +99,9 @@ pub enum ReplicationMessage {
     Keepalive { wal_end: u64, reply_requested: bool },
 }
 
+/// Room made in the read buffer before a read.
+const READ_RESERVE: usize = 256 * 1024;
+
 /// A backend frame: tag and body (without the length).
 pub(crate) struct Frame {
     pub(crate) tag: u8,
@@ -302,7 +305,7 @@ impl ReplicationConnection {
     /// Reads more bytes from the socket. Cancel-safe: bytes read are kept in the buffer.
     pub async fn fill(&mut self) -> Result<(), PgError> {
         if self.inbuf.capacity() - self.inbuf.len() < 64 * 1024 {
-            self.inbuf.reserve(256 * 1024);
+            self.inbuf.reserve(READ_RESERVE);
         }
         let n = self.reader.read_buf(&mut self.inbuf).await.map_err(PgError::ConnectionLost)?;
         if n == 0 {
@@ -457,7 +460,11 @@ pub(crate) fn split_frame(inbuf: &mut BytesMut) -> Result<Option<Frame>, PgError
         return Err(PgError::Protocol(format!("invalid frame length {len}")));
     }
     if inbuf.len() < len + 1 {
-        inbuf.reserve(len + 1 - inbuf.len());
+        // Room for the rest of the frame, but no more than the bytes already buffered (or one
+        // read's worth): the length is only a header field, so the buffer grows with the bytes
+        // that really arrive (geometrically), never at once to what a corrupt length claims.
+        let missing = len + 1 - inbuf.len();
+        inbuf.reserve(missing.min(inbuf.len().max(READ_RESERVE)));
         return Ok(None);
     }
     let mut frame = inbuf.split_to(len + 1).freeze();
@@ -602,6 +609,28 @@ mod tests {
                 ] if data.as_ref() == b"B..."
             ));
         }
+    }
+
+    /// Found by the `replication_packets` fuzz target: a frame header claiming about 1 GiB made the
+    /// buffer reserve all of it before a byte of the body had arrived (an out-of-memory report
+    /// under the fuzzer's 512 MiB allocation limit; 4 GiB at most from a 5-byte header).
+    #[test]
+    fn a_frame_length_does_not_reserve_what_it_claims() {
+        // The frame at the start of the input libFuzzer reported (after the target's read-size
+        // byte): tag 0x0d, length 0x49000000.
+        let mut inbuf = BytesMut::from(&b"\x0d\x49\x00\x00\x00\x0a\x39\x2e"[..]);
+        assert!(split_frame(&mut inbuf).unwrap().is_none());
+        assert!(inbuf.capacity() <= 2 * READ_RESERVE, "reserved {}", inbuf.capacity());
+        let mut inbuf = BytesMut::from(&b"d\xff\xff\xff\xff"[..]);
+        assert!(split_frame(&mut inbuf).unwrap().is_none());
+        assert!(inbuf.capacity() <= 2 * READ_RESERVE, "reserved {}", inbuf.capacity());
+        // As bytes arrive, the buffer grows with them.
+        for _ in 0..64 {
+            inbuf.extend_from_slice(&[0; 4096]);
+            assert!(split_frame(&mut inbuf).unwrap().is_none());
+            assert!(inbuf.capacity() <= 4 * inbuf.len() + 2 * READ_RESERVE);
+        }
+        assert!(split_frame(&mut BytesMut::from(&b"d\0\0\0\x03"[..])).is_err(), "a length under 4");
     }
 
     #[test]
