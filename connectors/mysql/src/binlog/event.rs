@@ -473,6 +473,14 @@ fn parse_rows(body: &[u8], type_code: u8, post_header_len: usize) -> Result<Rows
         None
     };
     let data = if compressed { Cow::Owned(inflate(c.rest(), "compressed rows")?) } else { Cow::Borrowed(c.rest()) };
+    // An image of no column takes no bytes: data after such bitmaps can never be read, and a reader
+    // taking images until the data is used up would never finish.
+    if !data.is_empty() && present.count_ones() == 0 && present_after.is_none_or(|after| after.count_ones() == 0) {
+        return Err(DecodeError::Invalid(format!(
+            "rows event with {} bytes of rows but no column in them",
+            data.len()
+        )));
+    }
     Ok(Rows { kind, table_id, flags, column_count, present, present_after, data })
 }
 
@@ -751,6 +759,28 @@ mod tests {
         assert_eq!(initial_capacity(100, 4096), 100);
         // MariaDB: 0x84 and a four-byte length of 1 GiB, then a few bytes that are not zlib.
         assert!(inflate(&[0x84, 0x40, 0, 0, 0, 0x78, 0x9C, 0x03], "test").is_err());
+    }
+
+    /// Found by the `binlog_event` fuzz target (a hang): a rows event whose bitmaps name no column
+    /// has images of zero bytes, so the source's loop (`while !c.is_empty()`, one image per turn)
+    /// never used up the row data. Such an event is an error now.
+    #[test]
+    fn rows_with_data_but_no_column_are_errors() {
+        for (type_code, bitmaps) in [(kind::WRITE_ROWS_V1, 1), (kind::UPDATE_ROWS_V1, 2), (kind::DELETE_ROWS_V1, 1)] {
+            let mut body = vec![0x1B, 0, 0, 0, 0, 0, 0x01, 0x00]; // table id 27, STMT_END
+            body.push(3); // 3 columns
+            body.extend(std::iter::repeat_n(0x00, bitmaps)); // none present
+            body.extend_from_slice(&[0xAA; 12]);
+            let bytes = event(type_code, &body, 0, true);
+            assert!(matches!(parse(&bytes, &fde(), true), Err(DecodeError::Invalid(_))), "type {type_code}");
+        }
+        // Zero columns, or no data, are still fine; so is an update whose after image is empty.
+        let mut body = vec![0x1B, 0, 0, 0, 0, 0, 0x01, 0x00, 0];
+        assert!(parse(&event(kind::WRITE_ROWS_V1, &body, 0, true), &fde(), true).is_ok());
+        body.extend_from_slice(&[0x01]);
+        assert!(parse(&event(kind::WRITE_ROWS_V1, &body, 0, true), &fde(), true).is_err());
+        let body = [0x1B, 0, 0, 0, 0, 0, 0x01, 0x00, 1, 0x01, 0x00, 0x00, 0x07];
+        assert!(parse(&event(kind::UPDATE_ROWS_V1, &body, 0, true), &fde(), true).is_ok());
     }
 
     #[test]
