@@ -18,6 +18,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod ha;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;

@@ -171,11 +171,7 @@ pub enum Packet<'a> {
 
 pub struct ReplicationConnection {
     stream: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// Payloads split over several packets are joined here.
-    joined: Vec<u8>,
+    packets: PacketBuffer,
     seq: u8,
     pub server_version: String,
     pub connection_id: u32,
@@ -191,10 +187,7 @@ impl ReplicationConnection {
         let _ = stream.set_nodelay(true);
         let mut conn = ReplicationConnection {
             stream,
-            buf: vec![0; 256 * 1024],
-            start: 0,
-            end: 0,
-            joined: Vec::new(),
+            packets: PacketBuffer::new(),
             seq: 0,
             server_version: String::new(),
             connection_id: 0,
@@ -256,11 +249,7 @@ impl ReplicationConnection {
                 }
                 // Auth switch: the server wants another plugin (and gives a new nonce).
                 Some(0xFE) => {
-                    let mut c = Cursor::new(&reply[1..]);
-                    let name_end = c.rest().iter().position(|&b| b == 0).unwrap_or(c.remaining());
-                    plugin = String::from_utf8_lossy(&c.rest()[..name_end]).into_owned();
-                    let _ = c.take(name_end + 1, "plugin");
-                    nonce = c.rest().strip_suffix(&[0]).unwrap_or(c.rest()).to_vec();
+                    (plugin, nonce) = parse_auth_switch(&reply);
                     let response = auth_response(&plugin, &nonce, &info.password)?;
                     self.write_packet(&response).await?;
                 }
@@ -363,6 +352,75 @@ impl ReplicationConnection {
     /// The next complete packet already read, if any; never waits. Use [`ReplicationConnection::fill`]
     /// to read more.
     pub fn next_event(&mut self) -> Result<Option<Packet<'_>>, MyError> {
+        self.packets.next_event()
+    }
+
+    /// Whether a complete packet is waiting in the buffer.
+    pub fn has_buffered_packet(&self) -> bool {
+        self.packets.has_complete_packet()
+    }
+
+    /// Reads more bytes from the socket (waits until some arrive).
+    pub async fn fill(&mut self) -> Result<(), MyError> {
+        let n = self.stream.read(self.packets.spare()).await.map_err(MyError::ConnectionLost)?;
+        if n == 0 {
+            return Err(MyError::ConnectionLost(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.packets.filled(n);
+        Ok(())
+    }
+
+    /// Shrinks the read buffer back after a burst of very large events.
+    pub fn trim_buffer(&mut self) {
+        self.packets.trim();
+    }
+
+    pub async fn close(mut self) {
+        self.seq = 0;
+        let _ = self.write_packet(&[COM_QUIT]).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    async fn read_packet_owned(&mut self) -> Result<Vec<u8>, MyError> {
+        loop {
+            if let Some((seq, out)) = self.packets.next_owned()? {
+                self.seq = seq.wrapping_add(1);
+                return Ok(out);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn write_packet(&mut self, payload: &[u8]) -> Result<(), MyError> {
+        let mut out = Vec::with_capacity(payload.len() + 4);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+        out.push(self.seq);
+        self.seq = self.seq.wrapping_add(1);
+        out.extend_from_slice(payload);
+        self.stream.write_all(&out).await.map_err(MyError::ConnectionLost)
+    }
+}
+
+/// Packets read from the server and not yet handed out, in one buffer: bytes are read into
+/// [`PacketBuffer::spare`], then complete packets are taken from the front. No I/O. A packet is
+/// handed out only once all its bytes (and, for a payload split over several packets, all its
+/// pieces) have arrived; the buffer only grows for a packet that has started to arrive, by at most
+/// what its header announces (16 MiB per piece).
+pub(crate) struct PacketBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Payloads split over several packets are joined here.
+    joined: Vec<u8>,
+}
+
+impl PacketBuffer {
+    pub(crate) fn new() -> Self {
+        PacketBuffer { buf: vec![0; 256 * 1024], start: 0, end: 0, joined: Vec::new() }
+    }
+
+    /// The next complete packet of the binlog stream, if any.
+    pub(crate) fn next_event(&mut self) -> Result<Option<Packet<'_>>, MyError> {
         let Some((payload_start, payload_len, total)) = self.complete_payload() else { return Ok(None) };
         let payload: &[u8] = if total == 0 {
             let p = payload_start;
@@ -391,6 +449,19 @@ impl ReplicationConnection {
         }
     }
 
+    /// The next complete packet of the handshake or of a command's reply, with its sequence id;
+    /// a split payload is an error there.
+    pub(crate) fn next_owned(&mut self) -> Result<Option<(u8, Vec<u8>)>, MyError> {
+        let Some((start, len, total)) = self.complete_payload() else { return Ok(None) };
+        if total > 0 {
+            return Err(MyError::Protocol("split packet during the handshake".into()));
+        }
+        let seq = self.buf[start - 1];
+        let out = self.buf[start..start + len].to_vec();
+        self.start = start + len;
+        Ok(Some((seq, out)))
+    }
+
     /// Whether a complete packet is buffered: (payload start, length, extra bytes of continuation
     /// packets) for a single packet; for a split payload, `total` is its joined length.
     fn complete_payload(&self) -> Option<(usize, usize, usize)> {
@@ -415,13 +486,12 @@ impl ReplicationConnection {
         if pieces == 1 { Some((self.start + 4, total, 0)) } else { Some((self.start + 4, 0, total)) }
     }
 
-    /// Whether a complete packet is waiting in the buffer.
-    pub fn has_buffered_packet(&self) -> bool {
+    pub(crate) fn has_complete_packet(&self) -> bool {
         self.complete_payload().is_some()
     }
 
-    /// Reads more bytes from the socket (waits until some arrive).
-    pub async fn fill(&mut self) -> Result<(), MyError> {
+    /// Where to read more bytes to (never empty); report how many with [`PacketBuffer::filled`].
+    pub(crate) fn spare(&mut self) -> &mut [u8] {
         // Make room: move the unread tail to the front, grow for packets larger than the buffer.
         if self.start > 0 && (self.end == self.start || self.start > self.buf.len() / 2) {
             self.buf.copy_within(self.start..self.end, 0);
@@ -433,16 +503,16 @@ impl ReplicationConnection {
             let new_len = (self.buf.len() * 2).max(need + self.end - self.start);
             self.buf.resize(new_len, 0);
         }
-        let n = self.stream.read(&mut self.buf[self.end..]).await.map_err(MyError::ConnectionLost)?;
-        if n == 0 {
-            return Err(MyError::ConnectionLost(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        self.end += n;
-        Ok(())
+        &mut self.buf[self.end..]
     }
 
-    /// Shrinks the read buffer back after a burst of very large events.
-    pub fn trim_buffer(&mut self) {
+    /// `n` bytes were read into [`PacketBuffer::spare`].
+    pub(crate) fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Shrinks the buffer back after a burst of very large events.
+    pub(crate) fn trim(&mut self) {
         const NORMAL: usize = 256 * 1024;
         if self.buf.len() > 4 * NORMAL && self.end - self.start < NORMAL {
             self.buf.copy_within(self.start..self.end, 0);
@@ -453,37 +523,16 @@ impl ReplicationConnection {
             self.joined = Vec::new();
         }
     }
+}
 
-    pub async fn close(mut self) {
-        self.seq = 0;
-        let _ = self.write_packet(&[COM_QUIT]).await;
-        let _ = self.stream.shutdown().await;
-    }
-
-    async fn read_packet_owned(&mut self) -> Result<Vec<u8>, MyError> {
-        loop {
-            if let Some((start, len, total)) = self.complete_payload() {
-                if total > 0 {
-                    return Err(MyError::Protocol("split packet during the handshake".into()));
-                }
-                let seq = self.buf[start - 1];
-                self.seq = seq.wrapping_add(1);
-                let out = self.buf[start..start + len].to_vec();
-                self.start = start + len;
-                return Ok(out);
-            }
-            self.fill().await?;
-        }
-    }
-
-    async fn write_packet(&mut self, payload: &[u8]) -> Result<(), MyError> {
-        let mut out = Vec::with_capacity(payload.len() + 4);
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
-        out.push(self.seq);
-        self.seq = self.seq.wrapping_add(1);
-        out.extend_from_slice(payload);
-        self.stream.write_all(&out).await.map_err(MyError::ConnectionLost)
-    }
+/// An auth switch request (`0xFE`, plugin name, NUL, nonce): the plugin and the new nonce.
+pub(crate) fn parse_auth_switch(reply: &[u8]) -> (String, Vec<u8>) {
+    let mut c = Cursor::new(reply.get(1..).unwrap_or_default());
+    let name_end = c.rest().iter().position(|&b| b == 0).unwrap_or(c.remaining());
+    let plugin = String::from_utf8_lossy(&c.rest()[..name_end]).into_owned();
+    let _ = c.take(name_end + 1, "plugin");
+    let nonce = c.rest().strip_suffix(&[0]).unwrap_or(c.rest()).to_vec();
+    (plugin, nonce)
 }
 
 fn le24(b: &[u8]) -> usize {
@@ -491,7 +540,7 @@ fn le24(b: &[u8]) -> usize {
 }
 
 /// The server's first packet.
-struct Greeting {
+pub(crate) struct Greeting {
     server_version: String,
     connection_id: u32,
     capabilities: u32,
@@ -500,7 +549,7 @@ struct Greeting {
 }
 
 impl Greeting {
-    fn parse(p: &[u8]) -> Result<Greeting, MyError> {
+    pub(crate) fn parse(p: &[u8]) -> Result<Greeting, MyError> {
         let bad = |what: &str| MyError::Protocol(format!("malformed server greeting ({what})"));
         let mut c = Cursor::new(p);
         let version = c.u8("protocol version").map_err(|_| bad("version"))?;
@@ -569,7 +618,7 @@ fn rsa_encrypt_password(password: &str, nonce: &[u8], pem: &[u8]) -> Result<Vec<
         .map_err(|_| MyError::Protocol("the server's RSA public key could not be read".into()))
 }
 
-fn server_error(p: &[u8], during: &'static str) -> MyError {
+pub(crate) fn server_error(p: &[u8], during: &'static str) -> MyError {
     let mut c = Cursor::new(p.get(1..).unwrap_or_default());
     let code = c.u16("error code").unwrap_or(0);
     let mut state = String::new();
@@ -635,6 +684,85 @@ mod tests {
         assert_eq!(&data[40..48], &6u64.to_le_bytes());
         assert_eq!(&data[48..56], &7u64.to_le_bytes());
         assert_eq!(&data[56..64], &8u64.to_le_bytes());
+    }
+
+    fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+        out.push(seq);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Feeds `bytes` in reads of `read` bytes; returns the events (and `None` for ends) handed out.
+    fn stream(bytes: &[u8], read: usize) -> Result<Vec<Option<Vec<u8>>>, MyError> {
+        let mut packets = PacketBuffer::new();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(read) {
+            let mut chunk = chunk;
+            while !chunk.is_empty() {
+                let spare = packets.spare();
+                let n = spare.len().min(chunk.len());
+                spare[..n].copy_from_slice(&chunk[..n]);
+                packets.filled(n);
+                chunk = &chunk[n..];
+            }
+            while let Some(p) = packets.next_event()? {
+                out.push(match p {
+                    Packet::Event(e) => Some(e.to_vec()),
+                    Packet::End => None,
+                });
+            }
+            packets.trim();
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn packets_are_handed_out_whole_whatever_the_reads() {
+        let big = vec![7u8; MAX_PACKET + 10];
+        let mut event = vec![0x00];
+        event.extend_from_slice(&big);
+        let mut bytes = packet(1, &[0x00, 1, 2, 3]);
+        // A payload of 16 MiB + 10 bytes: a full packet, then the rest.
+        bytes.extend_from_slice(&packet(2, &event[..MAX_PACKET]));
+        bytes.extend_from_slice(&packet(3, &event[MAX_PACKET..]));
+        bytes.extend_from_slice(&packet(4, &[0xFE, 0, 0, 2, 0]));
+        for read in [3, 4096, 1 << 20, bytes.len()] {
+            let events = stream(&bytes, read).unwrap();
+            assert_eq!(events.len(), 3, "reads of {read}");
+            assert_eq!(events[0].as_deref(), Some(&[1u8, 2, 3][..]));
+            assert_eq!(events[1].as_deref(), Some(&big[..]));
+            assert_eq!(events[2], None);
+        }
+        let error = stream(&packet(1, b"\xff\x15\x04#28000Access denied"), 5).unwrap_err();
+        assert!(matches!(error, MyError::Server { code: 1045, ref state, .. } if state == "28000"), "{error:?}");
+        assert!(stream(&packet(1, b"\x07"), 64).is_err(), "neither an event nor an end");
+    }
+
+    #[test]
+    fn handshake_packets_carry_their_sequence_and_may_not_be_split() {
+        let mut packets = PacketBuffer::new();
+        let mut bytes = packet(0, b"\x0a9.7.4\0");
+        bytes.extend_from_slice(&packet(1, &vec![0; MAX_PACKET]));
+        bytes.extend_from_slice(&packet(2, b""));
+        let mut at = 0;
+        while at < bytes.len() {
+            let spare = packets.spare();
+            let n = spare.len().min(bytes.len() - at);
+            spare[..n].copy_from_slice(&bytes[at..at + n]);
+            packets.filled(n);
+            at += n;
+        }
+        assert_eq!(packets.next_owned().unwrap(), Some((0, b"\x0a9.7.4\0".to_vec())));
+        assert!(packets.next_owned().is_err());
+    }
+
+    #[test]
+    fn auth_switch_names_the_plugin_and_the_new_nonce() {
+        let (plugin, nonce) = parse_auth_switch(b"\xfemysql_native_password\0abcdefghijklmnopqrst\0");
+        assert_eq!((plugin.as_str(), nonce.as_slice()), ("mysql_native_password", &b"abcdefghijklmnopqrst"[..]));
+        assert_eq!(parse_auth_switch(b"\xfe"), (String::new(), Vec::new()));
+        assert_eq!(parse_auth_switch(b"\xfeplugin").0, "plugin");
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl ColumnType {
     }
 
     /// A short name for error messages.
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self.real {
             ft::TINY => "tinyint",
             ft::SHORT => "smallint",

@@ -18,6 +18,8 @@ pub mod engine;
 pub mod error;
 pub mod geometry;
 pub mod ha;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;

@@ -99,10 +99,13 @@ pub enum ReplicationMessage {
     Keepalive { wal_end: u64, reply_requested: bool },
 }
 
+/// Room made in the read buffer before a read.
+const READ_RESERVE: usize = 256 * 1024;
+
 /// A backend frame: tag and body (without the length).
-struct Frame {
-    tag: u8,
-    body: Bytes,
+pub(crate) struct Frame {
+    pub(crate) tag: u8,
+    pub(crate) body: Bytes,
 }
 
 pub struct ReplicationConnection {
@@ -158,24 +161,16 @@ impl ReplicationConnection {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'R' => {
-                    let mut body = frame.body;
-                    let code = get_i32(&mut body)?;
-                    match code {
-                        0 => return Ok(()),
-                        3 => {
+                    match AuthRequest::parse(frame.body)? {
+                        AuthRequest::Ok => return Ok(()),
+                        AuthRequest::Cleartext => {
                             frontend::password_message(password()?.as_bytes(), &mut self.out).map_err(protocol)?;
                         }
-                        5 => {
-                            let mut salt = [0u8; 4];
-                            if body.remaining() < 4 {
-                                return Err(PgError::Protocol("short MD5 salt".into()));
-                            }
-                            body.copy_to_slice(&mut salt);
+                        AuthRequest::Md5 { salt } => {
                             let hash = md5_hash(info.user.as_bytes(), password()?.as_bytes(), salt);
                             frontend::password_message(hash.as_bytes(), &mut self.out).map_err(protocol)?;
                         }
-                        10 => {
-                            let mechanisms = split_cstrs(&body);
+                        AuthRequest::Sasl { mechanisms } => {
                             if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
                                 return Err(PgError::UnsupportedAuth { method: "SASL without SCRAM-SHA-256" });
                             }
@@ -184,24 +179,20 @@ impl ReplicationConnection {
                                 .map_err(protocol)?;
                             scram = Some(s);
                         }
-                        11 => {
+                        AuthRequest::SaslContinue(body) => {
                             let s =
                                 scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue before start".into()))?;
                             s.update(&body)
                                 .map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
                             frontend::sasl_response(s.message(), &mut self.out).map_err(protocol)?;
                         }
-                        12 => {
+                        AuthRequest::SaslFinal(body) => {
                             let s =
                                 scram.as_mut().ok_or_else(|| PgError::Protocol("SASL final before start".into()))?;
                             s.finish(&body)
                                 .map_err(|e| PgError::Auth { user: info.user.clone(), message: e.to_string() })?;
                             continue;
                         }
-                        2 => return Err(PgError::UnsupportedAuth { method: "Kerberos V5" }),
-                        7 | 8 => return Err(PgError::UnsupportedAuth { method: "GSSAPI" }),
-                        9 => return Err(PgError::UnsupportedAuth { method: "SSPI" }),
-                        other => return Err(PgError::Protocol(format!("unknown authentication request {other}"))),
                     }
                     self.flush_out().await?;
                 }
@@ -314,37 +305,9 @@ impl ReplicationConnection {
     /// The next replication message already buffered, without I/O.
     pub fn try_next(&mut self) -> Result<Option<ReplicationMessage>, PgError> {
         loop {
-            let Some(frame) = self.try_frame()? else { return Ok(None) };
-            match frame.tag {
-                b'd' => {
-                    let mut body = frame.body;
-                    match get_u8(&mut body)? {
-                        b'w' => {
-                            let wal_start = get_u64(&mut body)?;
-                            let wal_end = get_u64(&mut body)?;
-                            let _send_time = get_u64(&mut body)?;
-                            return Ok(Some(ReplicationMessage::XLogData { wal_start, wal_end, data: body }));
-                        }
-                        b'k' => {
-                            let wal_end = get_u64(&mut body)?;
-                            let _send_time = get_u64(&mut body)?;
-                            let reply_requested = get_u8(&mut body)? == 1;
-                            return Ok(Some(ReplicationMessage::Keepalive { wal_end, reply_requested }));
-                        }
-                        other => {
-                            return Err(PgError::Protocol(format!("unknown CopyData message {:?}", other as char)));
-                        }
-                    }
-                }
-                b'E' => return Err(ErrorFields::parse(&frame.body).into_error("streaming")),
-                b'N' => log_notice(&frame.body),
-                b'c' => {
-                    return Err(PgError::ConnectionLost(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the server ended the replication stream",
-                    )));
-                }
-                _ => {}
+            let Some(frame) = split_frame(&mut self.inbuf)? else { return Ok(None) };
+            if let Some(message) = stream_message(frame)? {
+                return Ok(Some(message));
             }
         }
     }
@@ -352,7 +315,7 @@ impl ReplicationConnection {
     /// Reads more bytes from the socket. Cancel-safe: bytes read are kept in the buffer.
     pub async fn fill(&mut self) -> Result<(), PgError> {
         if self.inbuf.capacity() - self.inbuf.len() < 64 * 1024 {
-            self.inbuf.reserve(256 * 1024);
+            self.inbuf.reserve(READ_RESERVE);
         }
         let n = self.reader.read_buf(&mut self.inbuf).await.map_err(PgError::ConnectionLost)?;
         if n == 0 {
@@ -395,29 +358,11 @@ impl ReplicationConnection {
 
     async fn read_frame(&mut self) -> Result<Frame, PgError> {
         loop {
-            if let Some(frame) = self.try_frame()? {
+            if let Some(frame) = split_frame(&mut self.inbuf)? {
                 return Ok(frame);
             }
             self.fill().await?;
         }
-    }
-
-    fn try_frame(&mut self) -> Result<Option<Frame>, PgError> {
-        if self.inbuf.len() < 5 {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.inbuf[1], self.inbuf[2], self.inbuf[3], self.inbuf[4]]) as usize;
-        if len < 4 {
-            return Err(PgError::Protocol(format!("invalid frame length {len}")));
-        }
-        if self.inbuf.len() < len + 1 {
-            self.inbuf.reserve(len + 1 - self.inbuf.len());
-            return Ok(None);
-        }
-        let mut frame = self.inbuf.split_to(len + 1).freeze();
-        let tag = frame[0];
-        frame.advance(5);
-        Ok(Some(Frame { tag, body: frame }))
     }
 
     async fn wait_ready(&mut self, during: &'static str) -> Result<(), PgError> {
@@ -433,7 +378,7 @@ impl ReplicationConnection {
     }
 }
 
-struct ErrorFields {
+pub(crate) struct ErrorFields {
     code: String,
     message: String,
     detail: Option<String>,
@@ -441,7 +386,7 @@ struct ErrorFields {
 }
 
 impl ErrorFields {
-    fn parse(body: &[u8]) -> ErrorFields {
+    pub(crate) fn parse(body: &[u8]) -> ErrorFields {
         let mut f = ErrorFields { code: String::new(), message: String::new(), detail: None, hint: None };
         let mut rest = body;
         while let Some((&kind, tail)) = rest.split_first() {
@@ -462,7 +407,7 @@ impl ErrorFields {
         f
     }
 
-    fn into_error(self, during: &'static str) -> PgError {
+    pub(crate) fn into_error(self, during: &'static str) -> PgError {
         let mut message = self.message;
         if let Some(d) = self.detail {
             message = format!("{message} ({d})");
@@ -474,12 +419,111 @@ impl ErrorFields {
     }
 }
 
+/// An authentication request (backend message `R`), as far as the client's next step depends on it.
+pub(crate) enum AuthRequest {
+    Ok,
+    Cleartext,
+    Md5 {
+        salt: [u8; 4],
+    },
+    /// The mechanisms the server offers.
+    Sasl {
+        mechanisms: Vec<String>,
+    },
+    SaslContinue(Bytes),
+    SaslFinal(Bytes),
+}
+
+impl AuthRequest {
+    /// Reads the body of an `R` message; methods tailgate does not support are errors.
+    pub(crate) fn parse(mut body: Bytes) -> Result<AuthRequest, PgError> {
+        Ok(match get_i32(&mut body)? {
+            0 => AuthRequest::Ok,
+            3 => AuthRequest::Cleartext,
+            5 => {
+                let mut salt = [0u8; 4];
+                if body.remaining() < 4 {
+                    return Err(PgError::Protocol("short MD5 salt".into()));
+                }
+                body.copy_to_slice(&mut salt);
+                AuthRequest::Md5 { salt }
+            }
+            10 => AuthRequest::Sasl { mechanisms: split_cstrs(&body) },
+            11 => AuthRequest::SaslContinue(body),
+            12 => AuthRequest::SaslFinal(body),
+            2 => return Err(PgError::UnsupportedAuth { method: "Kerberos V5" }),
+            7 | 8 => return Err(PgError::UnsupportedAuth { method: "GSSAPI" }),
+            9 => return Err(PgError::UnsupportedAuth { method: "SSPI" }),
+            other => return Err(PgError::Protocol(format!("unknown authentication request {other}"))),
+        })
+    }
+}
+
+/// Splits the next complete backend frame off the front of `inbuf`; `None` until one has fully
+/// arrived. No I/O: [`ReplicationConnection::fill`] reads the bytes.
+pub(crate) fn split_frame(inbuf: &mut BytesMut) -> Result<Option<Frame>, PgError> {
+    if inbuf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([inbuf[1], inbuf[2], inbuf[3], inbuf[4]]) as usize;
+    if len < 4 {
+        return Err(PgError::Protocol(format!("invalid frame length {len}")));
+    }
+    if inbuf.len() < len + 1 {
+        // Room for the rest of the frame, but no more than the bytes already buffered (or one
+        // read's worth): the length is only a header field, so the buffer grows with the bytes
+        // that really arrive (geometrically), never at once to what a corrupt length claims.
+        let missing = len + 1 - inbuf.len();
+        inbuf.reserve(missing.min(inbuf.len().max(READ_RESERVE)));
+        return Ok(None);
+    }
+    let mut frame = inbuf.split_to(len + 1).freeze();
+    let tag = frame[0];
+    frame.advance(5);
+    Ok(Some(Frame { tag, body: frame }))
+}
+
+/// What a frame of the replication stream (CopyBoth mode) means: `None` for frames that carry no
+/// replication message (notices, which are logged, and frames of no interest).
+pub(crate) fn stream_message(frame: Frame) -> Result<Option<ReplicationMessage>, PgError> {
+    match frame.tag {
+        b'd' => {
+            let mut body = frame.body;
+            match get_u8(&mut body)? {
+                b'w' => {
+                    let wal_start = get_u64(&mut body)?;
+                    let wal_end = get_u64(&mut body)?;
+                    let _send_time = get_u64(&mut body)?;
+                    Ok(Some(ReplicationMessage::XLogData { wal_start, wal_end, data: body }))
+                }
+                b'k' => {
+                    let wal_end = get_u64(&mut body)?;
+                    let _send_time = get_u64(&mut body)?;
+                    let reply_requested = get_u8(&mut body)? == 1;
+                    Ok(Some(ReplicationMessage::Keepalive { wal_end, reply_requested }))
+                }
+                other => Err(PgError::Protocol(format!("unknown CopyData message {:?}", other as char))),
+            }
+        }
+        b'E' => Err(ErrorFields::parse(&frame.body).into_error("streaming")),
+        b'N' => {
+            log_notice(&frame.body);
+            Ok(None)
+        }
+        b'c' => Err(PgError::ConnectionLost(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the server ended the replication stream",
+        ))),
+        _ => Ok(None),
+    }
+}
+
 fn log_notice(body: &[u8]) {
     let f = ErrorFields::parse(body);
     warn!(code = %f.code, "PostgreSQL notice: {}", f.message);
 }
 
-fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, PgError> {
+pub(crate) fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, PgError> {
     let n = get_i16(&mut body)?;
     let mut row = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
@@ -497,7 +541,7 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, PgError> {
     Ok(row)
 }
 
-fn split_cstrs(body: &[u8]) -> Vec<String> {
+pub(crate) fn split_cstrs(body: &[u8]) -> Vec<String> {
     body.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
@@ -528,4 +572,92 @@ pub fn quote_ident(name: &str) -> String {
 /// `'text'` with embedded quotes doubled.
 pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn frames_split_at_any_point_are_read_whole() {
+        let mut keepalive = vec![b'k'];
+        keepalive.extend_from_slice(&0x10u64.to_be_bytes());
+        keepalive.extend_from_slice(&0u64.to_be_bytes());
+        keepalive.push(1);
+        let mut xlog = vec![b'w'];
+        for v in [0x20u64, 0x30, 0] {
+            xlog.extend_from_slice(&v.to_be_bytes());
+        }
+        xlog.extend_from_slice(b"B...");
+        let mut bytes = frame(b'N', b"SNOTICE\0Mhi\0\0");
+        bytes.extend_from_slice(&frame(b'd', &keepalive));
+        bytes.extend_from_slice(&frame(b'd', &xlog));
+        for split in 0..=bytes.len() {
+            let mut inbuf = BytesMut::from(&bytes[..split]);
+            let mut messages = Vec::new();
+            let mut drain = |inbuf: &mut BytesMut| {
+                while let Some(frame) = split_frame(inbuf).unwrap() {
+                    messages.extend(stream_message(frame).unwrap());
+                }
+            };
+            drain(&mut inbuf);
+            inbuf.extend_from_slice(&bytes[split..]);
+            drain(&mut inbuf);
+            assert!(inbuf.is_empty());
+            assert!(matches!(
+                messages.as_slice(),
+                [
+                    ReplicationMessage::Keepalive { wal_end: 0x10, reply_requested: true },
+                    ReplicationMessage::XLogData { wal_start: 0x20, wal_end: 0x30, data }
+                ] if data.as_ref() == b"B..."
+            ));
+        }
+    }
+
+    /// Found by the `replication_packets` fuzz target: a frame header claiming about 1 GiB made the
+    /// buffer reserve all of it before a byte of the body had arrived (an out-of-memory report
+    /// under the fuzzer's 512 MiB allocation limit; 4 GiB at most from a 5-byte header).
+    #[test]
+    fn a_frame_length_does_not_reserve_what_it_claims() {
+        // The frame at the start of the input libFuzzer reported (after the target's read-size
+        // byte): tag 0x0d, length 0x49000000.
+        let mut inbuf = BytesMut::from(&b"\x0d\x49\x00\x00\x00\x0a\x39\x2e"[..]);
+        assert!(split_frame(&mut inbuf).unwrap().is_none());
+        assert!(inbuf.capacity() <= 2 * READ_RESERVE, "reserved {}", inbuf.capacity());
+        let mut inbuf = BytesMut::from(&b"d\xff\xff\xff\xff"[..]);
+        assert!(split_frame(&mut inbuf).unwrap().is_none());
+        assert!(inbuf.capacity() <= 2 * READ_RESERVE, "reserved {}", inbuf.capacity());
+        // As bytes arrive, the buffer grows with them.
+        for _ in 0..64 {
+            inbuf.extend_from_slice(&[0; 4096]);
+            assert!(split_frame(&mut inbuf).unwrap().is_none());
+            assert!(inbuf.capacity() <= 4 * inbuf.len() + 2 * READ_RESERVE);
+        }
+        assert!(split_frame(&mut BytesMut::from(&b"d\0\0\0\x03"[..])).is_err(), "a length under 4");
+    }
+
+    #[test]
+    fn authentication_requests_parse_and_unsupported_ones_are_errors() {
+        let request = |code: i32, rest: &[u8]| {
+            let mut body = code.to_be_bytes().to_vec();
+            body.extend_from_slice(rest);
+            AuthRequest::parse(Bytes::from(body))
+        };
+        assert!(matches!(request(0, b""), Ok(AuthRequest::Ok)));
+        assert!(matches!(request(5, b"salt"), Ok(AuthRequest::Md5 { salt }) if &salt == b"salt"));
+        assert!(request(5, b"sal").is_err());
+        assert!(matches!(
+            request(10, b"SCRAM-SHA-256\0SCRAM-SHA-256-PLUS\0\0"),
+            Ok(AuthRequest::Sasl { mechanisms }) if mechanisms == ["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]
+        ));
+        assert!(matches!(request(7, b""), Err(PgError::UnsupportedAuth { method: "GSSAPI" })));
+        assert!(AuthRequest::parse(Bytes::from_static(b"\0\0")).is_err());
+    }
 }

@@ -365,6 +365,57 @@ async fn read_table(
     Ok(Some(rows))
 }
 
+/// Converts the COPY output of a table with columns of `kinds` (read in binary format when
+/// `binary` is given) as [`read_table`] does, without a server: `chunks` are the CopyData messages;
+/// each row read is handed to `row` with its progress key (the first column is the primary key).
+/// A row split across chunks waits for the next one; bytes left at the end are an error. For the
+/// fuzz targets and the tests that replay their corpus.
+#[doc(hidden)]
+pub fn decode_copy<'a>(
+    kinds: &[ColumnKind],
+    binary: Option<&[BinaryKind]>,
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    mut row: impl FnMut(Row, Option<Vec<Option<String>>>),
+) -> Result<(), PgError> {
+    let names: Vec<String> = (0..kinds.len()).map(|i| format!("c{i}")).collect();
+    let table = SnapTable {
+        qualified: "public.fuzz".into(),
+        sql_name: "\"public\".\"fuzz\"".into(),
+        schema: Arc::new(TableSchema {
+            id: TableId { schema: "public".into(), table: "fuzz".into() },
+            columns: names.iter().enumerate().map(|(i, n)| ColumnSchema { name: n.clone(), key: i == 0 }).collect(),
+        }),
+        kinds: kinds.to_vec(),
+        select_list: String::new(),
+        pk: if kinds.is_empty() { Vec::new() } else { vec![0] },
+        estimate: 0,
+        binary: binary.map(<[BinaryKind]>::to_vec),
+    };
+    let mut reader = match &table.binary {
+        Some(kinds) => RowReader::Binary(BinaryRows::new(kinds)),
+        None => RowReader::Text(CopyLine::default()),
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    for chunk in chunks {
+        let data: &[u8] = if pending.is_empty() {
+            chunk
+        } else {
+            pending.extend_from_slice(chunk);
+            &pending
+        };
+        let mut at = 0;
+        while let Some(values) = reader.next_row(data, &mut at, &table)? {
+            let key = reader.key(&table, &values);
+            row(values, key);
+        }
+        pending = data[at..].to_vec();
+    }
+    if !pending.is_empty() {
+        return Err(copy_error(&table, &pending));
+    }
+    Ok(())
+}
+
 /// Reads the rows of one table's COPY output, in text or binary format.
 enum RowReader {
     Text(CopyLine),

@@ -126,7 +126,7 @@ impl ColumnKind {
                 Some(sign) => Value::String(infinity::timestamptz(sign).to_owned()),
                 None => {
                     let (micros, offset) = parse_timestamp(text)?;
-                    Value::String(format_utc_timestamp(micros - offset?, *fraction))
+                    Value::String(format_utc_timestamp(micros.checked_sub(offset?)?, *fraction))
                 }
             },
             Interval => Value::Int(parse_interval(text)?),
@@ -504,6 +504,10 @@ fn bits_le(len: usize, set: impl Fn(usize) -> bool) -> Vec<u8> {
     bytes
 }
 
+/// The last year a PostgreSQL date can hold. Years past it cannot come from the server; refusing
+/// them keeps the day count (and the microseconds of a timestamp) from overflowing.
+const MAX_YEAR: i64 = 5_874_897;
+
 /// `YYYY-MM-DD` (ISO DateStyle), optionally followed by ` BC`.
 pub fn parse_date(text: &str) -> Option<i64> {
     let (text, bc) = match text.strip_suffix(" BC") {
@@ -517,6 +521,9 @@ pub fn parse_date(text: &str) -> Option<i64> {
         return None;
     }
     let mut year = digits(&b[..n - 6])? as i64;
+    if year > MAX_YEAR {
+        return None;
+    }
     let month = digits(&b[n - 5..n - 3])? as u32;
     let day = digits(&b[n - 2..])? as u32;
     if bc {
@@ -570,10 +577,11 @@ fn split_offset(text: &str) -> Option<(&str, i64)> {
     let pos = text.bytes().enumerate().skip(8).find(|(_, c)| *c == b'+' || *c == b'-').map(|(i, _)| i)?;
     let (time, offset) = text.split_at(pos);
     let sign = if offset.starts_with('-') { -1 } else { 1 };
-    let mut secs = 0;
+    let mut secs: i64 = 0;
     for (i, part) in offset[1..].split(':').enumerate() {
         let v = digits(part.as_bytes())? as i64;
-        secs += v * [3600, 60, 1].get(i)?;
+        // Checked: the parts are digits of any length here, not the server's two.
+        secs = secs.checked_add(v.checked_mul(*[3600, 60, 1].get(i)?)?)?;
     }
     Some((time, sign * secs))
 }
@@ -588,7 +596,7 @@ pub fn parse_timestamp(text: &str) -> Option<(i64, Option<i64>)> {
     let space = text.bytes().position(|c| c == b' ')?;
     let (date, time) = (&text[..space], &text[space + 1..]);
     let (time, offset) = match split_offset(time) {
-        Some((t, secs)) => (t, Some(secs * 1_000_000)),
+        Some((t, secs)) => (t, Some(secs.checked_mul(1_000_000)?)),
         None => (time, None),
     };
     let mut days = parse_date(date)?;
@@ -598,13 +606,13 @@ pub fn parse_timestamp(text: &str) -> Option<(i64, Option<i64>)> {
         let (_, m, d) = civil_from_days(days);
         days = days_from_civil(1 - year, m, d);
     }
-    Some((days * MICROS_PER_DAY + parse_time(time)?, offset))
+    Some((days.checked_mul(MICROS_PER_DAY)?.checked_add(parse_time(time)?)?, offset))
 }
 
 /// `HH:MM:SS[.ffffff]+TZ` to Debezium's `ZonedTime` in UTC: `08:30:00.123456Z`.
 fn format_timetz(text: &str) -> Option<String> {
     let (time, offset) = split_offset(text)?;
-    let micros = (parse_time(time)? - offset * 1_000_000).rem_euclid(MICROS_PER_DAY);
+    let micros = parse_time(time)?.checked_sub(offset.checked_mul(1_000_000)?)?.rem_euclid(MICROS_PER_DAY);
     let secs = micros / 1_000_000;
     let mut out = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
     push_fraction(&mut out, micros % 1_000_000, 0);
@@ -656,16 +664,23 @@ fn parse_array(text: &str, elem: &ColumnKind) -> Option<Value> {
         _ => text,
     };
     let mut chars = text.char_indices().peekable();
-    let value = parse_array_level(text, &mut chars, elem)?;
+    let value = parse_array_level(text, &mut chars, elem, 1)?;
     chars.next().is_none().then_some(value)
 }
 
+/// PostgreSQL's limit on array dimensions (`MAXDIM`).
+const MAX_DIMENSIONS: usize = 6;
+
+/// One level of braces; `depth` counts them. Deeper nesting than the server allows is refused: each
+/// level is a stack frame here (and in the value's drop), and text of many thousand braces would
+/// overflow the stack.
 fn parse_array_level(
     text: &str,
     chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>,
     elem: &ColumnKind,
+    depth: usize,
 ) -> Option<Value> {
-    if chars.next()?.1 != '{' {
+    if chars.next()?.1 != '{' || depth > MAX_DIMENSIONS {
         return None;
     }
     let mut items = Vec::new();
@@ -675,7 +690,7 @@ fn parse_array_level(
     }
     loop {
         match chars.peek()?.1 {
-            '{' => items.push(parse_array_level(text, chars, elem)?),
+            '{' => items.push(parse_array_level(text, chars, elem, depth + 1)?),
             '"' => {
                 chars.next();
                 let mut s = String::new();
@@ -970,5 +985,46 @@ mod tests {
         assert_eq!(conv(1007, -1, "{}"), Value::Array(vec![]));
         assert_eq!(conv(1007, -1, "[0:1]={7,8}"), Value::Array(vec![Value::Int(7), Value::Int(8)]));
         assert!(ColumnKind::of(1007, -1).convert("{1,2").is_none());
+    }
+
+    /// Found by the `pgoutput` fuzz target (value mode, timestamp): a year of 8 digits overflowed
+    /// the microseconds (a panic with overflow checks, a wrong value without). Dates, times and
+    /// offsets out of PostgreSQL's range are errors.
+    #[test]
+    fn out_of_range_dates_and_offsets_are_errors_not_overflows() {
+        let timestamp = ColumnKind::of(1114, -1);
+        assert_eq!(timestamp.convert("20220244-01-15 50:30:00.134+2024-06"), None);
+        assert_eq!(
+            timestamp.convert("9999-12-31 23:59:59"),
+            Some(Value::Int(days_from_civil(9999, 12, 31) * MICROS_PER_DAY + 86_399_000_000))
+        );
+        for (oid, text) in [
+            (1082, "999999999999999999-01-01"),
+            (1114, "5874897-12-31 00:00:00"),
+            (1184, "2024-01-01 00:00:00+999999999999999999"),
+            (1184, "2024-01-01 00:00:00+999999999999"),
+            (1184, "294276-12-31 23:59:59-15"),
+            (1266, "10:00:00+999999999999999999"),
+            (1266, "10:00:00+99999999999999:99"),
+        ] {
+            assert_eq!(ColumnKind::of(oid, -1).convert(text), None, "{oid} {text:?}");
+        }
+        assert_eq!(conv(1082, -1, "5874897-12-31"), Value::Int(days_from_civil(5_874_897, 12, 31)));
+    }
+
+    /// Array text nested 100,000 deep overflowed the stack (an abort, not an error). The fuzz
+    /// targets' inputs stay under 4 KiB, too short for it: found by review while writing them. Six
+    /// dimensions, the server's limit, still parse.
+    #[test]
+    fn arrays_nested_deeper_than_the_server_allows_are_errors() {
+        let int_array = ColumnKind::of(1007, -1);
+        assert_eq!(int_array.convert(&"{".repeat(100_000)), None);
+        assert_eq!(int_array.convert(&("{".repeat(100_000) + &"}".repeat(100_000))), None);
+        assert_eq!(int_array.convert("{{{{{{{1}}}}}}}"), None, "seven dimensions");
+        let mut six = Value::Array(vec![Value::Int(1)]);
+        for _ in 0..5 {
+            six = Value::Array(vec![six]);
+        }
+        assert_eq!(int_array.convert("{{{{{{1}}}}}}"), Some(six));
     }
 }

@@ -473,6 +473,14 @@ fn parse_rows(body: &[u8], type_code: u8, post_header_len: usize) -> Result<Rows
         None
     };
     let data = if compressed { Cow::Owned(inflate(c.rest(), "compressed rows")?) } else { Cow::Borrowed(c.rest()) };
+    // An image of no column takes no bytes: data after such bitmaps can never be read, and a reader
+    // taking images until the data is used up would never finish.
+    if !data.is_empty() && present.count_ones() == 0 && present_after.is_none_or(|after| after.count_ones() == 0) {
+        return Err(DecodeError::Invalid(format!(
+            "rows event with {} bytes of rows but no column in them",
+            data.len()
+        )));
+    }
     Ok(Rows { kind, table_id, flags, column_count, present, present_after, data })
 }
 
@@ -536,6 +544,14 @@ const MAX_COLUMNS: usize = 4096;
 /// Most bytes a single decompressed event or payload may claim (the servers' own limit is 1 GiB).
 const MAX_INFLATED: u64 = 1 << 30;
 
+/// What to reserve for `claimed` decompressed bytes out of `compressed` input bytes. The claim is
+/// only a header field: it is trusted as far as the input could plausibly back it, and the buffer
+/// grows past that only as decompressed bytes really arrive, so that a lying length costs no
+/// allocation out of proportion to the input.
+fn initial_capacity(claimed: u64, compressed: usize) -> usize {
+    claimed.min((compressed as u64).saturating_mul(4)) as usize
+}
+
 /// Inflates MariaDB's compressed event data: one header byte (`0x80 | n`), the uncompressed length
 /// in `n` big-endian bytes, then a zlib stream.
 fn inflate(data: &[u8], what: &'static str) -> Result<Vec<u8>, DecodeError> {
@@ -548,7 +564,7 @@ fn inflate(data: &[u8], what: &'static str) -> Result<Vec<u8>, DecodeError> {
     if len > MAX_INFLATED {
         return Err(DecodeError::Decompress { what, reason: format!("claims {len} bytes uncompressed") });
     }
-    let mut out = Vec::with_capacity(len as usize);
+    let mut out = Vec::with_capacity(initial_capacity(len, c.remaining()));
     flate2::read::ZlibDecoder::new(c.rest())
         .take(len)
         .read_to_end(&mut out)
@@ -568,7 +584,7 @@ pub fn decompress_payload(tp: &TransactionPayload<'_>) -> Result<Vec<u8>, Decode
     match tp.compression {
         255 => Ok(tp.payload.to_vec()),
         0 => {
-            let mut out = Vec::with_capacity(tp.uncompressed_size as usize);
+            let mut out = Vec::with_capacity(initial_capacity(tp.uncompressed_size, tp.payload.len()));
             zstd::stream::read::Decoder::new(tp.payload)
                 .and_then(|d| d.take(tp.uncompressed_size).read_to_end(&mut out))
                 .map_err(|e| DecodeError::Decompress { what: WHAT, reason: e.to_string() })?;
@@ -810,6 +826,43 @@ mod tests {
         let bytes = event(kind::TRANSACTION_PAYLOAD, &body, 0, true);
         let Body::TransactionPayload(tp) = parse(&bytes, &fde, true).unwrap().body else { panic!() };
         assert_eq!((tp.compression, tp.uncompressed_size, tp.payload.len()), (0, 2831, 4));
+    }
+
+    /// Found by the `binlog_event` fuzz target: a 10-byte input (a zstd transaction payload whose
+    /// header claims 657,497,722 uncompressed bytes) reserved all of it before decompressing
+    /// (an out-of-memory report under the fuzzer's 512 MiB allocation limit). MariaDB's compressed
+    /// events had the same flaw. What is reserved now follows the input's length.
+    #[test]
+    fn claimed_uncompressed_sizes_do_not_reserve_memory() {
+        let tp =
+            TransactionPayload { compression: 0, uncompressed_size: 657_497_722, payload: &[0x00, 0x04, 0x3D, 0xC7] };
+        assert!(matches!(decompress_payload(&tp), Err(DecodeError::Decompress { .. })));
+        assert_eq!(initial_capacity(657_497_722, 4), 16);
+        assert_eq!(initial_capacity(100, 4096), 100);
+        // MariaDB: 0x84 and a four-byte length of 1 GiB, then a few bytes that are not zlib.
+        assert!(inflate(&[0x84, 0x40, 0, 0, 0, 0x78, 0x9C, 0x03], "test").is_err());
+    }
+
+    /// Found by the `binlog_event` fuzz target (a hang): a rows event whose bitmaps name no column
+    /// has images of zero bytes, so the source's loop (`while !c.is_empty()`, one image per turn)
+    /// never used up the row data. Such an event is an error now.
+    #[test]
+    fn rows_with_data_but_no_column_are_errors() {
+        for (type_code, bitmaps) in [(kind::WRITE_ROWS_V1, 1), (kind::UPDATE_ROWS_V1, 2), (kind::DELETE_ROWS_V1, 1)] {
+            let mut body = vec![0x1B, 0, 0, 0, 0, 0, 0x01, 0x00]; // table id 27, STMT_END
+            body.push(3); // 3 columns
+            body.extend(std::iter::repeat_n(0x00, bitmaps)); // none present
+            body.extend_from_slice(&[0xAA; 12]);
+            let bytes = event(type_code, &body, 0, true);
+            assert!(matches!(parse(&bytes, &fde(), true), Err(DecodeError::Invalid(_))), "type {type_code}");
+        }
+        // Zero columns, or no data, are still fine; so is an update whose after image is empty.
+        let mut body = vec![0x1B, 0, 0, 0, 0, 0, 0x01, 0x00, 0];
+        assert!(parse(&event(kind::WRITE_ROWS_V1, &body, 0, true), &fde(), true).is_ok());
+        body.extend_from_slice(&[0x01]);
+        assert!(parse(&event(kind::WRITE_ROWS_V1, &body, 0, true), &fde(), true).is_err());
+        let body = [0x1B, 0, 0, 0, 0, 0, 0x01, 0x00, 1, 0x01, 0x00, 0x00, 0x07];
+        assert!(parse(&event(kind::UPDATE_ROWS_V1, &body, 0, true), &fde(), true).is_ok());
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! Layout (MySQL `json_binary.h`): a type byte, then for objects and arrays an element count and
 //! byte size (2 bytes each in the small form, 4 in the large), key entries (offset, length), value
 //! entries (type, then the value inline or its offset), keys, values. Offsets count from the start of
-//! the object or array. Every offset and length is checked; nesting is limited.
+//! the object or array. Every offset and length is checked; nesting is limited, and so is the
+//! output: MySQL stores each value, key and string once, so a document that points several entries
+//! at the same bytes is refused before it can expand (see [`charge`]).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -44,7 +46,17 @@ pub fn to_text(doc: &[u8], out: &mut String) -> Result<(), DecodeError> {
         out.push_str("null");
         return Ok(());
     };
-    write_value(t, body, 0, out)
+    let mut budget = doc.len();
+    write_value(t, body, 0, &mut budget, out)
+}
+
+/// Takes `n` from what is left of a document's `budget` (its length): one per element, and the
+/// bytes of each key, string and opaque value. A document MySQL wrote stores all of those in bytes
+/// of their own, so it never runs out; one whose offsets point many entries at the same bytes would
+/// otherwise expand without bound (2^depth copies of a shared array in a few hundred bytes).
+fn charge(budget: &mut usize, n: usize) -> Result<(), DecodeError> {
+    *budget = budget.checked_sub(n).ok_or_else(|| invalid("entries share their bytes"))?;
+    Ok(())
 }
 
 fn slice(buf: &[u8], at: usize, len: usize) -> Result<&[u8], DecodeError> {
@@ -55,13 +67,13 @@ fn uint(buf: &[u8], at: usize, len: usize) -> Result<u64, DecodeError> {
     Ok(slice(buf, at, len)?.iter().rev().fold(0, |acc, &b| (acc << 8) | u64::from(b)))
 }
 
-fn write_value(t: u8, data: &[u8], depth: usize, out: &mut String) -> Result<(), DecodeError> {
+fn write_value(t: u8, data: &[u8], depth: usize, budget: &mut usize, out: &mut String) -> Result<(), DecodeError> {
     if depth > MAX_DEPTH {
         return Err(invalid("nested too deeply"));
     }
     match t {
-        SMALL_OBJECT | LARGE_OBJECT => write_container(data, t == LARGE_OBJECT, true, depth, out),
-        SMALL_ARRAY | LARGE_ARRAY => write_container(data, t == LARGE_ARRAY, false, depth, out),
+        SMALL_OBJECT | LARGE_OBJECT => write_container(data, t == LARGE_OBJECT, true, depth, budget, out),
+        SMALL_ARRAY | LARGE_ARRAY => write_container(data, t == LARGE_ARRAY, false, depth, budget, out),
         LITERAL => {
             out.push_str(match slice(data, 0, 1)?[0] {
                 0 => "null",
@@ -87,10 +99,11 @@ fn write_value(t: u8, data: &[u8], depth: usize, out: &mut String) -> Result<(),
         STRING => {
             let (len, used) = var_len(data)?;
             let bytes = slice(data, used, len)?;
+            charge(budget, len)?;
             push_json_string(out, &String::from_utf8_lossy(bytes));
             Ok(())
         }
-        OPAQUE => write_opaque(data, out),
+        OPAQUE => write_opaque(data, budget, out),
         other => Err(invalid(&format!("unknown value type 0x{other:02x}"))),
     }
 }
@@ -100,7 +113,14 @@ fn push_int(out: &mut String, v: i64) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn write_container(data: &[u8], large: bool, object: bool, depth: usize, out: &mut String) -> Result<(), DecodeError> {
+fn write_container(
+    data: &[u8],
+    large: bool,
+    object: bool,
+    depth: usize,
+    budget: &mut usize,
+    out: &mut String,
+) -> Result<(), DecodeError> {
     let w = if large { 4 } else { 2 };
     let count = uint(data, 0, w)? as usize;
     let size = uint(data, w, w)? as usize;
@@ -120,10 +140,12 @@ fn write_container(data: &[u8], large: bool, object: bool, depth: usize, out: &m
         if i > 0 {
             out.push(',');
         }
+        charge(budget, 1)?;
         if object {
             let entry = key_entries + i * key_entry_len;
             let key_at = uint(data, entry, w)? as usize;
             let key_len = uint(data, entry + w, 2)? as usize;
+            charge(budget, key_len)?;
             push_json_string(out, &String::from_utf8_lossy(slice(data, key_at, key_len)?));
             out.push(':');
         }
@@ -133,13 +155,13 @@ fn write_container(data: &[u8], large: bool, object: bool, depth: usize, out: &m
         // integers in the large form.
         let inline = matches!(vt, LITERAL | INT16 | UINT16) || (large && matches!(vt, INT32 | UINT32));
         if inline {
-            write_value(vt, slice(data, entry + 1, w)?, depth + 1, out)?;
+            write_value(vt, slice(data, entry + 1, w)?, depth + 1, budget, out)?;
         } else {
             let at = uint(data, entry + 1, w)? as usize;
             if at >= size {
                 return Err(invalid("value offset past the end"));
             }
-            write_value(vt, &data[at..], depth + 1, out)?;
+            write_value(vt, &data[at..], depth + 1, budget, out)?;
         }
     }
     out.push(if object { '}' } else { ']' });
@@ -215,10 +237,11 @@ const MYSQL_TYPE_TIME: u8 = 11;
 const MYSQL_TYPE_DATETIME: u8 = 12;
 const MYSQL_TYPE_TIMESTAMP: u8 = 7;
 
-fn write_opaque(data: &[u8], out: &mut String) -> Result<(), DecodeError> {
+fn write_opaque(data: &[u8], budget: &mut usize, out: &mut String) -> Result<(), DecodeError> {
     let field_type = slice(data, 0, 1)?[0];
     let (len, used) = var_len(&data[1..])?;
     let value = slice(data, 1 + used, len)?;
+    charge(budget, len)?;
     match field_type {
         MYSQL_TYPE_NEWDECIMAL if value.len() >= 2 => {
             super::decimal::decode(&value[2..], value[0], value[1], out)?;
@@ -527,6 +550,44 @@ mod tests {
             out,
             r#"{"b":[1,2.5,null,true],"a":"x\"y\u0001","c":0.000100000000000000004792173602385929598312941379845142364501953125,"d":100.0}"#
         );
+    }
+
+    /// Found by review of the `binlog_event` target, which had not reached it in its first minutes:
+    /// entries whose offsets all point at one child array make a document of 407 bytes nested 40
+    /// deep stand for 2^40 values (a hang, then out of memory). A document may now write no more
+    /// elements, keys and strings than it has bytes.
+    #[test]
+    fn entries_sharing_their_bytes_cannot_expand_a_document() {
+        // Innermost: [true]; each level: an array of two entries, both at offset 10 (the child).
+        let mut doc = vec![1, 0, 7, 0, LITERAL, 1, 0];
+        for _ in 0..40 {
+            let size = (10 + doc.len()) as u16;
+            let mut level = vec![2, 0];
+            level.extend_from_slice(&size.to_le_bytes());
+            level.extend_from_slice(&[SMALL_ARRAY, 10, 0, SMALL_ARRAY, 10, 0]);
+            level.append(&mut doc);
+            doc = level;
+        }
+        doc.insert(0, SMALL_ARRAY);
+        let mut out = String::new();
+        let started = std::time::Instant::now();
+        assert!(to_text(&doc, &mut out).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // One key shared by many entries: expands too, though less.
+        let count = 200u16;
+        let key_at = 4 + 7 * count;
+        let mut doc = vec![SMALL_OBJECT];
+        doc.extend_from_slice(&count.to_le_bytes());
+        doc.extend_from_slice(&(key_at + 100).to_le_bytes());
+        for _ in 0..count {
+            doc.extend_from_slice(&key_at.to_le_bytes());
+            doc.extend_from_slice(&100u16.to_le_bytes());
+        }
+        for _ in 0..count {
+            doc.extend_from_slice(&[LITERAL, 0, 0]);
+        }
+        doc.extend_from_slice(&[b'k'; 100]);
+        assert!(to_text(&doc, &mut String::new()).is_err());
     }
 
     #[test]
