@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tailgate_core::{FormatOptions, Position};
 use tailgate_pipeline::{
-    Classify, EncoderOptions, Engine, EngineError, ErrorClass, FileStore, Metrics, OffsetStore, OffsetsError,
-    PipelineError, Rules, RunContext, RunOptions, SinkContext, SourceParams, Status, TableRules,
+    Classify, EncoderOptions, Engine, EngineError, ErrorClass, FileStore, IncrementalControl, Metrics, OffsetStore,
+    OffsetsError, PipelineError, Rules, RunContext, RunOptions, SinkContext, SourceParams, Status, TableRules,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -53,6 +53,38 @@ enum Command {
     Offsets {
         #[command(subcommand)]
         action: OffsetsAction,
+    },
+    /// Incremental snapshots of a running connector, through its [http] endpoint: re-read tables'
+    /// existing rows while streaming goes on (op "r", source.snapshot = "incremental").
+    ///
+    /// Examples:
+    ///   tailgate snapshot --config shop.toml --table public.orders --wait
+    ///   tailgate snapshot --config shop.toml --table public.orders --where "created_at > now() - interval '1 day'"
+    ///   tailgate snapshot --config shop.toml --status
+    Snapshot {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// A table to snapshot: schema.table (MySQL: database.table). Repeat for several.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+        /// Only rows matching this SQL predicate.
+        #[arg(long = "where", value_name = "PREDICATE", requires = "tables")]
+        filter: Option<String>,
+        /// Wait until the requested snapshots are done, showing their progress.
+        #[arg(long, requires = "tables")]
+        wait: bool,
+        /// Show every snapshot and its progress.
+        #[arg(long, conflicts_with_all = ["tables", "pause", "resume", "cancel"])]
+        status: bool,
+        /// Pause the snapshot with this id (it keeps its place).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["tables", "resume", "cancel"])]
+        pause: Option<u64>,
+        /// Resume a paused snapshot.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["tables", "cancel"])]
+        resume: Option<u64>,
+        /// Cancel a snapshot (rows already delivered stay delivered).
+        #[arg(long, value_name = "ID", conflicts_with = "tables")]
+        cancel: Option<u64>,
     },
     /// Manage the PostgreSQL replication slot (MySQL has none).
     Slot {
@@ -115,6 +147,7 @@ pub fn main() -> ExitCode {
                 OffsetsAction::Show { config } | OffsetsAction::Reset { config, .. } | OffsetsAction::Migrate { config },
         } => config,
         Command::Slot { action: SlotAction::Drop { config, .. } } => config,
+        Command::Snapshot { config, .. } => config,
     };
     let config = match Config::load(&config_path.clone()) {
         Ok(c) => c,
@@ -156,6 +189,17 @@ pub fn main() -> ExitCode {
                 offsets_reset(&config, engine.as_ref(), target).await
             }
             Command::Slot { action: SlotAction::Drop { yes, .. } } => slot_drop(&config, engine.as_ref(), yes).await,
+            Command::Snapshot { tables, filter, wait, status, pause, resume, cancel, .. } => {
+                use crate::control::Action;
+                let action = match (pause, resume, cancel) {
+                    (Some(id), _, _) => Action::Pause(id),
+                    (_, Some(id), _) => Action::Resume(id),
+                    (_, _, Some(id)) => Action::Cancel(id),
+                    _ if status || tables.is_empty() => Action::Status,
+                    _ => Action::Start { tables, filter, wait },
+                };
+                crate::control::run(&config, action).await
+            }
         }
     })
 }
@@ -238,9 +282,16 @@ async fn run_inner(
     check_outbox_columns(engine.as_ref(), &rules).await?;
     let (rules_tx, rules_rx) = tokio::sync::watch::channel(rules.clone());
     let metrics = Arc::new(Metrics::new(config.name.clone()));
+    let shared = Shared { metrics: metrics.clone(), rules: rules_rx.clone(), incremental: IncrementalControl::new() };
     if let Some(http) = &config.http {
         let listen = http.listen.parse().context("http.listen")?;
-        crate::http::serve(listen, metrics.clone(), Duration::from_secs(http.ready_window_s))
+        let endpoint = crate::http::Endpoint {
+            metrics: metrics.clone(),
+            ready_window: Duration::from_secs(http.ready_window_s),
+            incremental: shared.incremental.clone(),
+            token: http.token.clone(),
+        };
+        crate::http::serve(listen, endpoint)
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
         engine.spawn_lag_poller(metrics.clone(), Duration::from_secs(http.lag_poll_s.max(1)));
@@ -269,14 +320,21 @@ async fn run_inner(
         // From here on the writes of any earlier leader are refused.
         store.take_over().await?;
         let term = shutdown.child_token();
-        let run = lead(&config, engine.as_ref(), store.clone(), &rules_rx, &metrics, term.clone(), stop_at.clone());
+        let run = lead(&config, engine.as_ref(), store.clone(), &shared, term.clone(), stop_at.clone());
         tokio::pin!(run);
         let stall = config.ha().map(|ha| Duration::from_secs(ha.max_stall_s.max(1)));
         let step_down = tokio::select! {
             result = &mut run => match result {
-                // A successor took over while this instance was paused: stand by again.
-                Err(e) if config.ha().is_some() && is_fenced(&e) => {
+                // A successor took over while this instance was paused (its checkpoint write was
+                // fenced), or a leader that was frozen wakes up to errors its successor caused
+                // (MySQL: the server dropped this replica connection for the successor's, which
+                // uses the same server_id) and its lease is gone too: a lost term, not a failure.
+                Err(e) if config.ha().is_some() => {
+                    if !is_fenced(&e) && !lease_gone_within(&mut lease, config.ha().map(|ha| ha.lease_s)).await {
+                        return Err(e);
+                    }
                     warn!("{e}");
+                    warn!("lost leadership: standing by");
                     true
                 }
                 other => return other,
@@ -320,6 +378,13 @@ async fn lost(lease: &mut Option<Box<dyn tailgate_pipeline::Lease>>) -> String {
     }
 }
 
+/// Whether the lease turns out lost within one lease period (its keep-alive notices a session the
+/// server ended); false without high availability.
+async fn lease_gone_within(lease: &mut Option<Box<dyn tailgate_pipeline::Lease>>, lease_s: Option<u64>) -> bool {
+    let Some(lease_s) = lease_s else { return false };
+    lease.is_some() && tokio::time::timeout(Duration::from_secs(lease_s), lost(lease)).await.is_ok()
+}
+
 /// Resolves when the leader has made no progress for `limit` while it had work (records in flight,
 /// or its source disconnected); never without a limit.
 async fn stalled(metrics: &Metrics, limit: Option<Duration>) {
@@ -339,15 +404,23 @@ async fn stalled(metrics: &Metrics, limit: Option<Duration>) {
 
 /// One term of leadership (the whole run without high availability): load the checkpoint, build the
 /// source and the sink, run the pipeline until it ends or `term` is cancelled.
+/// What lives as long as the process, across leadership terms.
+struct Shared {
+    metrics: Arc<Metrics>,
+    rules: tokio::sync::watch::Receiver<Arc<Rules>>,
+    /// Incremental snapshot requests (`POST /snapshots`) for whichever term streams.
+    incremental: Arc<IncrementalControl>,
+}
+
 async fn lead(
     config: &Config,
     engine: &dyn Engine,
     store: Arc<dyn OffsetStore>,
-    rules_rx: &tokio::sync::watch::Receiver<Arc<Rules>>,
-    metrics: &Arc<Metrics>,
+    shared: &Shared,
     term: CancellationToken,
     stop_at: Option<String>,
 ) -> anyhow::Result<()> {
+    let (rules_rx, metrics) = (&shared.rules, &shared.metrics);
     let resume = store.load().await?.map(|s| s.position);
     match &resume {
         Some(p) => {
@@ -365,6 +438,7 @@ async fn lead(
         snapshot: config.snapshot_mode()?,
         stop_at,
         taking_over: config.ha().is_some(),
+        incremental: shared.incremental.clone(),
     })?;
     let rules = rules_rx.borrow().clone();
     let sink = config.sink.builder().build(SinkContext {

@@ -105,6 +105,9 @@ pub struct HttpConfig {
     /// How often the source's unconfirmed log bytes are measured. Default 10.
     #[serde(default = "default_lag_poll_s")]
     pub lag_poll_s: u64,
+    /// Bearer token for the control routes (`POST`/`DELETE /snapshots`). Without one, they answer
+    /// requests from this host (loopback) only.
+    pub token: Option<String>,
 }
 
 /// `[source]`: the engine, by its `type`. The one place that lists the engines.

@@ -5,6 +5,7 @@
 
 mod cli;
 mod config;
+mod control;
 mod http;
 mod progress;
 

@@ -181,7 +181,7 @@ pub async fn current_position(conn: &mut Conn, f: &ServerFacts) -> Result<Positi
         Flavor::Mysql => None,
         Flavor::Mariadb => Some(GtidSet::Mariadb(mariadb_gtid_pos(conn, &file, pos).await?)),
     };
-    Ok(Position::Mysql { file: BinlogFile(file), pos, gtids })
+    Ok(Position::mysql(BinlogFile(file), pos, gtids))
 }
 
 /// MariaDB: the GTID state exactly at a binlog file and position.

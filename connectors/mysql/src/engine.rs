@@ -104,7 +104,7 @@ impl Engine for MysqlEngine {
                 message: format!("{text:?} is not FILE:POS, e.g. mysql-bin.000003:4711"),
             })
         })?;
-        Ok(Position::Mysql { file: BinlogFile(file.0), pos, gtids: None })
+        Ok(Position::mysql(BinlogFile(file.0), pos, None))
     }
 
     fn ensure_not_running(&self) -> BoxFuture<'_, Result<(), EngineError>> {

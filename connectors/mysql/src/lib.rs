@@ -17,9 +17,9 @@ pub mod check;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod ha;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod ha;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;

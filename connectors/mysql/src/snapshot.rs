@@ -73,7 +73,7 @@ impl SnapshotState {
     pub fn from_position(position: &Position) -> Option<SnapshotState> {
         let Position::MysqlSnapshot { file, pos, gtids, done, table, after } = position else { return None };
         Some(SnapshotState {
-            consistent: Some(Position::Mysql { file: file.clone(), pos: *pos, gtids: gtids.clone() }),
+            consistent: Some(Position::mysql(file.clone(), *pos, gtids.clone())),
             done: done.clone(),
             table: table.clone(),
             after: after.clone(),
@@ -97,7 +97,7 @@ impl SnapshotState {
     /// The checkpoint that records this state.
     fn marker(&self) -> Position {
         let (file, pos, gtids) = match &self.consistent {
-            Some(Position::Mysql { file, pos, gtids }) => (file.clone(), *pos, gtids.clone()),
+            Some(Position::Mysql { file, pos, gtids, .. }) => (file.clone(), *pos, gtids.clone()),
             _ => (BinlogFile(String::new()), 0, None),
         };
         Position::MysqlSnapshot {
@@ -310,7 +310,7 @@ async fn open_aligned_reader(
     method: PointMethod,
 ) -> Result<Option<Conn>, MyError> {
     const START: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
-    let Position::Mysql { file, pos, gtids } = consistent else { return Ok(None) };
+    let Position::Mysql { file, pos, gtids, .. } = consistent else { return Ok(None) };
     let mut conn = match method {
         PointMethod::Resumed | PointMethod::MariadbSnapshotStatus | PointMethod::MysqlGtids { exact: true } => {
             open_session(job).await?
@@ -400,7 +400,7 @@ pub async fn open_consistent_snapshot(
                 let pos: u64 =
                     pos.parse().map_err(|_| MyError::Protocol(format!("binlog_snapshot_position {pos:?}")))?;
                 let gtids = catalog::mariadb_gtid_pos(conn, &file, pos).await?;
-                let point = Position::Mysql { file: BinlogFile(file), pos, gtids: Some(GtidSet::Mariadb(gtids)) };
+                let point = Position::mysql(BinlogFile(file), pos, Some(GtidSet::Mariadb(gtids)));
                 return Ok((point, PointMethod::MariadbSnapshotStatus));
             }
             conn.query_drop("ROLLBACK").await?;
@@ -808,7 +808,7 @@ mod tests {
     #[test]
     fn state_round_trips_through_the_offsets_position() {
         let state = SnapshotState {
-            consistent: Some(Position::Mysql { file: BinlogFile("mysql-bin.000003".into()), pos: 900, gtids: None }),
+            consistent: Some(Position::mysql(BinlogFile("mysql-bin.000003".into()), 900, None)),
             done: vec!["db.a".into()],
             table: Some("db.b".into()),
             after: Some(vec![Some("17".into())]),

@@ -180,7 +180,7 @@ impl MysqlSource {
         if from_checkpoint && let Err(message) = catalog::has_checkpoint(&mut catalog, &facts, &start).await? {
             return Err(MyError::ServerBehind { server: info.addr(), position: start.to_string(), message });
         }
-        let Position::Mysql { file, pos, gtids } = &start else {
+        let Position::Mysql { file, pos, gtids, .. } = &start else {
             return Err(MyError::Protocol(format!(
                 "the stored checkpoint ({start}) belongs to another kind of source. Fix: use another offsets file or \
                  `tailgate offsets reset`"

@@ -662,7 +662,7 @@ impl StreamState {
     }
 
     pub(crate) fn commit_position(&self, pos: u64) -> Position {
-        Position::Mysql { file: BinlogFile(self.file.to_string()), pos, gtids: self.gtids.clone() }
+        Position::mysql(BinlogFile(self.file.to_string()), pos, self.gtids.clone())
     }
 
     /// Progress between transactions (a fresh connector's start, a rotation to the next file).

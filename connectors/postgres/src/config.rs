@@ -33,6 +33,12 @@ pub struct PostgresConfig {
     /// Standby status update interval in milliseconds. Default 1000.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Rows per incremental snapshot chunk. Default 1024.
+    #[serde(default = "default_incremental_chunk_rows")]
+    pub incremental_chunk_rows: usize,
+    /// Snapshot a table incrementally when a reload or restart newly includes it. Default true.
+    #[serde(default = "yes")]
+    pub snapshot_new_tables: bool,
 }
 
 fn yes() -> bool {
@@ -49,6 +55,9 @@ fn default_snapshot_fetch_rows() -> usize {
 }
 fn default_batch_size() -> usize {
     2048
+}
+fn default_incremental_chunk_rows() -> usize {
+    tailgate_pipeline::incremental::DEFAULT_CHUNK_ROWS
 }
 fn default_status_interval_ms() -> u64 {
     1000
@@ -96,6 +105,9 @@ impl PostgresConfig {
         }
         if self.batch_size == 0 {
             return Err(key_error("source.batch_size", "must be at least 1"));
+        }
+        if self.incremental_chunk_rows == 0 || self.incremental_chunk_rows > 1_000_000 {
+            return Err(key_error("source.incremental_chunk_rows", "must be between 1 and 1000000"));
         }
         tailgate_pipeline::SnapshotMode::parse(&self.snapshot)?;
         Ok(())

@@ -90,6 +90,9 @@ impl Engine for PostgresEngine {
             snapshot_fetch_rows: self.config.snapshot_fetch_rows,
             snapshot_parallel: self.config.snapshot_parallel,
             wait_for_slot: params.taking_over,
+            incremental: params.incremental,
+            incremental_chunk_rows: self.config.incremental_chunk_rows,
+            snapshot_new_tables: self.config.snapshot_new_tables,
         })?;
         Ok(Box::new(source))
     }
@@ -113,12 +116,12 @@ impl Engine for PostgresEngine {
             let client = catalog::connect(&self.info).await?;
             let text: String =
                 client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(PgError::from)?.get(0);
-            Ok(Position::Postgres { lsn: self.parse_lsn(&text)? })
+            Ok(Position::postgres(self.parse_lsn(&text)?))
         })
     }
 
     fn parse_position(&self, text: &str) -> Result<Position, EngineError> {
-        Ok(Position::Postgres { lsn: self.parse_lsn(text)? })
+        Ok(Position::postgres(self.parse_lsn(text)?))
     }
 
     fn ensure_not_running(&self) -> BoxFuture<'_, Result<(), EngineError>> {

@@ -96,10 +96,15 @@ impl PgError {
             PgError::Server { code, .. } => transient_code(code),
             // A terminated backend (57P01) reaches a tokio-postgres connection as a db error or as a
             // closed connection, depending on timing: both are transient.
-            PgError::Sql(e) => e.is_closed() || e.as_db_error().is_none_or(|db| transient_code(db.code().code())),
+            PgError::Sql(e) => transient_sql(e),
             _ => false,
         }
     }
+}
+
+/// Whether an SQL error means the connection or the server went away (retry), not a bad request.
+pub(crate) fn transient_sql(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || e.as_db_error().is_none_or(|db| transient_code(db.code().code()))
 }
 
 /// SQLSTATEs that mean "the server or the connection went away", not "the request is wrong":

@@ -16,10 +16,11 @@ pub mod check;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod geometry;
-pub mod ha;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod geometry;
+pub mod ha;
+pub mod incremental;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;

@@ -78,15 +78,15 @@ pub struct SnapshotJob<'a> {
     pub metrics: &'a Metrics,
 }
 
-struct SnapTable {
-    qualified: String,
-    sql_name: String,
-    schema: Arc<TableSchema>,
+pub(crate) struct SnapTable {
+    pub(crate) qualified: String,
+    pub(crate) sql_name: String,
+    pub(crate) schema: Arc<TableSchema>,
     kinds: Vec<ColumnKind>,
-    select_list: String,
+    pub(crate) select_list: String,
     /// Positions of the primary-key columns in the row, in key order.
-    pk: Vec<usize>,
-    estimate: i64,
+    pub(crate) pk: Vec<usize>,
+    pub(crate) estimate: i64,
     /// Every column has a binary reader (and every key column can be written back as a literal):
     /// the table is read with COPY's binary format, else as text.
     binary: Option<Vec<BinaryKind>>,
@@ -202,7 +202,7 @@ pub async fn run(
     }
     job.metrics.snapshot_rows_remaining.store(0, Relaxed);
     job.metrics.snapshot_table_started(None);
-    if !emitter.finish(Position::Postgres { lsn: consistent }).await {
+    if !emitter.finish(Position::postgres(consistent)).await {
         return Ok(false);
     }
     let secs = started.elapsed().as_secs_f64().max(0.001);
@@ -662,39 +662,102 @@ async fn list_tables(client: &Client, job: &SnapshotJob<'_>) -> Result<Vec<SnapT
         if job.tables.is_some_and(|accept| !accept(&qualified)) {
             continue;
         }
-        let columns = client
-            .query(
-                "SELECT attname::text, atttypid, atttypmod FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-                &[&oid],
-            )
-            .await?;
-        let pk_names = catalog::primary_key(client, oid).await?;
-        let names: Vec<String> = columns.iter().map(|c| c.get(0)).collect();
-        let pk: Vec<usize> = pk_names.iter().filter_map(|k| names.iter().position(|n| n == k)).collect();
-        let schema_arc = Arc::new(TableSchema {
-            id: TableId { schema: schema.clone(), table: name.clone() },
-            columns: names.iter().map(|n| ColumnSchema { name: n.clone(), key: pk_names.contains(n) }).collect(),
-        });
-        let kinds: Vec<ColumnKind> =
-            columns.iter().map(|c| ColumnKind::of(c.get::<_, u32>(1), c.get::<_, i32>(2))).collect();
-        let binary: Option<Vec<BinaryKind>> =
-            columns.iter().zip(&kinds).map(|(c, kind)| BinaryKind::of(c.get::<_, u32>(1), kind)).collect();
-        let binary = binary.filter(|b| pk.iter().all(|&i: &usize| b[i].keyable()));
-        // No casts: the simple protocol already returns each type's text output, as pgoutput does.
-        let select_list = names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
-        tables.push(SnapTable {
-            sql_name: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
-            qualified,
-            schema: schema_arc,
-            kinds,
-            select_list,
-            pk,
-            estimate,
-            binary,
-        });
+        tables.push(describe_table(client, oid, schema, name, estimate, None).await?);
     }
     Ok(tables)
+}
+
+/// A table's columns as pgoutput sends them (in attribute order, without dropped or generated
+/// columns), its key (the primary key, else `key_columns` when given) and how COPY reads it.
+pub(crate) async fn describe_table(
+    client: &Client,
+    oid: u32,
+    schema: String,
+    name: String,
+    estimate: i64,
+    key_columns: Option<&[String]>,
+) -> Result<SnapTable, PgError> {
+    let qualified = format!("{schema}.{name}");
+    let columns = client
+        .query(
+            "SELECT attname::text, atttypid, atttypmod FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            &[&oid],
+        )
+        .await?;
+    let mut pk_names = catalog::primary_key(client, oid).await?;
+    if pk_names.is_empty()
+        && let Some(key) = key_columns
+    {
+        pk_names = key.to_vec();
+    }
+    let names: Vec<String> = columns.iter().map(|c| c.get(0)).collect();
+    let pk: Vec<usize> = pk_names.iter().filter_map(|k| names.iter().position(|n| n == k)).collect();
+    let schema_arc = Arc::new(TableSchema {
+        id: TableId { schema: schema.clone(), table: name.clone() },
+        columns: names.iter().map(|n| ColumnSchema { name: n.clone(), key: pk_names.contains(n) }).collect(),
+    });
+    let kinds: Vec<ColumnKind> =
+        columns.iter().map(|c| ColumnKind::of(c.get::<_, u32>(1), c.get::<_, i32>(2))).collect();
+    let binary: Option<Vec<BinaryKind>> =
+        columns.iter().zip(&kinds).map(|(c, kind)| BinaryKind::of(c.get::<_, u32>(1), kind)).collect();
+    let binary = binary.filter(|b| pk.iter().all(|&i: &usize| b[i].keyable()));
+    // No casts: the simple protocol already returns each type's text output, as pgoutput does.
+    let select_list = names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
+    Ok(SnapTable {
+        sql_name: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+        qualified,
+        schema: schema_arc,
+        kinds,
+        select_list,
+        pk,
+        estimate,
+        binary,
+    })
+}
+
+/// The keyset condition for the rows after `after` in key order: `(k1, k2) > ('a', 'b')`.
+pub(crate) fn after_condition(table: &SnapTable, after: &[Option<String>]) -> String {
+    let order: Vec<String> = table.pk.iter().map(|&i| quote_ident(&table.schema.columns[i].name)).collect();
+    format!(
+        "({}) > ({})",
+        order.join(", "),
+        after.iter().map(|v| v.as_deref().map_or("NULL".to_owned(), quote_literal)).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Reads every row `query` (a SELECT of `table.select_list`) returns, through COPY in the table's
+/// format; the rows and the last row's key (text of SQL literals). For incremental snapshot chunks:
+/// a bounded number of rows.
+pub(crate) async fn copy_rows(
+    client: &Client,
+    table: &SnapTable,
+    query: &str,
+) -> Result<(Vec<Row>, Option<Vec<Option<String>>>), PgError> {
+    let (mut reader, options) = match &table.binary {
+        Some(kinds) => (RowReader::Binary(BinaryRows::new(kinds)), " (FORMAT binary)"),
+        None => (RowReader::Text(CopyLine::default()), ""),
+    };
+    let stream = client.copy_out(&format!("COPY ({query}) TO STDOUT{options}")).await?;
+    futures_util::pin_mut!(stream);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut rows = Vec::new();
+    let mut last_key = None;
+    loop {
+        let chunk = std::future::poll_fn(|cx| futures_util::Stream::poll_next(stream.as_mut(), cx)).await;
+        let Some(chunk) = chunk.transpose()? else { break };
+        pending.extend_from_slice(&chunk);
+        let mut at = 0;
+        while let Some(values) = reader.next_row(&pending, &mut at, table)? {
+            last_key = reader.key(table, &values);
+            rows.push(values);
+        }
+        pending.drain(..at);
+    }
+    if !pending.is_empty() {
+        return Err(copy_error(table, &pending));
+    }
+    Ok((rows, last_key))
 }
 
 #[cfg(test)]

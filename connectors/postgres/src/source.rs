@@ -19,16 +19,22 @@
 //!   to 1 ms at a time, 5 ms in all, for more), so latency stays low when idle and batches grow under
 //!   load; status updates keep flowing while the pipeline applies backpressure.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use tailgate_core::{Lsn, Position};
 pub use tailgate_pipeline::SnapshotMode;
 use tailgate_pipeline::stream::COALESCE_WINDOW;
-use tailgate_pipeline::{HandOver, Reconnecting, Source, SourceContext, TableRules, run_reconnecting};
+use tailgate_pipeline::{
+    Closed, Command, HandOver, IncrementalControl, IncrementalSnapshots, Reconnecting, Rules, Source, SourceContext,
+    TableRules, run_reconnecting,
+};
 use tracing::{debug, info, warn};
 
 use crate::catalog;
 use crate::error::PgError;
+use crate::incremental::{ChunkRead, ChunkReader};
 use crate::pgoutput::{self, PgOutput};
 use crate::replication::{ConnInfo, ReplicationConnection, ReplicationMessage};
 use crate::snapshot::{self, SnapshotJob, SnapshotProgress};
@@ -61,6 +67,12 @@ pub struct PostgresSourceConfig {
     /// A slot held by another process is waited for rather than refused at start (a new leader
     /// whose predecessor's walsender has not yet timed out).
     pub wait_for_slot: bool,
+    /// Incremental snapshot requests and their status.
+    pub incremental: Arc<IncrementalControl>,
+    /// Rows per incremental snapshot chunk.
+    pub incremental_chunk_rows: usize,
+    /// Snapshot tables a reload or restart newly includes.
+    pub snapshot_new_tables: bool,
 }
 
 impl std::fmt::Debug for PostgresSourceConfig {
@@ -91,7 +103,12 @@ impl Source for PostgresSource {
 
     async fn run(self, mut ctx: SourceContext) -> Result<(), PgError> {
         let resume = ctx.resume_from.as_ref().and_then(Position::lsn);
-        let mut state = StreamState::new(&self.config, &self.info.dbname, resume);
+        let incremental = IncrementalSnapshots::new(
+            self.config.incremental.clone(),
+            ctx.resume_from.as_ref().and_then(Position::incremental),
+            self.config.incremental_chunk_rows,
+        );
+        let mut state = StreamState::new(&self.config, &self.info.dbname, resume, incremental);
         if let Some(Position::PostgresSnapshot { done, table, after, .. }) = &ctx.resume_from {
             state.snapshot_progress =
                 Some(SnapshotProgress { done: done.clone(), table: table.clone(), after: after.clone() });
@@ -275,6 +292,7 @@ impl PostgresSource {
 
         let mut status_tick = tokio::time::interval(self.config.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut chunks = Chunks { reader: None, block_size: 0 };
 
         loop {
             while let Some(msg) = conn.try_next()? {
@@ -318,6 +336,12 @@ impl PostgresSource {
             if !self.hand_over(&mut conn, ctx, state, &mut status_tick).await? {
                 return Ok(());
             }
+            if !state.busy() && !ctx.shutdown.is_cancelled() {
+                self.incremental_step(&mut conn, ctx, state, &mut chunks).await?;
+                if !state.batcher.is_empty() {
+                    continue;
+                }
+            }
             let reached_end = self.config.stop_at.is_some_and(|end| state.last_marker >= end);
             if (ctx.shutdown.is_cancelled() || reached_end) && !state.busy() {
                 if reached_end {
@@ -325,6 +349,17 @@ impl PostgresSource {
                 }
                 return self.finish(conn, ctx, state).await;
             }
+            // Incremental snapshots: a chunk due now is read at the top of the loop; one in its
+            // window asks the server where its stream is, until it passes the high watermark.
+            if state.incremental.next_chunk().is_some() && !state.busy() && !ctx.shutdown.is_cancelled() {
+                continue;
+            }
+            let control = self.config.incremental.clone();
+            let wake = match (state.window_high.is_some(), state.incremental.retry_at()) {
+                (true, _) => Some(Instant::now() + WINDOW_POLL),
+                (false, Some(at)) => Some(at),
+                (false, None) => None,
+            };
             tokio::select! {
                 read = conn.fill() => {
                     read?;
@@ -333,8 +368,187 @@ impl PostgresSource {
                 // Asking for a reply makes an idle server answer with a keepalive: proof of life for /ready.
                 _ = status_tick.tick() => self.send_status(&mut conn, ctx, state, true).await?,
                 _ = ctx.shutdown.cancelled(), if !state.busy() => {}
+                _ = control.command_arrived() => {}
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
+                    if state.window_high.is_some() {
+                        self.send_status(&mut conn, ctx, state, true).await?;
+                    }
+                }
             }
         }
+    }
+
+    /// Between transactions: the operator's commands, tables the rules newly include, the chunk in
+    /// its window once the stream passed its high watermark, and the next chunk.
+    async fn incremental_step(
+        &self,
+        conn: &mut ReplicationConnection,
+        ctx: &mut SourceContext,
+        state: &mut StreamState,
+        chunks: &mut Chunks,
+    ) -> Result<(), PgError> {
+        let before = state.incremental.checkpoint();
+        let rules = self.config.tables.current();
+        let commands = state.incremental.control().take_commands();
+        let rules_changed = !state.rules_seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &rules));
+        for command in commands {
+            self.apply(command, state, chunks, &rules).await?;
+        }
+        if rules_changed {
+            self.snapshot_new_tables(state, chunks, &rules).await?;
+            state.rules_seen = Some(rules.clone());
+        }
+        ctx.metrics.incremental.pending.store(state.incremental.snapshots().len() as i64, Relaxed);
+        if let Some(high) = state.window_high
+            && crate::incremental::passed(state.last_marker, high, chunks.block_size)
+        {
+            state.window_high = None;
+            let source = state.incremental_source();
+            let mut events = Vec::new();
+            let closed = state.incremental.close(&source, &ctx.metrics, |event| events.push(event));
+            for event in events {
+                state.batcher.push(event);
+            }
+            if let Some(Closed::Done { .. }) = closed {
+                info!("incremental snapshot done");
+            }
+        }
+        if state.window_high.is_none()
+            && let Some(request) = state.incremental.next_chunk()
+        {
+            let reader = chunks.reader(&self.info).await?;
+            match reader.read(&request, &rules, &state.recent_xids).await? {
+                ChunkRead::Rows { chunk, high } => {
+                    debug!(table = %request.table, rows = chunk.rows.len(), high = %high, "incremental snapshot chunk read");
+                    state.incremental.open(&request, chunk, Instant::now());
+                    state.window_high = Some(high);
+                    // Ask where the stream is: an idle server answers with a keepalive at its end.
+                    self.send_status(conn, ctx, state, true).await?;
+                }
+                ChunkRead::Retry { xid } => {
+                    debug!(
+                        xid,
+                        "incremental snapshot: a transaction may already be streamed but is not yet visible; reading the chunk again"
+                    );
+                    ctx.metrics.incremental.retries.fetch_add(1, Relaxed);
+                    state.incremental.retry_later(CHUNK_RETRY);
+                }
+                ChunkRead::Failed(why) => {
+                    warn!(snapshot = request.id, table = %request.table, "incremental snapshot failed: {why}");
+                    state.incremental.fail(request.id, why);
+                }
+            }
+        }
+        // A queued, paused, finished or advanced snapshot becomes durable with the next checkpoint.
+        if state.incremental.checkpoint() != before {
+            state.batcher.marker(state.position(state.last_marker));
+        }
+        Ok(())
+    }
+
+    /// Runs one operator command.
+    async fn apply(
+        &self,
+        command: Command,
+        state: &mut StreamState,
+        chunks: &mut Chunks,
+        rules: &Rules,
+    ) -> Result<(), PgError> {
+        match command {
+            Command::Start { tables, filter, reply } => {
+                let mut accepted = Vec::new();
+                for table in &tables {
+                    match self.accept(chunks, table, filter.as_deref(), rules).await? {
+                        Ok(estimate) => accepted.push((table.clone(), estimate)),
+                        Err(why) => {
+                            let _ = reply.send(Err(why));
+                            return Ok(());
+                        }
+                    }
+                }
+                let ids: Vec<u64> = accepted
+                    .into_iter()
+                    .map(|(table, estimate)| {
+                        let id = state.incremental.add(table.clone(), filter.clone(), estimate);
+                        info!(snapshot = id, table = %table, filter = filter.as_deref().unwrap_or(""), "incremental snapshot requested");
+                        id
+                    })
+                    .collect();
+                let _ = reply.send(Ok(ids));
+            }
+            Command::Pause { id, reply } => {
+                let _ = reply.send(state.incremental.pause(id));
+                state.window_high = state.window_high.filter(|_| state.incremental.window_open());
+            }
+            Command::Resume { id, reply } => {
+                let _ = reply.send(state.incremental.resume(id));
+            }
+            Command::Cancel { id, reply } => {
+                let _ = reply.send(state.incremental.cancel(id));
+                state.window_high = state.window_high.filter(|_| state.incremental.window_open());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `table` can be snapshotted incrementally (with `filter`): its estimated rows, or why not.
+    async fn accept(
+        &self,
+        chunks: &mut Chunks,
+        table: &str,
+        filter: Option<&str>,
+        rules: &Rules,
+    ) -> Result<Result<i64, String>, PgError> {
+        let reader = chunks.reader(&self.info).await?;
+        reader.forget(table);
+        let described = match reader.describe(table, rules).await? {
+            Ok(described) => described,
+            Err(why) => return Ok(Err(why)),
+        };
+        if let Some(filter) = filter
+            && let Err(why) = reader.check_filter(&described, filter).await?
+        {
+            return Ok(Err(why));
+        }
+        if !reader.in_publication(table, &self.config.publication).await? {
+            return Ok(Err(format!(
+                "table {table} is not in publication {}: its changes would not stream. Fix: ALTER PUBLICATION {} ADD TABLE {table} (or let tailgate manage the publication: source.create_publication = true)",
+                self.config.publication, self.config.publication
+            )));
+        }
+        Ok(Ok(described.estimate))
+    }
+
+    /// Queues a snapshot of every table the current rules include and the checkpoint's rules did
+    /// not (a reload, or a restart with new rules); then records the current rules.
+    async fn snapshot_new_tables(
+        &self,
+        state: &mut StreamState,
+        chunks: &mut Chunks,
+        rules: &Rules,
+    ) -> Result<(), PgError> {
+        let current = rules.captured();
+        if let Some(previous) = state.incremental.captured().cloned()
+            && previous != current
+            && self.config.snapshot_new_tables
+        {
+            for table in chunks.reader(&self.info).await?.user_tables().await? {
+                let was = Rules::captured_under(&previous, &table).unwrap_or(true);
+                let queued = state.incremental.snapshots().iter().any(|s| s.table == table);
+                if was || queued || !rules.table_included(&table) {
+                    continue;
+                }
+                match self.accept(chunks, &table, None, rules).await? {
+                    Ok(estimate) => {
+                        let id = state.incremental.add(table.clone(), None, estimate);
+                        info!(snapshot = id, table = %table, "newly included table: incremental snapshot queued");
+                    }
+                    Err(why) => warn!(table = %table, "newly included table cannot be snapshotted: {why}"),
+                }
+            }
+        }
+        state.incremental.set_captured(current);
+        Ok(())
     }
 
     /// Creates the slot when missing and decides whether a snapshot runs first: (exported snapshot,
@@ -439,5 +653,28 @@ impl PostgresSource {
         conn.close().await;
         info!(flushed = %ctx.acked.borrow().as_ref().map_or("(none)".to_owned(), ToString::to_string), "replication connection closed");
         Ok(())
+    }
+}
+
+/// How often a chunk in its window asks the server where the stream is.
+const WINDOW_POLL: Duration = Duration::from_millis(5);
+/// How long a chunk refused by the watermark check waits before it is read again.
+const CHUNK_RETRY: Duration = Duration::from_millis(2);
+
+/// The connection incremental snapshot chunks are read on, opened when first needed.
+struct Chunks {
+    reader: Option<ChunkReader>,
+    /// The server's WAL page size (`wal_block_size`).
+    block_size: u64,
+}
+
+impl Chunks {
+    async fn reader(&mut self, info: &ConnInfo) -> Result<&mut ChunkReader, PgError> {
+        if self.reader.is_none() {
+            let reader = ChunkReader::connect(info).await?;
+            self.block_size = reader.block_size().await?;
+            self.reader = Some(reader);
+        }
+        Ok(self.reader.as_mut().expect("connected above"))
     }
 }

@@ -18,10 +18,11 @@ use tailgate_core::{
     ChangeEvent, ColumnSchema, Event, LogicalMessage, Lsn, Op, PgSourceBlock, Position, Row, SourceInfo, Symbol,
     TableId, TableSchema, Value,
 };
-use tailgate_pipeline::StreamBatcher;
+use tailgate_pipeline::{IncrementalSnapshots, Rules, StreamBatcher};
 use tracing::debug;
 
 use crate::error::PgError;
+use crate::incremental::RecentXids;
 use crate::pgoutput::{OldTuple, PgOutput, Relation, TupleValue};
 use crate::snapshot::SnapshotProgress;
 use crate::source::PostgresSourceConfig;
@@ -66,10 +67,23 @@ pub(crate) struct StreamState {
     pub(crate) snapshot_done: bool,
     /// The server keeps FAILOVER slots on its standbys (PostgreSQL 17+): new slots are created so.
     pub(crate) failover_slots: bool,
+    /// Incremental snapshots: the queue, the chunk in its window, the progress checkpoints carry.
+    pub(crate) incremental: IncrementalSnapshots,
+    /// The high watermark of the chunk in its window.
+    pub(crate) window_high: Option<Lsn>,
+    /// Transactions emitted lately (see [`RecentXids`]).
+    pub(crate) recent_xids: RecentXids,
+    /// The table rules the incremental snapshots last compared against (a reload replaces them).
+    pub(crate) rules_seen: Option<Arc<Rules>>,
 }
 
 impl StreamState {
-    pub(crate) fn new(config: &PostgresSourceConfig, db: &str, resume_after: Option<Lsn>) -> Self {
+    pub(crate) fn new(
+        config: &PostgresSourceConfig,
+        db: &str,
+        resume_after: Option<Lsn>,
+        incremental: IncrementalSnapshots,
+    ) -> Self {
         StreamState {
             name: config.name.as_str().into(),
             db: db.into(),
@@ -87,7 +101,37 @@ impl StreamState {
             snapshot_progress: None,
             snapshot_done: false,
             failover_slots: false,
+            incremental,
+            window_high: None,
+            recent_xids: RecentXids::default(),
+            rules_seen: None,
         }
+    }
+
+    /// A streaming position at `lsn`, carrying the incremental snapshots' progress.
+    pub(crate) fn position(&self, lsn: Lsn) -> Position {
+        Position::Postgres { lsn, incremental: self.incremental.checkpoint() }
+    }
+
+    /// Pushes an event of the open transaction; a chunk in its window learns of the change first.
+    fn push(&mut self, event: Event) {
+        self.incremental.observe(&event);
+        self.batcher.push(event);
+    }
+
+    /// The `source` block of incremental snapshot rows: read now, at the stream's position.
+    pub(crate) fn incremental_source(&self) -> SourceInfo {
+        let now_us =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        SourceInfo::Postgres(PgSourceBlock {
+            name: self.name,
+            db: self.db,
+            commit_ts_us: now_us,
+            txid: 0,
+            lsn: self.last_marker.0,
+            last_commit_lsn: self.last_commit_lsn,
+            snapshot: "incremental",
+        })
     }
 
     /// The last commit (or idle marker) handed to the batch in this run.
@@ -102,6 +146,9 @@ impl StreamState {
 
     /// The connection is gone: a transaction cut by it comes again whole.
     pub(crate) fn disconnected(&mut self) {
+        // The chunk in its window is read again after the reconnect.
+        self.incremental.abandon_window();
+        self.window_high = None;
         self.batcher.disconnected();
         self.txn = None;
         self.in_transaction = false;
@@ -141,7 +188,7 @@ impl StreamState {
             return;
         }
         self.last_marker = wal_end;
-        self.batcher.marker(Position::Postgres { lsn: wal_end });
+        self.batcher.marker(self.position(wal_end));
     }
 
     pub(crate) fn source_info(&self, lsn: u64) -> SourceInfo {
@@ -172,11 +219,15 @@ impl StreamState {
                     Some(Transaction { xid, commit_ts_us: commit_ts.saturating_add(PG_EPOCH_OFFSET_MICROS), skip });
             }
             PgOutput::Commit { commit_lsn, end_lsn, .. } => {
-                let skipped = self.txn.take().is_some_and(|t| t.skip);
+                let txn = self.txn.take();
+                let skipped = txn.as_ref().is_some_and(|t| t.skip);
                 self.in_transaction = false;
+                if let Some(txn) = txn {
+                    self.recent_xids.emitted(txn.xid);
+                }
                 if !skipped {
                     let end = Lsn(end_lsn);
-                    self.batcher.commit(Position::Postgres { lsn: end });
+                    self.batcher.commit(self.position(end));
                     self.last_marker = self.last_marker.max(end);
                     self.last_commit_lsn = Some(commit_lsn);
                 }
@@ -191,7 +242,7 @@ impl StreamState {
                 let table = self.table(rel)?;
                 let after = table.row(&new)?;
                 let event = self.change(Op::Create, rel, None, Some(after), wal_start)?;
-                self.batcher.push(event);
+                self.push(event);
             }
             PgOutput::Update { rel, old, new } => {
                 // One log unit, whether it yields one event or two (a key change).
@@ -208,12 +259,12 @@ impl StreamState {
                 if key_changed {
                     // As Debezium: a delete (and its tombstone) for the old key, a create for the new.
                     let delete = self.change(Op::Delete, rel, before, None, wal_start)?;
-                    self.batcher.push(delete);
+                    self.push(delete);
                     let create = self.change(Op::Create, rel, None, Some(after), wal_start)?;
-                    self.batcher.push(create);
+                    self.push(create);
                 } else {
                     let event = self.change(Op::Update, rel, before, Some(after), wal_start)?;
-                    self.batcher.push(event);
+                    self.push(event);
                 }
             }
             PgOutput::Delete { rel, old } => {
@@ -224,7 +275,7 @@ impl StreamState {
                 let (OldTuple::Key(t) | OldTuple::Full(t)) = &old;
                 let before = table.row(t)?;
                 let event = self.change(Op::Delete, rel, Some(before), None, wal_start)?;
-                self.batcher.push(event);
+                self.push(event);
             }
             PgOutput::Truncate { rels, .. } => {
                 if self.skipping() || !self.batcher.admit() {
@@ -232,7 +283,7 @@ impl StreamState {
                 }
                 for rel in rels {
                     let event = self.change(Op::Truncate, rel, None, None, wal_start)?;
-                    self.batcher.push(event);
+                    self.push(event);
                 }
             }
             PgOutput::Message { transactional, lsn, prefix, content } => {
@@ -345,8 +396,12 @@ mod tests {
             snapshot_fetch_rows: 100,
             snapshot_parallel: 1,
             wait_for_slot: false,
+            incremental: tailgate_pipeline::IncrementalControl::new(),
+            incremental_chunk_rows: 1024,
+            snapshot_new_tables: true,
         };
-        let mut s = StreamState::new(&cfg, "shop", resume);
+        let incremental = IncrementalSnapshots::new(cfg.incremental.clone(), None, 1024);
+        let mut s = StreamState::new(&cfg, "shop", resume, incremental);
         s.add_relation(
             &Relation {
                 id: 1,

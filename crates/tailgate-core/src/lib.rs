@@ -24,7 +24,7 @@ pub use event::{
 };
 pub use gtid::{GtidSet, MariadbGtidList, MysqlGtidSet, Uuid};
 pub use parse::ParsePositionError;
-pub use position::{BinlogFile, Lsn, Position};
+pub use position::{BinlogFile, CapturedTables, IncrementalProgress, IncrementalSnapshot, Lsn, Position};
 pub use symbol::Symbol;
 pub use value::{Decimal, Row, Value};
 

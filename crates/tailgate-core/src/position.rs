@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +63,12 @@ impl<'de> Deserialize<'de> for Lsn {
 pub enum Position {
     /// PostgreSQL: everything that committed before `lsn` (a commit's end LSN, or a keepalive's
     /// WAL end while nothing was in flight) has been delivered.
-    Postgres { lsn: Lsn },
+    Postgres {
+        lsn: Lsn,
+        /// Incremental snapshots in progress, as delivered up to here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incremental: Option<Arc<IncrementalProgress>>,
+    },
     /// PostgreSQL, during the initial snapshot: the tables in `done` and the rows of `table` up to
     /// the primary key `after` are delivered; streaming must start at `lsn` (the slot's consistent
     /// point) once the snapshot is complete.
@@ -83,6 +89,9 @@ pub enum Position {
         pos: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gtids: Option<GtidSet>,
+        /// Incremental snapshots in progress, as delivered up to here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incremental: Option<Arc<IncrementalProgress>>,
     },
     /// MySQL or MariaDB, during the initial snapshot: the tables in `done` and the rows of `table`
     /// up to the primary key `after` are delivered; streaming must start at `file`/`pos`/`gtids`
@@ -99,6 +108,57 @@ pub enum Position {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<Vec<Option<String>>>,
     },
+}
+
+/// Incremental snapshots (tables read in chunks while streaming goes on) and the table rules they
+/// were decided under. It travels with every streamed checkpoint, so a restart resumes each
+/// snapshot after the last chunk the sink acknowledged, and the checkpoint's table rules tell a
+/// restart which tables its own rules newly include.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalProgress {
+    /// The id the next requested snapshot gets.
+    #[serde(default)]
+    pub next_id: u64,
+    /// Requested and not finished, in the order they run: the first one not paused is read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<IncrementalSnapshot>,
+    /// The table rules in force at this checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured: Option<CapturedTables>,
+}
+
+/// One table's incremental snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalSnapshot {
+    pub id: u64,
+    /// `schema.table` (MySQL: `database.table`).
+    pub table: String,
+    /// An SQL predicate limiting the rows read (`--where`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Key values (text of SQL literals) of the last row delivered; `None`: from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<Option<String>>>,
+    /// Rows delivered so far.
+    #[serde(default)]
+    pub rows: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// Table rules as patterns (`[filter] include_tables`, `exclude_tables`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapturedTables {
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Outbox tables (always captured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<String>,
 }
 
 /// A binlog file name (`mysql-bin.000042`). Ordered by its numeric extension, so that
@@ -137,11 +197,29 @@ impl fmt::Display for BinlogFile {
 }
 
 impl Position {
+    /// A PostgreSQL streaming position without incremental snapshots.
+    pub fn postgres(lsn: Lsn) -> Position {
+        Position::Postgres { lsn, incremental: None }
+    }
+
+    /// A MySQL/MariaDB streaming position without incremental snapshots.
+    pub fn mysql(file: BinlogFile, pos: u64, gtids: Option<GtidSet>) -> Position {
+        Position::Mysql { file, pos, gtids, incremental: None }
+    }
+
+    /// The incremental snapshots this checkpoint carries.
+    pub fn incremental(&self) -> Option<&Arc<IncrementalProgress>> {
+        match self {
+            Position::Postgres { incremental, .. } | Position::Mysql { incremental, .. } => incremental.as_ref(),
+            Position::PostgresSnapshot { .. } | Position::MysqlSnapshot { .. } => None,
+        }
+    }
+
     /// The position as one number, for metrics. PostgreSQL: the LSN; MySQL: the binlog file's
     /// sequence number in the upper 32 bits and the offset in the lower 32.
     pub fn as_number(&self) -> u64 {
         match self {
-            Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => lsn.0,
+            Position::Postgres { lsn, .. } | Position::PostgresSnapshot { lsn, .. } => lsn.0,
             Position::Mysql { file, pos, .. } | Position::MysqlSnapshot { file, pos, .. } => {
                 (file.index() << 32) | (pos & 0xFFFF_FFFF)
             }
@@ -151,7 +229,7 @@ impl Position {
     /// PostgreSQL: the log position this checkpoint guarantees (streaming resumes from it).
     pub fn lsn(&self) -> Option<Lsn> {
         match self {
-            Position::Postgres { lsn } | Position::PostgresSnapshot { lsn, .. } => Some(*lsn),
+            Position::Postgres { lsn, .. } | Position::PostgresSnapshot { lsn, .. } => Some(*lsn),
             Position::Mysql { .. } | Position::MysqlSnapshot { .. } => None,
         }
     }
@@ -160,7 +238,7 @@ impl Position {
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Position::Postgres { lsn } => write!(f, "lsn {lsn}"),
+            Position::Postgres { lsn, .. } => write!(f, "lsn {lsn}"),
             Position::PostgresSnapshot { lsn, done, table, .. } => {
                 write!(f, "snapshot at lsn {lsn}: {} table(s) done", done.len())?;
                 match table {
@@ -168,7 +246,7 @@ impl fmt::Display for Position {
                     None => Ok(()),
                 }
             }
-            Position::Mysql { file, pos, gtids } => {
+            Position::Mysql { file, pos, gtids, .. } => {
                 write!(f, "{file}:{pos}")?;
                 match gtids {
                     Some(g) if !g.is_empty() => write!(f, " (gtids {g})"),
@@ -203,7 +281,7 @@ mod tests {
     /// Frozen: the offsets file stores exactly this. Changing it strands users' checkpoints.
     #[test]
     fn position_json_is_frozen() {
-        let p = Position::Postgres { lsn: Lsn(0x1_0000_002A) };
+        let p = Position::postgres(Lsn(0x1_0000_002A));
         let json = serde_json::to_string(&p).unwrap();
         assert_eq!(json, r#"{"type":"postgres","lsn":"1/2A"}"#);
         let back: Position = serde_json::from_str(r#"{"type":"postgres","lsn":"1/2A"}"#).unwrap();
@@ -222,11 +300,11 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), snap);
 
-        let mysql = Position::Mysql {
-            file: BinlogFile("binlog.000003".into()),
-            pos: 1234,
-            gtids: Some("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5".parse().unwrap()),
-        };
+        let mysql = Position::mysql(
+            BinlogFile("binlog.000003".into()),
+            1234,
+            Some("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5".parse().unwrap()),
+        );
         let json = serde_json::to_string(&mysql).unwrap();
         assert_eq!(
             json,
@@ -252,6 +330,27 @@ mod tests {
             r#"{"type":"mysql_snapshot","file":"mysql-bin.000002","pos":328,"gtids":"0-1-7","done":["shop.a"],"table":"shop.b","after":["41"]}"#
         );
         assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), snap);
+        let with_incremental = Position::Postgres {
+            lsn: Lsn(0x2A),
+            incremental: Some(Arc::new(IncrementalProgress {
+                next_id: 3,
+                snapshots: vec![IncrementalSnapshot {
+                    id: 2,
+                    table: "public.orders".into(),
+                    filter: Some("id > 5".into()),
+                    after: Some(vec![Some("77".into())]),
+                    rows: 70,
+                    paused: false,
+                }],
+                captured: Some(CapturedTables { include: vec!["public\\..*".into()], exclude: vec![], outbox: vec![] }),
+            })),
+        };
+        let json = serde_json::to_string(&with_incremental).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"postgres","lsn":"0/2A","incremental":{"next_id":3,"snapshots":[{"id":2,"table":"public.orders","filter":"id > 5","after":["77"],"rows":70}],"captured":{"include":["public\\..*"],"exclude":[]}}}"#
+        );
+        assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), with_incremental);
         let plain = r#"{"type":"mysql","file":"mysql-bin.000001","pos":4}"#;
         assert!(matches!(serde_json::from_str::<Position>(plain).unwrap(), Position::Mysql { gtids: None, .. }));
     }
@@ -263,7 +362,7 @@ mod tests {
         assert!(f("mysql-bin.000002") > f("mysql-bin.000001"));
         assert_eq!(f("mysql-bin.000042").index(), 42);
         assert!((f("b.000001"), 900) < (f("b.000002"), 4));
-        let at = |file: &str, pos| Position::Mysql { file: f(file), pos, gtids: None };
+        let at = |file: &str, pos| Position::mysql(f(file), pos, None);
         assert_eq!(at("b.000002", 4).as_number(), (2 << 32) | 4);
     }
 }

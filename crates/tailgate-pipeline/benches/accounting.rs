@@ -44,7 +44,7 @@ fn batch(table: &Arc<TableSchema>, n: usize) -> Vec<Item> {
             }),
         })));
         if i % 1000 == 999 {
-            items.push(Item::Commit(Position::Postgres { lsn: Lsn(40_000_000 + i as u64) }));
+            items.push(Item::Commit(Position::postgres(Lsn(40_000_000 + i as u64))));
         }
     }
     items

@@ -76,7 +76,7 @@ mod tests {
     use super::*;
 
     fn pos(n: u64) -> Checkpoint {
-        Checkpoint { seq: n, position: Position::Postgres { lsn: Lsn(n) } }
+        Checkpoint { seq: n, position: Position::postgres(Lsn(n)) }
     }
 
     #[test]

@@ -483,7 +483,7 @@ mod tests {
         let mut ids = Vec::new();
         let commit = SinkItem::Commit(crate::sink::Checkpoint {
             seq: 1,
-            position: tailgate_core::Position::Postgres { lsn: tailgate_core::Lsn(9) },
+            position: tailgate_core::Position::postgres(tailgate_core::Lsn(9)),
         });
         for _ in 0..2 {
             for item in [&delete_event("a"), &delete_event("b"), &commit] {

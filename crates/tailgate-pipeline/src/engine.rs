@@ -103,6 +103,8 @@ pub struct SourceParams {
     /// may still hold for a moment (PostgreSQL: the slot, until its walsender times out) are waited
     /// for instead of refused.
     pub taking_over: bool,
+    /// Incremental snapshot requests from the operator (`POST /snapshots`), and their status.
+    pub incremental: Arc<crate::IncrementalControl>,
 }
 
 /// A source database, as the binary drives it. Implementations answer every method with their own

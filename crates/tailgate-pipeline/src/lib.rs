@@ -17,6 +17,7 @@ pub mod check;
 pub mod config;
 pub mod encode;
 pub mod engine;
+pub mod incremental;
 pub mod metrics;
 pub mod offsets;
 pub mod runtime;
@@ -31,6 +32,9 @@ pub use check::{CheckResult, Status};
 pub use config::{KeyError, key_error};
 pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use engine::{BoxFuture, Classify, Engine, EngineError, ErrorClass, Lease, SourceParams};
+pub use incremental::{
+    Chunk, ChunkRequest, Closed, Command, ControlError, IncrementalControl, IncrementalSnapshots, SnapshotStatus,
+};
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{FileStore, OffsetStore, OffsetsError, StoredOffset};
 pub use runtime::{PipelineError, RunContext, RunOptions, RunSummary, run};

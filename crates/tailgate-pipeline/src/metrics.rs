@@ -44,6 +44,18 @@ impl Histogram {
     }
 }
 
+fn histogram(out: &mut String, c: &str, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, bucket) in LAG_BUCKETS.iter().zip(&h.buckets) {
+        let _ = writeln!(out, "{name}_bucket{{connector=\"{c}\",le=\"{bound}\"}} {}", bucket.load(Relaxed));
+    }
+    let count = h.count.load(Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{connector=\"{c}\",le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{connector=\"{c}\"}} {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{connector=\"{c}\"}} {count}");
+}
+
 /// Counts of one batch, applied to [`Metrics`] in one go.
 #[derive(Debug, Default)]
 pub struct BatchCounts {
@@ -85,8 +97,25 @@ pub struct Metrics {
     /// High availability: set while another instance leads (`/ready` answers 503,
     /// `tailgate_leader` is 0).
     pub standby: AtomicBool,
+    /// Incremental snapshots (tables read in chunks while streaming).
+    pub incremental: IncrementalMetrics,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     tables: Mutex<BTreeMap<String, u64>>,
+}
+
+#[derive(Debug, Default)]
+pub struct IncrementalMetrics {
+    /// Rows emitted by incremental snapshots.
+    pub rows: AtomicU64,
+    /// Chunk rows dropped because the stream changed their key during the chunk's window.
+    pub dropped: AtomicU64,
+    pub chunks: AtomicU64,
+    /// Chunks read again: a transaction the read could not place, a truncate in the window.
+    pub retries: AtomicU64,
+    /// From reading a chunk to emitting it (the stream passing its high watermark).
+    pub chunk_latency: Histogram,
+    /// Snapshots queued, running or paused.
+    pub pending: AtomicI64,
 }
 
 /// The table a snapshot is reading: its name, estimated rows, and `snapshot_rows` and the time when
@@ -214,6 +243,19 @@ impl Metrics {
         );
         counter("tailgate_source_reconnects_total", "Reconnections to the source.", self.reconnects.load(Relaxed));
         counter("tailgate_snapshot_rows_total", "Rows read by the initial snapshot.", self.snapshot_rows.load(Relaxed));
+        let inc = &self.incremental;
+        counter("tailgate_incremental_rows_total", "Rows emitted by incremental snapshots.", inc.rows.load(Relaxed));
+        counter(
+            "tailgate_incremental_rows_dropped_total",
+            "Incremental snapshot rows dropped because the stream changed their key meanwhile.",
+            inc.dropped.load(Relaxed),
+        );
+        counter("tailgate_incremental_chunks_total", "Incremental snapshot chunks emitted.", inc.chunks.load(Relaxed));
+        counter(
+            "tailgate_incremental_chunk_retries_total",
+            "Incremental snapshot chunks read again (a transaction the read could not place, a truncate).",
+            inc.retries.load(Relaxed),
+        );
 
         let mut gauge = |name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{connector=\"{c}\"}} {v}");
@@ -239,6 +281,11 @@ impl Metrics {
             self.snapshot_rows_remaining.load(Relaxed).max(0),
         );
         gauge(
+            "tailgate_incremental_snapshots_pending",
+            "Incremental snapshots queued, running or paused.",
+            inc.pending.load(Relaxed),
+        );
+        gauge(
             "tailgate_source_connected",
             "1 while streaming from the source.",
             i64::from(self.source_connected.load(Relaxed)),
@@ -255,20 +302,20 @@ impl Metrics {
             (self.last_progress_ms.load(Relaxed) / 1000) as i64,
         );
 
-        let name = "tailgate_delivery_lag_seconds";
-        let _ = writeln!(out, "# HELP {name} Seconds from source commit to sink acknowledgement, per transaction.");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (bound, bucket) in LAG_BUCKETS.iter().zip(&self.delivery_lag.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{connector=\"{c}\",le=\"{bound}\"}} {}", bucket.load(Relaxed));
-        }
-        let count = self.delivery_lag.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{connector=\"{c}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{connector=\"{c}\"}} {}",
-            self.delivery_lag.sum_micros.load(Relaxed) as f64 / 1e6
+        histogram(
+            &mut out,
+            &c,
+            "tailgate_delivery_lag_seconds",
+            "Seconds from source commit to sink acknowledgement, per transaction.",
+            &self.delivery_lag,
         );
-        let _ = writeln!(out, "{name}_count{{connector=\"{c}\"}} {count}");
+        histogram(
+            &mut out,
+            &c,
+            "tailgate_incremental_chunk_seconds",
+            "Seconds from reading an incremental snapshot chunk to emitting it.",
+            &inc.chunk_latency,
+        );
 
         let _ = writeln!(out, "# HELP tailgate_table_events_read_total Change events read, per table.");
         let _ = writeln!(out, "# TYPE tailgate_table_events_read_total counter");

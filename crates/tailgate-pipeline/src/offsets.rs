@@ -229,11 +229,11 @@ mod tests {
         let a = FileStore::new(&path, "a");
         let b = FileStore::new(&path, "b");
         assert_eq!(a.load().unwrap(), None);
-        a.save(&Position::Postgres { lsn: Lsn(1) }).unwrap();
-        b.save(&Position::Postgres { lsn: Lsn(2) }).unwrap();
-        a.save(&Position::Postgres { lsn: Lsn(3) }).unwrap();
-        assert_eq!(a.load().unwrap().unwrap().position, Position::Postgres { lsn: Lsn(3) });
-        assert_eq!(b.load().unwrap().unwrap().position, Position::Postgres { lsn: Lsn(2) });
+        a.save(&Position::postgres(Lsn(1))).unwrap();
+        b.save(&Position::postgres(Lsn(2))).unwrap();
+        a.save(&Position::postgres(Lsn(3))).unwrap();
+        assert_eq!(a.load().unwrap().unwrap().position, Position::postgres(Lsn(3)));
+        assert_eq!(b.load().unwrap().unwrap().position, Position::postgres(Lsn(2)));
         assert!(a.clear().unwrap());
         assert_eq!(a.load().unwrap(), None);
         assert!(!dir.join("o.json.tmp").exists(), "temporary file is renamed away");
@@ -252,9 +252,9 @@ mod tests {
                 let store = FileStore::new(&path, name);
                 std::thread::spawn(move || {
                     for i in 1..=300u64 {
-                        store.save(&Position::Postgres { lsn: Lsn(i) }).unwrap();
+                        store.save(&Position::postgres(Lsn(i))).unwrap();
                         let mine = store.load().unwrap().expect("my entry is there").position;
-                        assert_eq!(mine, Position::Postgres { lsn: Lsn(i) });
+                        assert_eq!(mine, Position::postgres(Lsn(i)));
                     }
                 })
             })
@@ -264,7 +264,7 @@ mod tests {
         }
         for name in ["a", "b", "c"] {
             let stored = FileStore::new(&path, name).load().unwrap().unwrap();
-            assert_eq!(stored.position, Position::Postgres { lsn: Lsn(300) }, "{name}");
+            assert_eq!(stored.position, Position::postgres(Lsn(300)), "{name}");
         }
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
@@ -281,7 +281,7 @@ mod tests {
         )
         .unwrap();
         let stored = FileStore::new(&path, "shop").load().unwrap().unwrap();
-        assert_eq!(stored.position, Position::Postgres { lsn: "0/16B3748".parse().unwrap() });
+        assert_eq!(stored.position, Position::postgres("0/16B3748".parse().unwrap()));
         assert_eq!(stored.updated_at_ms, 1_700_000_000_000);
     }
 

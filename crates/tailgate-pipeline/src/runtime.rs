@@ -385,11 +385,11 @@ mod tests {
             event("true"),
             Item::Commit(snapshot_marker),
             event("last"),
-            Item::Commit(Position::Postgres { lsn: Lsn(100) }),
+            Item::Commit(Position::postgres(Lsn(100))),
         ];
         for i in 0..1000 {
             batch.push(event("false"));
-            batch.push(Item::Commit(Position::Postgres { lsn: Lsn(200 + i) }));
+            batch.push(Item::Commit(Position::postgres(Lsn(200 + i))));
         }
         let (items, counts) = stage.process(batch).unwrap();
         assert_eq!(counts.transactions, 1002);
@@ -399,7 +399,7 @@ mod tests {
             }
         }
         let last = last.unwrap();
-        assert_eq!(last.position, Position::Postgres { lsn: Lsn(1199) });
+        assert_eq!(last.position, Position::postgres(Lsn(1199)));
         record_progress(&metrics, &last, &mut stage.pending_commits);
         assert!(stage.pending_commits.is_empty(), "{} commits left waiting", stage.pending_commits.len());
         assert_eq!(metrics.delivery_lag.count(), 1002);

@@ -362,10 +362,10 @@ mod tests {
     async fn the_newest_event_is_held_back_until_the_end_marks_it_last() {
         let (tx, mut rx) = mpsc::channel(8);
         let mut emitter = SnapshotEmitter::new(&tx, true);
-        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(1) });
+        emitter.marker(Position::postgres(tailgate_core::Lsn(1)));
         emitter.event(read(1));
         emitter.event(read(2));
-        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(2) });
+        emitter.marker(Position::postgres(tailgate_core::Lsn(2)));
         assert!(emitter.flush().await);
         assert_eq!(shape(&rx.recv().await.unwrap()), ["C", "Int(1):first"], "event 2 and its marker wait");
         assert!(emitter.flush().await);
@@ -373,7 +373,7 @@ mod tests {
         emitter.event(read(3));
         assert!(emitter.flush().await);
         assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(2):true", "C"]);
-        assert!(emitter.finish(Position::Postgres { lsn: tailgate_core::Lsn(3) }).await);
+        assert!(emitter.finish(Position::postgres(tailgate_core::Lsn(3))).await);
         assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(3):last", "C"]);
     }
 
@@ -385,7 +385,7 @@ mod tests {
         emitter.event(read(2));
         assert!(emitter.release().await);
         assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(1):true", "Int(2):true"]);
-        assert!(emitter.finish(Position::Postgres { lsn: tailgate_core::Lsn(3) }).await);
+        assert!(emitter.finish(Position::postgres(tailgate_core::Lsn(3))).await);
         assert_eq!(shape(&rx.recv().await.unwrap()), ["C"], "nothing left to mark last");
         drop(rx);
         emitter.event(read(4));
@@ -399,12 +399,12 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let mut emitter = SnapshotEmitter::new(&tx, false);
         emitter.event(read(1));
-        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(1) });
+        emitter.marker(Position::postgres(tailgate_core::Lsn(1)));
         emitter.event(read(2));
         assert!(emitter.flush().await);
         assert_eq!(shape(&rx.recv().await.unwrap()), ["Int(1):true", "C"]);
         emitter.event(read(3));
-        emitter.marker(Position::Postgres { lsn: tailgate_core::Lsn(3) });
+        emitter.marker(Position::postgres(tailgate_core::Lsn(3)));
         emitter.event(read(4));
         emitter.event(read(5));
         assert!(emitter.abandon().await);

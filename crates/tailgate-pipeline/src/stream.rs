@@ -321,7 +321,7 @@ mod tests {
     }
 
     fn commit(n: u64) -> Position {
-        Position::Postgres { lsn: Lsn(n) }
+        Position::postgres(Lsn(n))
     }
 
     /// Reads the stream as `id` per event and `C<n>` per commit.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 use serde::Deserialize;
-use tailgate_core::Op;
+use tailgate_core::{CapturedTables, Op};
 
 /// `[filter]`
 #[derive(Debug, Clone, Deserialize)]
@@ -370,6 +370,37 @@ impl Rules {
         }
         (self.include.is_empty() || self.include.iter().any(|r| r.is_match(qualified)))
             && !self.exclude.iter().any(|r| r.is_match(qualified))
+    }
+
+    /// The key columns `[filter.key_columns]` names for `schema.table`, if any.
+    pub fn key_columns(&self, qualified: &str) -> Option<&[String]> {
+        self.key_columns.get(qualified).map(Vec::as_slice)
+    }
+
+    /// The table rules as patterns, to record in a checkpoint ([`CapturedTables`]).
+    pub fn captured(&self) -> CapturedTables {
+        CapturedTables {
+            include: self.include.iter().map(|r| r.as_str().to_owned()).collect(),
+            exclude: self.exclude.iter().map(|r| r.as_str().to_owned()).collect(),
+            outbox: self.outboxes.iter().filter_map(|o| o.table.clone()).collect(),
+        }
+    }
+
+    /// Whether `schema.table` was captured under recorded rules; `None` when a recorded pattern no
+    /// longer compiles (it always did when recorded).
+    pub fn captured_under(captured: &CapturedTables, qualified: &str) -> Option<bool> {
+        if captured.outbox.iter().any(|t| t == qualified) {
+            return Some(true);
+        }
+        let matches = |patterns: &[String]| -> Option<bool> {
+            for p in patterns {
+                if Regex::new(p).ok()?.is_match(qualified) {
+                    return Some(true);
+                }
+            }
+            Some(false)
+        };
+        Some((captured.include.is_empty() || matches(&captured.include)?) && !matches(&captured.exclude)?)
     }
 
     /// Whether the rules select tables at all (else every table is captured).
