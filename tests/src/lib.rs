@@ -363,6 +363,18 @@ impl Record {
 /// Reads `topic` from the beginning until at least `at_least` records arrived (or `timeout`), then
 /// keeps reading briefly to catch extra records (duplicates would show up here).
 pub fn consume(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
+    consume_until(topic, timeout, |records, _| records >= at_least)
+}
+
+/// Reads `topic` from the beginning until nothing new arrived for `idle` (or `timeout`): for runs
+/// whose record count is not known in advance. Call it once the producer has stopped.
+pub fn consume_all(topic: &str, idle: Duration, timeout: Duration) -> Vec<Record> {
+    consume_until(topic, timeout, |records, quiet| records > 0 && quiet >= idle)
+}
+
+/// Reads `topic` until `done(records so far, time since the last record)`, then keeps reading briefly
+/// to catch extra records.
+fn consume_until(topic: &str, timeout: Duration, done: impl Fn(usize, Duration) -> bool) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .set("group.id", format!("tailgate-e2e-{}", nonce()))
@@ -393,8 +405,9 @@ pub fn consume(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let mut settle_until: Option<Instant> = None;
+    let mut last_record = Instant::now();
     loop {
-        if out.len() >= at_least && settle_until.is_none() {
+        if settle_until.is_none() && done(out.len(), last_record.elapsed()) {
             settle_until = Some(Instant::now() + Duration::from_millis(700));
         }
         let now = Instant::now();
@@ -403,6 +416,7 @@ pub fn consume(topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
+                last_record = Instant::now();
                 let parse = |b: &[u8]| {
                     serde_json::from_slice(b)
                         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
