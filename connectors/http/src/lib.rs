@@ -506,8 +506,9 @@ impl HttpSink {
         for item in &batch {
             if let SinkItem::Commit(position) = item {
                 self.tracker.commit(position.clone());
-                continue;
             }
+            // Commits go through the encoder too: they restart the index in the record ids, which
+            // must be the same when a transaction is sent again after a restart.
             let Some(prepared) = self.encoder.prepare(item)? else { continue };
             let dest = if prepared.dead_letter && self.has_dead_letter_url { Dest::DeadLetter } else { Dest::Main };
             if self.current.dest != dest || self.current.records >= self.max_batch_records {

@@ -27,7 +27,7 @@
 //!   unacknowledged batch first. Refused credentials, missing ACL permissions, a key of another type
 //!   and Redis Cluster redirections are definite: the run stops naming the cause and the fix.
 
-mod resp;
+pub mod resp;
 mod stop;
 
 use std::sync::Arc;
@@ -402,8 +402,9 @@ impl RedisSink {
         for item in &batch {
             if let SinkItem::Commit(position) = item {
                 self.tracker.commit(position.clone());
-                continue;
             }
+            // Commits go through the encoder too: they restart the index in the record ids, which
+            // must be the same when a transaction is sent again after a restart.
             let Some(prepared) = self.encoder.prepare(item)? else { continue };
             if self.full() {
                 self.hand_over().await?;

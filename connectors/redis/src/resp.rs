@@ -1,4 +1,5 @@
-//! The few pieces of the Redis protocol (RESP2) the sink needs: commands written as arrays of bulk
+//! The few pieces of the Redis protocol (RESP2) the sink needs (public for the end-to-end tests, which
+//! read streams with it): commands written as arrays of bulk
 //! strings into a reused buffer, and a reply reader that checks a transaction's replies without
 //! allocating on the success path.
 //!

@@ -10,6 +10,7 @@ mod mysql_streaming;
 mod mysql_transforms;
 mod mysql_types;
 mod operations;
+mod redis_sink;
 mod resilience;
 mod snapshot;
 mod streaming;
