@@ -320,10 +320,12 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<ReceiverState>>, secret: Ve
             }
         }
         let body: Vec<u8> = buf.drain(..length).collect();
-        let answer = if method == "OPTIONS" {
-            Answer::Ok
-        } else {
-            state.lock().unwrap().answers.get(&path).copied().unwrap_or(Answer::Ok)
+        let answer = state.lock().unwrap().answers.get(&path).copied().unwrap_or(Answer::Ok);
+        // `tailgate check` sends OPTIONS: answered like a POST only when credentials are refused.
+        let answer = match answer {
+            Answer::Status(401 | 403) => answer,
+            _ if method == "OPTIONS" => Answer::Ok,
+            _ => answer,
         };
         let status = match answer {
             Answer::Ok => 200,

@@ -16,3 +16,4 @@ mod snapshot;
 mod streaming;
 mod transforms;
 mod types;
+mod webhook_sink;
