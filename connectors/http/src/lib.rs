@@ -231,31 +231,26 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(dest: Dest, capacity: usize) -> Self {
-        let mut body = Vec::with_capacity(capacity);
+    /// A batch for `dest` in `body` and `ids` (buffers of earlier batches, cleared here).
+    fn new(dest: Dest, mut body: Vec<u8>, mut ids: Vec<u8>) -> Self {
+        body.clear();
         body.push(b'[');
-        Batch {
-            body,
-            ids: Vec::with_capacity(4096),
-            records: 0,
-            first_seq: 0,
-            dest,
-            last_body_mark: 0,
-            last_ids_mark: 0,
-            last_seq: 0,
-        }
+        ids.clear();
+        Batch { body, ids, records: 0, first_seq: 0, dest, last_body_mark: 0, last_ids_mark: 0, last_seq: 0 }
     }
 }
 
-fn seal(mut batch: Batch) -> Request {
+/// Closes `batch` into a request; gives back its ids buffer for reuse.
+fn seal(mut batch: Batch) -> (Request, Vec<u8>) {
     batch.body.push(b']');
-    Request {
+    let request = Request {
         key: idempotency_key(&batch.ids),
         body: Bytes::from(batch.body),
         records: batch.records,
         first_seq: batch.first_seq,
         dest: batch.dest,
-    }
+    };
+    (request, batch.ids)
 }
 
 /// A record as the encoder rendered it, with its sequence number.
@@ -355,6 +350,7 @@ enum Report {
         first_seq: u64,
         records: usize,
         dead_lettered: usize,
+        body: Option<Vec<u8>>,
     },
     Failed(SinkError),
 }
@@ -363,6 +359,9 @@ pub struct HttpSink {
     encoder: Encoder,
     tracker: AckTracker,
     current: Batch,
+    /// Buffers of batches the receiver took, for the next ones.
+    spare_bodies: Vec<Vec<u8>>,
+    spare_ids: Vec<Vec<u8>>,
     has_dead_letter_url: bool,
     max_batch_records: usize,
     max_batch_bytes: usize,
@@ -396,10 +395,13 @@ impl HttpSink {
         let (report_tx, reports) = mpsc::unbounded_channel();
         let stopping = Stopping::new(ctx.shutdown, ctx.drain_timeout);
         let writer = tokio::spawn(write_batches(endpoint, requests, report_tx, stopping));
+        let capacity = config.max_batch_bytes.min(1 << 20) + 1024;
         Ok(HttpSink {
             encoder: Encoder::new(ctx.encoder),
             tracker: AckTracker::new(),
-            current: Batch::new(Dest::Main, config.max_batch_bytes.min(1 << 20) + 1024),
+            current: Batch::new(Dest::Main, Vec::with_capacity(capacity), Vec::with_capacity(4096)),
+            spare_bodies: Vec::new(),
+            spare_ids: Vec::new(),
             has_dead_letter_url: config.dead_letter_url.is_some(),
             max_batch_records: config.max_batch_records,
             max_batch_bytes: config.max_batch_bytes,
@@ -414,10 +416,19 @@ impl HttpSink {
         self.max_batch_bytes.min(1 << 20) + 1024
     }
 
+    /// A new batch in buffers of earlier ones when there are some.
+    fn new_batch(&mut self, dest: Dest) -> Batch {
+        let body = self.spare_bodies.pop().unwrap_or_else(|| Vec::with_capacity(self.capacity()));
+        let ids = self.spare_ids.pop().unwrap_or_else(|| Vec::with_capacity(4096));
+        Batch::new(dest, body, ids)
+    }
+
     /// Closes the current batch and starts the next one for `dest`.
     fn seal(&mut self, dest: Dest) -> Request {
-        let next = Batch::new(dest, self.capacity());
-        seal(std::mem::replace(&mut self.current, next))
+        let next = self.new_batch(dest);
+        let (request, ids) = seal(std::mem::replace(&mut self.current, next));
+        self.spare_ids.push(ids);
+        request
     }
 
     /// Hands the current batch to the writer, waiting while the queue is full (backpressure).
@@ -460,7 +471,15 @@ impl HttpSink {
 
     fn apply(&mut self, report: Report) -> Result<(), SinkError> {
         match report {
-            Report::Done { first_seq, records, dead_lettered } => {
+            Report::Done { first_seq, records, dead_lettered, body } => {
+                // Keep a few bodies of the usual size (one grown by a huge record is let go): no
+                // allocation per batch, and no freed megabytes piling up in other threads' heaps.
+                if let Some(body) = body
+                    && self.spare_bodies.len() <= QUEUED_BATCHES
+                    && body.capacity() <= 2 * self.capacity()
+                {
+                    self.spare_bodies.push(body);
+                }
                 for seq in first_seq..first_seq + records as u64 {
                     self.tracker.ack(seq);
                 }
@@ -483,7 +502,7 @@ impl HttpSink {
     /// into a new batch, and hands the full one over.
     async fn split_last(&mut self) -> Result<(), SinkError> {
         let dest = self.current.dest;
-        let mut next = Batch::new(dest, self.capacity());
+        let mut next = self.new_batch(dest);
         let (body_mark, ids_mark) = (self.current.last_body_mark, self.current.last_ids_mark);
         // Past the comma that separated it from the record before.
         next.body.extend_from_slice(&self.current.body[body_mark + 1..]);
@@ -494,7 +513,8 @@ impl HttpSink {
         self.current.ids.truncate(ids_mark);
         self.current.records -= 1;
         let full = std::mem::replace(&mut self.current, next);
-        let request = seal(full);
+        let (request, ids) = seal(full);
+        self.spare_ids.push(ids);
         if self.queue.send(request).await.is_err() {
             return Err(self.writer_failure());
         }
@@ -752,7 +772,11 @@ async fn write_batches(
 ) {
     while let Some(request) = requests.recv().await {
         let report = match deliver(&endpoint, &request, &mut stopping).await {
-            Ok(dead_lettered) => Report::Done { first_seq: request.first_seq, records: request.records, dead_lettered },
+            Ok(dead_lettered) => {
+                // The body's buffer goes back to the sink once the client let go of it.
+                let body = request.body.try_into_mut().ok().map(Vec::from);
+                Report::Done { first_seq: request.first_seq, records: request.records, dead_lettered, body }
+            }
             Err(e) => {
                 let _ = reports.send(Report::Failed(e));
                 return;
@@ -908,13 +932,13 @@ mod tests {
 
     #[test]
     fn a_batch_is_a_json_array_of_records_with_their_ids() {
-        let mut batch = Batch::new(Dest::Main, 64);
+        let mut batch = Batch::new(Dest::Main, Vec::new(), Vec::new());
         push_into(&mut batch, &record("lsn 0/1/0", Some(br#"{"id":1}"#), Some(br#"{"op":"d"}"#), false));
         let tombstone =
             RecordRef { id: ("lsn 0/1/0", "/t"), value: None, ..record("", Some(br#"{"id":1}"#), None, false) };
         push_into(&mut batch, &tombstone);
         push_into(&mut batch, &record("ev-1", Some(b"order-7"), Some(b"not json"), true));
-        let request = seal(batch);
+        let (request, _) = seal(batch);
         let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
         assert_eq!(
             body,
