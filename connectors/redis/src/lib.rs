@@ -427,8 +427,10 @@ impl RedisSink {
 
     async fn flush_all(&mut self, timeout: Duration) -> Result<Option<Checkpoint>, SinkError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if tokio::time::timeout_at(deadline, self.hand_over()).await.is_ok_and(|r| r.is_err()) {
-            self.serve_reports()?;
+        // Waiting for room in the queue is bounded by the same deadline; a stopped writer's error
+        // is the run's error.
+        if let Ok(Err(e)) = tokio::time::timeout_at(deadline, self.hand_over()).await {
+            return Err(e);
         }
         while self.tracker.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, self.reports.recv()).await {

@@ -272,3 +272,37 @@ async fn redis_wrong_credentials_and_missing_permissions_name_the_fix() {
     s.finish(tg).await;
     drop_streams(&prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_away_holds_memory_bounded_and_a_stop_gives_up_after_the_drain_timeout() {
+    let _redis = redis_lock().read().await;
+    let s = Scenario::new("redis_backpressure", "CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    let prefix = format!("rbp{}", nonce());
+    let proxy = TcpProxy::start(redis_address()).await;
+    let sink = redis_sink(&format!("127.0.0.1:{}", proxy.port), &prefix, "");
+    let port = free_port();
+    let metrics = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut tg = s.start(&sink, &metrics).await;
+    proxy.set_up(false);
+    s.db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 20000) g").await;
+    tg.wait_for_log_count("Redis did not take the batch; sending it again", 3, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Backpressure: at most 4 batches of 1000 records in the sink; the rest waits in PostgreSQL.
+    let series = format!("tailgate_in_flight_records{{connector=\"{}\"}}", s.name);
+    let in_flight = metric(&http_get(port, "/metrics").1, &series).unwrap();
+    assert!(in_flight > 0.0 && in_flight <= 4000.0, "in flight: {in_flight}");
+    assert!(peak_rss_mib(tg.pid()).unwrap() < 64.0);
+
+    let started = std::time::Instant::now();
+    let (status, log) = tg.stop().await;
+    assert!(!status.success(), "{log}");
+    assert!(started.elapsed() >= Duration::from_secs(25), "gave up after {:?}", started.elapsed());
+    assert!(log.contains("stopping while Redis"), "{log}");
+
+    proxy.set_up(true);
+    let tg = Tailgate::start(&s.dir, &s.config(&sink, ""));
+    let entries = wait_distinct(&format!("{prefix}.public.t"), 20000, WAIT).await;
+    assert_eq!(step_events(&entries).iter().map(|e| e.1).collect::<std::collections::BTreeSet<_>>().len(), 20000);
+    s.finish(tg).await;
+    drop_streams(&prefix).await;
+}

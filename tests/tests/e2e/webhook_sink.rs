@@ -278,3 +278,42 @@ async fn webhook_refused_credentials_and_unreachable_urls_name_the_fix() {
     assert!(out.contains("did not answer") && out.contains("correct sink.url"), "{out}");
     s.db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_receiver_down_holds_memory_bounded_and_a_stop_gives_up_after_the_drain_timeout() {
+    let receiver = Receiver::start(SECRET).await;
+    let s = Scenario::new("hook_backpressure", "CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    let prefix = format!("hbp{}", nonce());
+    let port = free_port();
+    let sink = webhook_sink(&receiver.url("/hook"), &prefix, "");
+    let metrics = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
+    receiver.answer("/hook", Answer::Status(503));
+    let mut tg = s.start(&sink, &metrics).await;
+    s.db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 20000) g").await;
+    tg.wait_for_log_count("the receiver did not take the batch; sending it again", 3, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Backpressure: the sink holds at most its queue (2 sealed batches, the one in flight, the one
+    // being filled: 4 × 500 records); the rest waits in PostgreSQL.
+    let (_, text) = http_get(port, "/metrics");
+    let series = format!("tailgate_in_flight_records{{connector=\"{}\"}}", s.name);
+    let in_flight = metric(&text, &series).unwrap_or_else(|| panic!("no {series} in {text}"));
+    assert!(in_flight > 0.0 && in_flight <= 2000.0, "in flight: {in_flight}");
+    let rss = peak_rss_mib(tg.pid()).unwrap();
+    assert!(rss < 64.0, "peak RSS {rss} MiB");
+
+    // Stopping while the receiver still refuses: retried for the drain timeout (30 s), then the run
+    // ends with an error and no checkpoint past what was not accepted.
+    let started = std::time::Instant::now();
+    let (status, log) = tg.stop().await;
+    assert!(!status.success(), "{log}");
+    assert!(started.elapsed() >= Duration::from_secs(25), "gave up after {:?}", started.elapsed());
+    assert!(log.contains("stopping while") && log.contains("sent again on restart"), "{log}");
+
+    receiver.answer("/hook", Answer::Ok);
+    let tg = Tailgate::start(&s.dir, &s.config(&sink, ""));
+    let records = wait_distinct(&receiver, "/hook", 20000).await;
+    let ids: std::collections::BTreeSet<i64> =
+        records.iter().filter_map(|r| r["value"]["after"]["id"].as_i64()).collect();
+    assert_eq!(ids.len(), 20000);
+    s.finish(tg).await;
+}
