@@ -763,3 +763,83 @@ async fn durability(conn: &mut Connection) -> CheckResult {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> RedisConfig {
+        toml_like(&format!("address = \"127.0.0.1:6379\"\n{extra}"))
+    }
+
+    /// The section as the binary's loader reads it.
+    fn toml_like(text: &str) -> RedisConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_unknown_keys() {
+        let c = config("");
+        assert_eq!((c.max_batch_records, c.max_batch_bytes, c.max_record_bytes), (1000, 1 << 20, 1_000_000));
+        assert_eq!((c.timeout_ms, c.wait_replicas, c.wait_timeout_ms, c.database), (30_000, 0, 1000, 0));
+        assert!(toml::from_str::<RedisConfig>("address = \"a:1\"\nmax_len = 5").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        assert!(config("").validate().is_ok());
+        assert_eq!(toml_like("address = \"localhost\"").validate().unwrap_err().key, "sink.address");
+        assert_eq!(config("maxlen = 0").validate().unwrap_err().key, "sink.maxlen");
+        assert_eq!(config("max_batch_records = 0").validate().unwrap_err().key, "sink.max_batch_records");
+        assert_eq!(config("max_record_bytes = 600000000").validate().unwrap_err().key, "sink.max_record_bytes");
+        let wait = config("wait_replicas = 1\nwait_timeout_ms = 0");
+        assert_eq!(wait.validate().unwrap_err().key, "sink.wait_timeout_ms");
+    }
+
+    #[test]
+    fn a_record_is_one_xadd_with_its_fields_and_id() {
+        let mut batch = Batch::new(new_buffer(1024), Some(Arc::from(&b"100"[..])));
+        let headers = vec![("id".to_owned(), b"e-1".to_vec())];
+        batch.push(7, "p.outbox.order", &[b"e-1"], Some(b"order-1"), Some(b"{}"), &headers);
+        batch.push(8, "p.public.t", &[b"p.public.t/lsn 0/1/0", b"/t"], Some(b"{\"id\":1}"), None, &[]);
+        assert_eq!(batch.first_seq, 7);
+        assert_eq!(batch.commands, 2);
+        let mut expected = MULTI.to_vec();
+        resp::command(
+            &mut expected,
+            &[
+                b"XADD",
+                b"p.outbox.order",
+                b"MAXLEN",
+                b"~",
+                b"100",
+                b"*",
+                b"key",
+                b"order-1",
+                b"value",
+                b"{}",
+                b"headers",
+                b"{\"id\":\"e-1\"}",
+                b"id",
+                b"e-1",
+            ],
+        );
+        resp::command(
+            &mut expected,
+            &[
+                b"XADD",
+                b"p.public.t",
+                b"MAXLEN",
+                b"~",
+                b"100",
+                b"*",
+                b"key",
+                b"{\"id\":1}",
+                b"id",
+                b"p.public.t/lsn 0/1/0/t",
+            ],
+        );
+        assert_eq!(String::from_utf8_lossy(&batch.buf), String::from_utf8_lossy(&expected));
+        assert_eq!(resp::nth_key(&batch.buf, 1).as_deref(), Some("p.public.t"));
+    }
+}
