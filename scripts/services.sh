@@ -276,7 +276,7 @@ CNF
 # that run the tests usually start it already; this only starts it when it does not answer).
 redis() {
   if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then return 0; fi
-  command -v redis-server >/dev/null || { log "installing redis-server"; apt-get install -y -qq redis-server >/dev/null; }
+  command -v redis-server >/dev/null || { log "installing redis-server"; apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
   mkdir -p /var/lib/redis /var/log/redis
   log "starting Redis on 127.0.0.1:6379"
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis \
