@@ -11,6 +11,8 @@
 #   BASELINE_BIN=path bench/run.sh   # also drain extra slots with another tailgate build (paired comparison)
 #   RULES=1 bench/run.sh      # only the filter workload: 1 of 10 tables included, with a route and an excluded column
 #   SNAPSHOT=1 bench/run.sh   # only the snapshot workload: 1M existing rows, vs psql \copy
+#   SINKS="redis http" bench/run.sh   # the sinks measured besides stdout (default "kafka"; any of kafka, redis, http):
+#                             # redis: the local Redis (127.0.0.1:6379); http: a local Python receiver answering 200
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
@@ -48,11 +50,15 @@ setup() { # fresh table, publication and the three slots, created before the bac
   "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
   "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
     -c "CREATE PUBLICATION bench FOR TABLE orders"
-  for slot in bench_warmup bench_recv bench_stdout bench_kafka ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
+  for slot in bench_warmup bench_recv bench_stdout bench_kafka bench_redis bench_http ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
 }
+
+SINKS=" ${SINKS:-kafka} "
+has_sink() { [[ "$SINKS" == *" $1 "* ]]; }
+HOOK_PORT="${HOOK_PORT:-18099}"
 
 HTTP="${HTTP:-0}"
 config() { # config <slot> <sink section> [no-http]
@@ -73,6 +79,36 @@ path = "$WORK/$1.offsets.json"
 $http
 TOML
 }
+
+if has_sink http; then # the webhook receiver: reads each body, answers 200, counts X-Tailgate-Records
+  python3 - "$HOOK_PORT" "$WORK/hook.count" <<'PY' &
+import http.server, sys
+count_file = sys.argv[2]
+class Hook(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        # The file is the count: each run resets it to 0.
+        with open(count_file) as f:
+            total = int(f.read().strip() or 0) + int(self.headers.get("X-Tailgate-Records", 0))
+        with open(count_file, "w") as f:
+            f.write(str(total))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+PY
+  HOOK=$!
+  echo 0 >"$WORK/hook.count"
+  trap 'kill $HOOK 2>/dev/null || true' EXIT
+fi
+empty_hook() { echo 0 >"$WORK/hook.count"; }
+# Redis runs start with the previous run's stream deleted.
+empty_redis() { redis-cli --scan --pattern 'bench*.public.orders' | xargs -r redis-cli DEL >/dev/null; }
+# delivered <what> <count>: warns when a sink run did not deliver every event.
+delivered() { [[ "$2" == "$ROWS" ]] || echo "WARNING: $1 holds $2 records, not $ROWS" >&2; }
 
 if [[ "$HTTP" == 1 ]]; then # a Prometheus-like scraper for the whole run
   python3 -c '
@@ -107,14 +143,32 @@ run_workload() { # run_workload <title> <insert SQL>
   RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_recv --start \
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
-  RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
+  local measured=2
+  if has_sink kafka; then
+    RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
+    measured=$((measured + 1))
+  fi
+  if has_sink redis; then
+    config bench_redis "$(printf '[sink]\ntype = "redis"\naddress = "127.0.0.1:6379"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/redis.toml"
+    RESULTS+=("$(PREPARE=empty_redis measure "tailgate → Redis Streams" "$ROWS" "$BIN" run --config "$WORK/redis.toml" --stop-at-lsn "$endpos")")
+    delivered "the Redis stream" "$(redis-cli XLEN "$prefix.public.orders")"
+    empty_redis
+    measured=$((measured + 1))
+  fi
+  if has_sink http; then
+    config bench_http "$(printf '[sink]\ntype = "http"\nurl = "http://127.0.0.1:%s/hook"\ntopic_prefix = "%s"\nsecret = "bench"' "$HOOK_PORT" "$prefix")" >"$WORK/http.toml"
+    RESULTS+=("$(PREPARE=empty_hook measure "tailgate → HTTP webhook (local receiver)" "$ROWS" "$BIN" run --config "$WORK/http.toml" --stop-at-lsn "$endpos")")
+    delivered "the webhook receiver" "$(cat "$WORK/hook.count")"
+    measured=$((measured + 1))
+  fi
   if [[ -n "${BASELINE_BIN:-}" ]]; then
     config bench_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
     config bench_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
     RESULTS+=("$(measure "baseline → stdout (/dev/null)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_stdout.toml" --stop-at-lsn "$endpos")")
     RESULTS+=("$(PREPARE=empty_broker measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
+    measured=$((measured + 2))
   fi
-  printf '%s\n' "${RESULTS[@]: -5}" >&2
+  printf '%s\n' "${RESULTS[@]: -$((measured + 1))}" >&2
 }
 
 # Filter workload: 200k inserts into orders and 20k into each of 9 other tables (1,000 + 9×100 rows per
@@ -210,10 +264,12 @@ fi
   echo "# Foundation benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); PostgreSQL $("${PSQL[@]}" -d postgres -c 'show server_version'); tansu 0.6.0 (memory storage); tailgate release build."
+  if has_sink redis; then echo "Redis $(redis-cli INFO server | sed -n 's/^redis_version:\(.*\)\r$/\1/p') on 127.0.0.1 (no persistence), default [sink] settings."; fi
+  if has_sink http; then echo "HTTP receiver: Python http.server on 127.0.0.1 (reads each body, answers 200), default [sink] settings with a secret (signed)."; fi
   if [[ "${SNAPSHOT:-0}" == 1 ]]; then
     echo "Command: \`SNAPSHOT=1 bench/run.sh\` (SNAPSHOT_ROWS=${SNAPSHOT_ROWS:-1000000}, SNAPSHOT_REPEAT=$SNAPSHOT_REPEAT). Each row is the fastest of $SNAPSHOT_REPEAT runs (peak RSS: the highest of them)."
   else
-    echo "Command: \`HTTP=$HTTP bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
+    echo "Command: \`HTTP=$HTTP SINKS=\"$(echo $SINKS)\" bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
   fi
   echo
   echo "| reader | wall s | events/s | CPU s per 1M events | peak RSS MB |"

@@ -6,7 +6,8 @@
 #     users for the privilege tests;
 #   - a real MySQL 9.7 on 127.0.0.1:3307 with GTIDs, unpacked from Debian sid's packages into a cache
 #     folder (its binaries need sid's glibc, so they run through sid's own loader);
-#   - the Kafka-compatible broker tansu 0.6.0 on 127.0.0.1:9092 (built once into a cache folder).
+#   - the Kafka-compatible broker tansu 0.6.0 on 127.0.0.1:9092 (built once into a cache folder);
+#   - Redis on 127.0.0.1:6379, nothing on disk (started only when it does not answer).
 # Run it as root (it edits the server configuration). Safe to run again: it only changes what is missing.
 set -euo pipefail
 
@@ -341,14 +342,27 @@ mysql_replica_stop() {
   log "MySQL replica stopped"
 }
 
+# Redis for the Redis Streams sink tests, on 127.0.0.1:6379 with nothing kept on disk (the machines
+# that run the tests usually start it already; this only starts it when it does not answer).
+redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then return 0; fi
+  command -v redis-server >/dev/null || { log "installing redis-server"; apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+  mkdir -p /var/lib/redis /var/log/redis
+  log "starting Redis on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis \
+    --logfile /var/log/redis/ci.log
+  wait_for 30 "Redis" redis-cli -h 127.0.0.1 -p 6379 ping
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
+  redis) redis ;;
   mariadb) mariadb_server ;;
   mysql) mysql_server ;;
   kafka | tansu) tansu ;;
   kafka-restart | tansu-restart) tansu_restart ;;
   mysql-replica-start) mysql_replica_start "$@" ;;
   mysql-replica-stop) mysql_replica_stop ;;
-  all) postgres; mariadb_server; mysql_server; tansu ;;
-  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
+  all) postgres; mariadb_server; mysql_server; tansu; redis ;;
+  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|redis|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@
 //! there are no fixed sleeps standing in for synchronisation.
 
 pub mod mysql;
+pub mod sinks;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

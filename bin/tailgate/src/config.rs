@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use tailgate_core::{BigIntUnsignedHandling, DecimalHandling};
+use tailgate_http::HttpSinkConfig;
 use tailgate_kafka::KafkaConfig;
 use tailgate_mysql::{MysqlConfig, MysqlEngine};
 use tailgate_pipeline::{
     Engine, EngineError, FilterSpec, KeyError, OutboxSpec, RouteSpec, Rules, SinkBuilder, SnapshotMode, TransformSpec,
 };
 use tailgate_postgres::{PostgresConfig, PostgresEngine};
+use tailgate_redis::RedisConfig;
 use tailgate_stdout::StdoutConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +152,10 @@ impl SourceConfig {
 pub enum SinkConfig {
     Kafka(KafkaConfig),
     Stdout(StdoutConfig),
+    /// Redis Streams.
+    Redis(RedisConfig),
+    /// HTTP webhook (`type = "http"`).
+    Http(HttpSinkConfig),
 }
 
 impl SinkConfig {
@@ -157,6 +163,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Kafka(k) => k,
             SinkConfig::Stdout(s) => s,
+            SinkConfig::Redis(r) => r,
+            SinkConfig::Http(h) => h,
         }
     }
 }
