@@ -355,7 +355,7 @@ impl PostgresSource {
                 continue;
             }
             let control = self.config.incremental.clone();
-            let wake = match (state.window_high.is_some(), state.incremental.retry_at()) {
+            let wake = match (state.incremental.window_open(), state.incremental.retry_at()) {
                 (true, _) => Some(Instant::now() + WINDOW_POLL),
                 (false, Some(at)) => Some(at),
                 (false, None) => None,
@@ -370,7 +370,7 @@ impl PostgresSource {
                 _ = ctx.shutdown.cancelled(), if !state.busy() => {}
                 _ = control.command_arrived() => {}
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
-                    if state.window_high.is_some() {
+                    if state.incremental.window_open() {
                         self.send_status(&mut conn, ctx, state, true).await?;
                     }
                 }
@@ -399,10 +399,10 @@ impl PostgresSource {
             state.rules_seen = Some(rules.clone());
         }
         ctx.metrics.incremental.pending.store(state.incremental.snapshots().len() as i64, Relaxed);
-        if let Some(high) = state.window_high
+        // The oldest chunks whose high watermark the stream passed end, in order.
+        while let Some(&high) = state.incremental.oldest_high()
             && crate::incremental::passed(state.last_marker, high, chunks.block_size)
         {
-            state.window_high = None;
             let source = state.incremental_source();
             let mut events = Vec::new();
             let closed = state.incremental.close(&source, &ctx.metrics, |event| events.push(event));
@@ -413,17 +413,19 @@ impl PostgresSource {
                 info!("incremental snapshot done");
             }
         }
-        if state.window_high.is_none()
-            && let Some(request) = state.incremental.next_chunk()
-        {
+        // One read per pass, so the stream is read between chunks.
+        if let Some(request) = state.incremental.next_chunk() {
             let reader = chunks.reader(&self.info).await?;
             match reader.read(&request, &rules, &state.recent_xids).await? {
                 ChunkRead::Rows { chunk, high } => {
                     debug!(table = %request.table, rows = chunk.rows.len(), high = %high, "incremental snapshot chunk read");
-                    state.incremental.open(&request, chunk, Instant::now());
-                    state.window_high = Some(high);
-                    // Ask where the stream is: an idle server answers with a keepalive at its end.
-                    self.send_status(conn, ctx, state, true).await?;
+                    if let Err(why) = state.incremental.open(&request, chunk, Instant::now(), high) {
+                        warn!(snapshot = request.id, table = %request.table, "incremental snapshot failed: {why}");
+                        state.incremental.fail(request.id, why);
+                    } else {
+                        // Ask where the stream is: an idle server answers with a keepalive at its end.
+                        self.send_status(conn, ctx, state, true).await?;
+                    }
                 }
                 ChunkRead::Retry { xid } => {
                     debug!(
@@ -478,14 +480,12 @@ impl PostgresSource {
             }
             Command::Pause { id, reply } => {
                 let _ = reply.send(state.incremental.pause(id));
-                state.window_high = state.window_high.filter(|_| state.incremental.window_open());
             }
             Command::Resume { id, reply } => {
                 let _ = reply.send(state.incremental.resume(id));
             }
             Command::Cancel { id, reply } => {
                 let _ = reply.send(state.incremental.cancel(id));
-                state.window_high = state.window_high.filter(|_| state.incremental.window_open());
             }
         }
         Ok(())

@@ -67,10 +67,9 @@ pub(crate) struct StreamState {
     pub(crate) snapshot_done: bool,
     /// The server keeps FAILOVER slots on its standbys (PostgreSQL 17+): new slots are created so.
     pub(crate) failover_slots: bool,
-    /// Incremental snapshots: the queue, the chunk in its window, the progress checkpoints carry.
-    pub(crate) incremental: IncrementalSnapshots,
-    /// The high watermark of the chunk in its window.
-    pub(crate) window_high: Option<Lsn>,
+    /// Incremental snapshots: the queue, the chunks in their windows (each ending at the WAL
+    /// position its high watermark names), the progress checkpoints carry.
+    pub(crate) incremental: IncrementalSnapshots<Lsn>,
     /// Transactions emitted lately (see [`RecentXids`]).
     pub(crate) recent_xids: RecentXids,
     /// The table rules the incremental snapshots last compared against (a reload replaces them).
@@ -82,7 +81,7 @@ impl StreamState {
         config: &PostgresSourceConfig,
         db: &str,
         resume_after: Option<Lsn>,
-        incremental: IncrementalSnapshots,
+        incremental: IncrementalSnapshots<Lsn>,
     ) -> Self {
         StreamState {
             name: config.name.as_str().into(),
@@ -102,7 +101,6 @@ impl StreamState {
             snapshot_done: false,
             failover_slots: false,
             incremental,
-            window_high: None,
             recent_xids: RecentXids::default(),
             rules_seen: None,
         }
@@ -146,9 +144,8 @@ impl StreamState {
 
     /// The connection is gone: a transaction cut by it comes again whole.
     pub(crate) fn disconnected(&mut self) {
-        // The chunk in its window is read again after the reconnect.
-        self.incremental.abandon_window();
-        self.window_high = None;
+        // The chunks in their windows are read again after the reconnect.
+        self.incremental.abandon_windows();
         self.batcher.disconnected();
         self.txn = None;
         self.in_transaction = false;

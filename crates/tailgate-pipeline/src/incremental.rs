@@ -216,8 +216,10 @@ pub struct Chunk {
 
 /// A chunk held while the stream passes its window.
 #[derive(Debug)]
-struct Window {
+struct Window<H> {
     id: u64,
+    /// The engine's high watermark: the window ends once the stream passed it.
+    high: H,
     chunk: Chunk,
     /// Key bytes → row index, for the rows not yet dropped.
     keys: HashMap<Vec<u8>, usize>,
@@ -238,15 +240,22 @@ pub enum Closed {
     Done { rows: usize, dropped: usize },
 }
 
-/// A source's incremental snapshots: the queue, the chunk in its window, the progress its
-/// checkpoints carry. I/O-free; the engine reads chunks and decides when the window ends.
+/// Chunks read ahead while earlier ones wait for the stream to pass their high watermarks: the
+/// reads overlap the waits (under write load a window lasts about one commit interval). Memory:
+/// this many chunks of `incremental_chunk_rows` rows.
+pub const MAX_OPEN_CHUNKS: usize = 4;
+
+/// A source's incremental snapshots: the queue, the chunks in their windows (oldest first), the
+/// progress its checkpoints carry. I/O-free; the engine reads chunks, gives each its high
+/// watermark `H`, and says when the stream passed the oldest one.
 #[derive(Debug)]
-pub struct IncrementalSnapshots {
+pub struct IncrementalSnapshots<H> {
     progress: IncrementalProgress,
     /// What positions carry: rebuilt when `progress` changes.
     shared: Arc<IncrementalProgress>,
     control: Arc<IncrementalControl>,
-    window: Option<Window>,
+    /// Open windows, in the order they were read (their watermarks only grow).
+    windows: std::collections::VecDeque<Window<H>>,
     chunk_rows: usize,
     /// After a refused chunk (an unresolved transaction, a truncate): not before this instant.
     retry_at: Option<Instant>,
@@ -254,7 +263,7 @@ pub struct IncrementalSnapshots {
     finished: Vec<SnapshotStatus>,
 }
 
-impl IncrementalSnapshots {
+impl<H> IncrementalSnapshots<H> {
     /// `resume`: the progress of the stored checkpoint.
     pub fn new(control: Arc<IncrementalControl>, resume: Option<&Arc<IncrementalProgress>>, chunk_rows: usize) -> Self {
         let progress = resume.map(|p| (**p).clone()).unwrap_or_default();
@@ -262,7 +271,7 @@ impl IncrementalSnapshots {
             shared: Arc::new(progress.clone()),
             progress,
             control,
-            window: None,
+            windows: std::collections::VecDeque::new(),
             chunk_rows: chunk_rows.max(1),
             retry_at: None,
             estimates: HashMap::new(),
@@ -319,9 +328,7 @@ impl IncrementalSnapshots {
     pub fn pause(&mut self, id: u64) -> Result<(), String> {
         let snapshot = self.find(id)?;
         snapshot.paused = true;
-        if self.window.as_ref().is_some_and(|w| w.id == id) {
-            self.window = None;
-        }
+        self.windows.retain(|w| w.id != id);
         self.changed();
         Ok(())
     }
@@ -334,9 +341,7 @@ impl IncrementalSnapshots {
 
     pub fn cancel(&mut self, id: u64) -> Result<(), String> {
         self.find(id)?;
-        if self.window.as_ref().is_some_and(|w| w.id == id) {
-            self.window = None;
-        }
+        self.windows.retain(|w| w.id != id);
         self.finish(id, "cancelled", None);
         Ok(())
     }
@@ -344,9 +349,7 @@ impl IncrementalSnapshots {
     /// Ends a snapshot that cannot go on (the table was dropped, its key is gone): the operator
     /// sees why in `GET /snapshots`.
     pub fn fail(&mut self, id: u64, error: String) {
-        if self.window.as_ref().is_some_and(|w| w.id == id) {
-            self.window = None;
-        }
+        self.windows.retain(|w| w.id != id);
         self.finish(id, "failed", Some(error));
     }
 
@@ -358,20 +361,22 @@ impl IncrementalSnapshots {
             .ok_or_else(|| format!("no snapshot {id} is queued or running"))
     }
 
-    /// The chunk to read next, if one is due: a snapshot runs, no chunk is in its window, and no
-    /// retry is pending.
+    /// The chunk to read next, if one is due: a snapshot runs, fewer than [`MAX_OPEN_CHUNKS`] of
+    /// its chunks are open and none of them is its last, and no retry is pending. It starts after
+    /// the newest open chunk.
     pub fn next_chunk(&self) -> Option<ChunkRequest> {
-        if self.window.is_some() || self.retry_at.is_some_and(|at| Instant::now() < at) {
+        if self.windows.len() >= MAX_OPEN_CHUNKS || self.retry_at.is_some_and(|at| Instant::now() < at) {
             return None;
         }
         let s = self.progress.snapshots.iter().find(|s| !s.paused)?;
-        Some(ChunkRequest {
-            id: s.id,
-            table: s.table.clone(),
-            filter: s.filter.clone(),
-            after: s.after.clone(),
-            limit: self.chunk_rows,
-        })
+        let after = match self.windows.back() {
+            // Another snapshot's chunks are still open (one was paused): let them end first.
+            Some(w) if w.id != s.id => return None,
+            Some(w) if w.complete => return None,
+            Some(w) => w.chunk.last_key.clone(),
+            None => s.after.clone(),
+        };
+        Some(ChunkRequest { id: s.id, table: s.table.clone(), filter: s.filter.clone(), after, limit: self.chunk_rows })
     }
 
     /// When the next chunk may be read after a refusal.
@@ -386,12 +391,29 @@ impl IncrementalSnapshots {
 
     /// Whether a chunk waits for the stream to pass its high watermark.
     pub fn window_open(&self) -> bool {
-        self.window.is_some()
+        !self.windows.is_empty()
     }
 
-    /// Opens the window of a chunk read for `request` at `read_at`. A chunk with fewer rows than
-    /// asked is the table's last.
-    pub fn open(&mut self, request: &ChunkRequest, chunk: Chunk, read_at: Instant) {
+    /// The high watermark of the oldest open chunk: the next to end.
+    pub fn oldest_high(&self) -> Option<&H> {
+        self.windows.front().map(|w| &w.high)
+    }
+
+    /// Opens the window of a chunk read for `request` at `read_at`, ending at `high`. A chunk with
+    /// fewer rows than asked is the table's last.
+    ///
+    /// Refused (the caller fails the snapshot with the reason) when the last row's key cannot
+    /// place the next chunk: a NULL in it (`key_columns` naming a nullable column) would make the
+    /// next read compare with NULL and end the snapshot early, silently.
+    pub fn open(&mut self, request: &ChunkRequest, chunk: Chunk, read_at: Instant, high: H) -> Result<(), String> {
+        if !chunk.rows.is_empty() && chunk.last_key.as_ref().is_none_or(|key| key.iter().any(Option::is_none)) {
+            let columns: Vec<&str> = chunk.key.iter().map(|&i| chunk.schema.columns[i].name.as_str()).collect();
+            return Err(format!(
+                "table {}: a row's key ({}) holds NULL: an incremental snapshot needs a key without NULLs (a primary key, or [filter.key_columns] naming NOT NULL columns)",
+                request.table,
+                columns.join(", ")
+            ));
+        }
         self.retry_at = None;
         let complete = chunk.rows.len() < request.limit;
         let mut scratch = String::new();
@@ -400,43 +422,61 @@ impl IncrementalSnapshots {
             keys.insert(key_bytes(row, &chunk.key, &mut scratch), i);
         }
         let dropped = vec![false; chunk.rows.len()];
-        self.window =
-            Some(Window { id: request.id, chunk, keys, dropped, complete, read_at, stream_keys: Vec::new(), scratch });
+        self.windows.push_back(Window {
+            id: request.id,
+            high,
+            chunk,
+            keys,
+            dropped,
+            complete,
+            read_at,
+            stream_keys: Vec::new(),
+            scratch,
+        });
+        Ok(())
     }
 
-    /// A streamed event, before the window ends: a change of a key the chunk holds drops that row
-    /// (the stream carries the key's newer state); a truncate of the table drops the whole chunk,
-    /// to be read again.
+    /// A streamed event, before the windows end: a change of a key an open chunk holds drops that
+    /// row (the stream carries the key's newer state); a truncate of the table drops the open
+    /// chunks, to be read again.
     pub fn observe(&mut self, event: &Event) {
-        let Some(window) = self.window.as_mut() else { return };
+        if self.windows.is_empty() {
+            return;
+        }
         let Event::Change(change) = event else { return };
-        if change.table.id != window.chunk.schema.id {
-            return;
-        }
-        if change.op == Op::Truncate {
-            self.window = None;
-            self.retry_at = None;
-            return;
-        }
-        let key = window.stream_key(&change.table);
-        let Some(key) = key else {
+        let mut distrust = false;
+        for window in self.windows.iter_mut() {
+            if change.table.id != window.chunk.schema.id {
+                continue;
+            }
+            if change.op == Op::Truncate {
+                distrust = true;
+                break;
+            }
             // The stream's schema lacks a key column (renamed or dropped): no row can be matched,
             // so none may be trusted.
-            self.window = None;
-            return;
-        };
-        for row in [&change.before, &change.after].into_iter().flatten() {
-            let bytes = key_bytes(row, &key, &mut window.scratch);
-            if let Some(i) = window.keys.remove(&bytes) {
-                window.dropped[i] = true;
+            let Some(key) = window.stream_key(&change.table) else {
+                distrust = true;
+                break;
+            };
+            for row in [&change.before, &change.after].into_iter().flatten() {
+                let bytes = key_bytes(row, &key, &mut window.scratch);
+                if let Some(i) = window.keys.remove(&bytes) {
+                    window.dropped[i] = true;
+                }
             }
+        }
+        if distrust {
+            self.windows.clear();
+            self.retry_at = None;
         }
     }
 
-    /// The stream passed the chunk's high watermark: emits the rows left (op "r", `source`), and
-    /// advances the snapshot. The caller then places a checkpoint with [`Self::checkpoint`].
+    /// The stream passed the oldest chunk's high watermark: emits its rows left (op "r",
+    /// `source`), and advances the snapshot. The caller then places a checkpoint with
+    /// [`Self::checkpoint`].
     pub fn close(&mut self, source: &SourceInfo, metrics: &Metrics, mut emit: impl FnMut(Event)) -> Option<Closed> {
-        let window = self.window.take()?;
+        let window = self.windows.pop_front()?;
         let id = window.id;
         let dropped = window.dropped.iter().filter(|d| **d).count();
         let mut rows = 0;
@@ -472,10 +512,10 @@ impl IncrementalSnapshots {
         }
     }
 
-    /// Drops the chunk in its window (a reconnect: the stream resumes at an earlier point, and the
-    /// chunk is read again after it).
-    pub fn abandon_window(&mut self) {
-        self.window = None;
+    /// Drops the open chunks (a reconnect: the stream resumes at an earlier point, and the chunks
+    /// are read again after it).
+    pub fn abandon_windows(&mut self) {
+        self.windows.clear();
     }
 
     fn finish(&mut self, id: u64, state: &'static str, error: Option<String>) {
@@ -528,7 +568,7 @@ impl IncrementalSnapshots {
     }
 }
 
-impl Window {
+impl<H> Window<H> {
     fn stream_key(&mut self, schema: &Arc<TableSchema>) -> Option<Vec<usize>> {
         if let Some((_, key)) = self.stream_keys.iter().find(|(known, _)| Arc::ptr_eq(known, schema)) {
             return key.clone();
@@ -598,7 +638,7 @@ mod tests {
         Chunk { schema: schema("orders"), key: vec![0], rows, last_key }
     }
 
-    fn emitted(s: &mut IncrementalSnapshots, metrics: &Metrics) -> (Vec<i64>, Option<Closed>) {
+    fn emitted(s: &mut IncrementalSnapshots<u64>, metrics: &Metrics) -> (Vec<i64>, Option<Closed>) {
         let mut ids = Vec::new();
         let closed = s.close(&source(), metrics, |e| match e {
             Event::Change(c) => {
@@ -616,12 +656,11 @@ mod tests {
     #[test]
     fn keys_changed_in_the_window_are_dropped_from_the_chunk() {
         let metrics = Metrics::new("t");
-        let mut s = IncrementalSnapshots::new(IncrementalControl::new(), None, 3);
+        let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 3);
         let id = s.add("public.orders".into(), None, 10);
         let request = s.next_chunk().unwrap();
         assert_eq!(request, ChunkRequest { id, table: "public.orders".into(), filter: None, after: None, limit: 3 });
-        s.open(&request, chunk(vec![row(1, "a"), row(2, "b"), row(3, "c")]), Instant::now());
-        assert!(s.next_chunk().is_none(), "one chunk at a time");
+        s.open(&request, chunk(vec![row(1, "a"), row(2, "b"), row(3, "c")]), Instant::now(), 0).unwrap();
         let orders = schema("orders");
         // Another table with the same key: no effect. An update of key 2, a key change 3 → 9.
         s.observe(&change(Op::Update, &schema("other"), None, Some(row(1, "x"))));
@@ -637,7 +676,7 @@ mod tests {
         // A short chunk ends the snapshot.
         let request = s.next_chunk().unwrap();
         assert_eq!(request.after, Some(vec![Some("3".into())]));
-        s.open(&request, chunk(vec![row(4, "d")]), Instant::now());
+        s.open(&request, chunk(vec![row(4, "d")]), Instant::now(), 0).unwrap();
         let (ids, closed) = emitted(&mut s, &metrics);
         assert_eq!(ids, vec![4]);
         assert_eq!(closed, Some(Closed::Done { rows: 1, dropped: 0 }));
@@ -648,12 +687,41 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_read_ahead_and_end_in_order() {
+        let metrics = Metrics::new("t");
+        let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 2);
+        s.add("public.orders".into(), None, -1);
+        for n in 0..MAX_OPEN_CHUNKS as i64 {
+            let request = s.next_chunk().unwrap();
+            let after = (n > 0).then(|| vec![Some((2 * n).to_string())]);
+            assert_eq!(request.after, after, "each chunk starts after the newest open one");
+            s.open(&request, chunk(vec![row(2 * n + 1, "x"), row(2 * n + 2, "y")]), Instant::now(), n as u64).unwrap();
+        }
+        assert!(s.next_chunk().is_none(), "at most {MAX_OPEN_CHUNKS} chunks open");
+        // A change of key 3 reaches every open window: it drops the row from the second chunk.
+        s.observe(&change(Op::Update, &schema("orders"), Some(row(3, "x")), Some(row(3, "X"))));
+        assert_eq!(s.oldest_high(), Some(&0));
+        assert_eq!(emitted(&mut s, &metrics).0, vec![1, 2]);
+        assert_eq!(s.oldest_high(), Some(&1));
+        assert_eq!(emitted(&mut s, &metrics).0, vec![4]);
+        assert_eq!(s.checkpoint().unwrap().snapshots[0].after, Some(vec![Some("4".into())]));
+        let request = s.next_chunk().unwrap();
+        assert_eq!(request.after, Some(vec![Some("8".into())]));
+        s.open(&request, chunk(vec![]), Instant::now(), 9).unwrap();
+        assert!(s.next_chunk().is_none(), "nothing after the last chunk");
+        emitted(&mut s, &metrics);
+        emitted(&mut s, &metrics);
+        assert_eq!(emitted(&mut s, &metrics), (vec![], Some(Closed::Done { rows: 0, dropped: 0 })));
+        assert!(!s.window_open());
+    }
+
+    #[test]
     fn a_truncate_in_the_window_reads_the_chunk_again() {
         let metrics = Metrics::new("t");
-        let mut s = IncrementalSnapshots::new(IncrementalControl::new(), None, 2);
+        let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 2);
         s.add("public.orders".into(), None, -1);
         let request = s.next_chunk().unwrap();
-        s.open(&request, chunk(vec![row(1, "a"), row(2, "b")]), Instant::now());
+        s.open(&request, chunk(vec![row(1, "a"), row(2, "b")]), Instant::now(), 0).unwrap();
         s.observe(&change(Op::Truncate, &schema("orders"), None, None));
         assert!(!s.window_open());
         assert_eq!(emitted(&mut s, &metrics).1, None);
@@ -662,7 +730,7 @@ mod tests {
 
     #[test]
     fn pause_resume_cancel_and_the_queue() {
-        let mut s = IncrementalSnapshots::new(IncrementalControl::new(), None, 2);
+        let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 2);
         let a = s.add("public.a".into(), None, -1);
         let b = s.add("public.b".into(), Some("id > 5".into()), -1);
         assert_eq!(s.next_chunk().unwrap().id, a);
@@ -677,17 +745,17 @@ mod tests {
         assert!(s.cancel(a).is_err(), "a cancelled snapshot is gone");
         assert_eq!(s.control().status()[0].state, "cancelled");
         // The queue survives a restart through the checkpoint.
-        let restored = IncrementalSnapshots::new(IncrementalControl::new(), s.checkpoint().as_ref(), 2);
+        let restored = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), s.checkpoint().as_ref(), 2);
         assert_eq!(restored.next_chunk().unwrap().filter, Some("id > 5".into()));
         assert_eq!(restored.checkpoint().unwrap().next_id, b + 1);
     }
 
     #[test]
     fn a_stream_schema_without_the_key_column_drops_the_chunk() {
-        let mut s = IncrementalSnapshots::new(IncrementalControl::new(), None, 2);
+        let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 2);
         s.add("public.orders".into(), None, -1);
         let request = s.next_chunk().unwrap();
-        s.open(&request, chunk(vec![row(1, "a")]), Instant::now());
+        s.open(&request, chunk(vec![row(1, "a")]), Instant::now(), 0).unwrap();
         let renamed = Arc::new(TableSchema {
             id: TableId { schema: "public".into(), table: "orders".into() },
             columns: vec![ColumnSchema { name: "order_id".into(), key: true }],

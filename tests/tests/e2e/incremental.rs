@@ -344,9 +344,10 @@ async fn kill_9_mid_snapshot_resumes_at_the_last_acknowledged_chunk() {
     )
     .await;
     let port = free_port();
+    // Small chunks: the snapshot takes seconds, so the kill lands in its middle.
     let cfg = s.config(&stdout_sink(), &http_section(port)).replace(
         "status_interval_ms = 200",
-        "status_interval_ms = 200\nsnapshot = \"never\"\nincremental_chunk_rows = 200",
+        "status_interval_ms = 200\nsnapshot = \"never\"\nincremental_chunk_rows = 20",
     );
     let mut tg = Tailgate::start(&s.dir, &cfg);
     tg.wait_streaming().await;
@@ -361,8 +362,9 @@ async fn kill_9_mid_snapshot_resumes_at_the_last_acknowledged_chunk() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let first_out = tg.stdout.clone();
-    tg.kill9().await;
+    let log = tg.kill9().await;
     let before_kill = reads(&first_out);
+    assert!(!log.contains("incremental snapshot done"), "the snapshot ended before the kill: make it longer");
     let mut tg = Tailgate::start(&s.dir, &cfg);
     tg.wait_streaming().await;
     let deadline = Instant::now() + Duration::from_secs(60);
