@@ -156,21 +156,7 @@ pub fn required_settings(f: &ServerFacts) -> Result<(), MyError> {
 
 /// Where the binlog ends now: file, position and (MySQL with GTIDs / MariaDB) the matching GTID set.
 pub async fn current_position(conn: &mut Conn, f: &ServerFacts) -> Result<Position, MyError> {
-    // MySQL 8.2 renamed SHOW MASTER STATUS (and 8.4 removed it).
-    let row: Option<Row> = match conn.query_first("SHOW BINARY LOG STATUS").await {
-        Ok(r) => r,
-        // 1064: a server that does not know the new name yet.
-        Err(mysql_async::Error::Server(s)) if s.code == 1064 => {
-            conn.query_first("SHOW MASTER STATUS").await.map_err(|e| privilege(e, f, BINLOG_STATUS))?
-        }
-        Err(e) => return Err(privilege(e, f, BINLOG_STATUS)),
-    };
-    let row = row.ok_or_else(|| MyError::Setting {
-        setting: "log_bin",
-        found: "OFF (SHOW MASTER STATUS is empty)".into(),
-        needed: "ON",
-        fix: "enable the binary log (log_bin) and restart the server".into(),
-    })?;
+    let row = binlog_status(conn, f).await?;
     let file: String = row.get_opt(0).and_then(Result::ok).unwrap_or_default();
     let pos: u64 = row.get_opt(1).and_then(Result::ok).unwrap_or(4);
     let gtids = match f.flavor {
@@ -182,6 +168,37 @@ pub async fn current_position(conn: &mut Conn, f: &ServerFacts) -> Result<Positi
         Flavor::Mariadb => Some(GtidSet::Mariadb(mariadb_gtid_pos(conn, &file, pos).await?)),
     };
     Ok(Position::mysql(BinlogFile(file), pos, gtids))
+}
+
+/// Where the binlog ends now: the file being written and the offset after its last event.
+pub async fn binlog_end(conn: &mut Conn, f: &ServerFacts) -> Result<(BinlogFile, u64), MyError> {
+    let row = binlog_status(conn, f).await?;
+    let file: String = row.get_opt(0).and_then(Result::ok).unwrap_or_default();
+    let pos: Option<u64> = row.get_opt(1).and_then(Result::ok);
+    match pos {
+        Some(pos) if !file.is_empty() => Ok((BinlogFile(file), pos)),
+        _ => Err(MyError::Protocol(format!("SHOW BINARY LOG STATUS returned file {file:?}, position {pos:?}"))),
+    }
+}
+
+/// `SHOW BINARY LOG STATUS` (`SHOW MASTER STATUS` before MySQL 8.2 and on MariaDB): file, position,
+/// and on MySQL the executed GTID set in the fifth column.
+async fn binlog_status(conn: &mut Conn, f: &ServerFacts) -> Result<Row, MyError> {
+    // MySQL 8.2 renamed SHOW MASTER STATUS (and 8.4 removed it).
+    let row: Option<Row> = match conn.query_first("SHOW BINARY LOG STATUS").await {
+        Ok(r) => r,
+        // 1064: a server that does not know the new name yet.
+        Err(mysql_async::Error::Server(s)) if s.code == 1064 => {
+            conn.query_first("SHOW MASTER STATUS").await.map_err(|e| privilege(e, f, BINLOG_STATUS))?
+        }
+        Err(e) => return Err(privilege(e, f, BINLOG_STATUS)),
+    };
+    row.ok_or_else(|| MyError::Setting {
+        setting: "log_bin",
+        found: "OFF (SHOW MASTER STATUS is empty)".into(),
+        needed: "ON",
+        fix: "enable the binary log (log_bin) and restart the server".into(),
+    })
 }
 
 /// MariaDB: the GTID state exactly at a binlog file and position.

@@ -37,6 +37,19 @@ pub struct MysqlConfig {
     /// Connection timeout in milliseconds. Default 10000.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Rows per incremental snapshot chunk. Default 1024.
+    #[serde(default = "default_incremental_chunk_rows")]
+    pub incremental_chunk_rows: usize,
+    /// Snapshot a table incrementally when a reload or restart newly includes it. Default true.
+    #[serde(default = "yes")]
+    pub snapshot_new_tables: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_incremental_chunk_rows() -> usize {
+    tailgate_pipeline::incremental::DEFAULT_CHUNK_ROWS
 }
 
 fn one() -> usize {
@@ -91,7 +104,34 @@ impl MysqlConfig {
         if self.batch_size == 0 {
             return Err(key_error("source.batch_size", "must be at least 1"));
         }
+        if self.incremental_chunk_rows == 0 || self.incremental_chunk_rows > 1_000_000 {
+            return Err(key_error("source.incremental_chunk_rows", "must be between 1 and 1000000"));
+        }
         tailgate_pipeline::SnapshotMode::parse(&self.snapshot)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> MysqlConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn incremental_keys_default_and_are_validated() {
+        let config = parse(r#"{"url": "mysql://cdc@127.0.0.1:3306/shop"}"#);
+        assert_eq!(config.incremental_chunk_rows, 1024);
+        assert!(config.snapshot_new_tables);
+        assert!(config.validate().is_ok());
+        for rows in [0, 1_000_001] {
+            let config = parse(&format!(r#"{{"url": "mysql://x@h/db", "incremental_chunk_rows": {rows}}}"#));
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, "source.incremental_chunk_rows", "{err:?}");
+        }
+        let config = parse(r#"{"url": "mysql://x@h/db", "snapshot_new_tables": false}"#);
+        assert!(!config.snapshot_new_tables);
     }
 }

@@ -69,6 +69,7 @@ impl Engine for MysqlEngine {
             // The source filter follows the live rules (SIGHUP): a table included by a reload is
             // read from its next TABLE_MAP on.
             tables: Some(params.tables.live_predicate()),
+            rules: params.tables,
             batch_size: self.config.batch_size,
             heartbeat: Duration::from_millis(self.config.heartbeat_interval_ms),
             include_query: self.config.include_query,
@@ -77,6 +78,9 @@ impl Engine for MysqlEngine {
             snapshot: params.snapshot,
             snapshot_fetch_rows: self.config.snapshot_fetch_rows,
             snapshot_parallel: self.config.snapshot_parallel,
+            incremental: params.incremental,
+            incremental_chunk_rows: self.config.incremental_chunk_rows,
+            snapshot_new_tables: self.config.snapshot_new_tables,
         })?;
         Ok(Box::new(source))
     }

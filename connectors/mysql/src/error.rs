@@ -115,9 +115,7 @@ impl MyError {
             | MyError::ConnectionLost(_)
             | MyError::Silent(_)
             | MyError::SnapshotTableChanged { .. } => true,
-            // 1040 too many connections, 1053 server shutdown in progress, 2013 lost connection,
-            // 1927 (MariaDB) connection killed, 1317 query interrupted, 3169 session killed
-            MyError::Server { code, .. } => matches!(code, 1040 | 1053 | 1317 | 1927 | 2006 | 2013 | 3169),
+            MyError::Server { code, .. } => transient_code(*code),
             MyError::Sql(e) => {
                 matches!(e, mysql_async::Error::Io(_) | mysql_async::Error::Driver(_))
                     || matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1040 | 1053 | 1927 | 2006 | 2013))
@@ -139,4 +137,11 @@ impl MyError {
                 | MyError::ServerIdInUse { .. }
         )
     }
+}
+
+/// Server error codes worth retrying: 1040 too many connections, 1053 server shutdown in progress,
+/// 2013 lost connection, 1927 (MariaDB) connection killed, 1317 query interrupted, 3169 session
+/// killed.
+pub(crate) fn transient_code(code: u16) -> bool {
+    matches!(code, 1040 | 1053 | 1317 | 1927 | 2006 | 2013 | 3169)
 }

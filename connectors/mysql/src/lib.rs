@@ -4,7 +4,8 @@
 //! - [`schema`]: TABLE_MAP events into column names, keys and value decoders.
 //! - [`replication`]: the replication connection (the client protocol over tokio).
 //! - [`catalog`]: ordinary SQL (`mysql_async`): server facts, prerequisites, positions.
-//! - [`snapshot`]: the initial snapshot (consistent point, keyset pages).
+//! - [`snapshot`]: the initial snapshot (consistent point, keyset pages); [`incremental`]: chunks of
+//!   incremental snapshots and their watermarks.
 //! - [`stream`]: binlog events into change events and commits, without I/O; [`statement`]: what is
 //!   read from statement text.
 //! - [`source`]: the [`tailgate_pipeline::Source`] implementation (the I/O driver).
@@ -20,6 +21,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ha;
+pub mod incremental;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;

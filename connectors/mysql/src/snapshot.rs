@@ -55,7 +55,7 @@ use crate::binlog::rows::{self, Charset, ColumnCodec, ColumnDecoder};
 use crate::catalog::{self, Flavor, ServerFacts};
 use crate::error::MyError;
 use crate::replication::ConnInfo;
-use crate::schema;
+use crate::schema::{self, CatalogColumn};
 
 /// Where a snapshot stands: its consistent point once known, and the tables (and rows) delivered.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -151,7 +151,7 @@ pub async fn run(
     state: &mut SnapshotState,
     output: &mpsc::Sender<Batch>,
 ) -> Result<bool, MyError> {
-    let mut conn = open_session(job).await?;
+    let mut conn = open_session(job.info).await?;
     let (consistent, method) = match &state.consistent {
         Some(point) => {
             conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
@@ -288,8 +288,8 @@ pub async fn run(
 /// A connection for reading rows: text values in one character set and UTC, as `rows::from_text`
 /// expects; long network timeouts, so that a pipeline waiting on a slow sink does not make the server
 /// drop it halfway through a result.
-async fn open_session(job: &SnapshotJob<'_>) -> Result<Conn, MyError> {
-    let mut conn = catalog::connect(job.info).await?;
+pub(crate) async fn open_session(info: &ConnInfo) -> Result<Conn, MyError> {
+    let mut conn = catalog::connect(info).await?;
     conn.query_drop(
         "SET NAMES utf8mb4, time_zone = '+00:00', SESSION net_write_timeout = 3600, SESSION net_read_timeout = 3600",
     )
@@ -313,7 +313,7 @@ async fn open_aligned_reader(
     let Position::Mysql { file, pos, gtids, .. } = consistent else { return Ok(None) };
     let mut conn = match method {
         PointMethod::Resumed | PointMethod::MariadbSnapshotStatus | PointMethod::MysqlGtids { exact: true } => {
-            open_session(job).await?
+            open_session(job.info).await?
         }
         PointMethod::MysqlGtids { exact: false } | PointMethod::GlobalReadLock { .. } => return Ok(None),
     };
@@ -471,7 +471,7 @@ async fn global_read_lock(conn: &mut Conn, facts: &ServerFacts) -> Result<(Posit
 
 /// How a primary-key value is stored in the offsets file and written back into SQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KeyForm {
+pub(crate) enum KeyForm {
     /// Integers and decimals: the digits, as they are.
     Number,
     /// Dates and times: the text in single quotes.
@@ -484,7 +484,7 @@ enum KeyForm {
 
 impl KeyForm {
     /// `None`: a type keyset pages cannot resume on (ENUM sorts by index, FLOAT is inexact, ...).
-    fn of(codec: &ColumnCodec) -> Option<KeyForm> {
+    pub(crate) fn of(codec: &ColumnCodec) -> Option<KeyForm> {
         use ColumnCodec::*;
         Some(match codec {
             Int { .. } | Decimal { .. } | Year => KeyForm::Number,
@@ -498,7 +498,7 @@ impl KeyForm {
     }
 
     /// The stored form of a value as the text protocol returned it.
-    fn store(self, raw: &[u8]) -> String {
+    pub(crate) fn store(self, raw: &[u8]) -> String {
         match self {
             KeyForm::Binary => hex(raw),
             _ => String::from_utf8_lossy(raw).into_owned(),
@@ -536,20 +536,26 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
-struct SnapTable {
-    qualified: String,
-    sql_name: String,
-    schema: Arc<TableSchema>,
-    codecs: Vec<ColumnDecoder>,
-    select_list: String,
-    /// Positions of the primary-key columns in the row, in key order, with how each is written
-    /// back into SQL; empty when the table is read in one scan (no key, or one pages cannot use).
-    keyset: Vec<(usize, KeyForm)>,
-    estimate: i64,
+/// A table as the snapshots read it: its columns as the binlog path would name and decode them.
+pub(crate) struct SnapTable {
+    /// `database.table`.
+    pub(crate) qualified: String,
+    pub(crate) sql_name: String,
+    pub(crate) schema: Arc<TableSchema>,
+    pub(crate) columns: Vec<CatalogColumn>,
+    pub(crate) codecs: Vec<ColumnDecoder>,
+    pub(crate) select_list: String,
+    /// Positions of the key columns asked for (the primary key unless named), in key order; some
+    /// may be missing from the table (then fewer than asked).
+    pub(crate) key: Vec<usize>,
+    /// The key columns with how each is written back into SQL; empty when the table is read in one
+    /// scan (no key, or one pages cannot use).
+    pub(crate) keyset: Vec<(usize, KeyForm)>,
+    pub(crate) estimate: i64,
 }
 
 /// The captured base tables with their columns, as the binlog path would name and decode them.
@@ -570,50 +576,76 @@ async fn list_tables(conn: &mut Conn, job: &SnapshotJob<'_>) -> Result<Vec<SnapT
         if job.tables.is_some_and(|accept| !accept(&qualified)) {
             continue;
         }
-        let columns = catalog::table_columns(conn, &db, &name).await?;
-        if columns.is_empty() {
-            continue; // dropped meanwhile
+        let estimate = estimate.unwrap_or(0).min(i64::MAX as u64) as i64;
+        // None: dropped meanwhile.
+        if let Some(table) = describe_table(conn, db, name, estimate, None).await? {
+            if !table.key.is_empty() && table.keyset.is_empty() {
+                info!(table = %table.qualified, "primary key of a type pages cannot resume on: the table is read in one scan");
+            }
+            tables.push(table);
         }
-        let codecs = schema::codecs_from_catalog(&qualified, &columns)?;
-        let pk_names = catalog::primary_key(conn, &db, &name).await?;
-        let pk: Vec<usize> = pk_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
-        let forms: Option<Vec<(usize, KeyForm)>> =
-            pk.iter().map(|&i| KeyForm::of(&codecs[i].codec).map(|f| (i, f))).collect();
-        let keyset = forms.unwrap_or_default();
-        if !pk.is_empty() && keyset.is_empty() {
-            info!(table = %qualified, "primary key of a type pages cannot resume on: the table is read in one scan");
-        }
-        let select_list = columns
-            .iter()
-            .zip(&codecs)
-            .map(|(c, codec)| match codec.codec {
-                ColumnCodec::Float => format!("{} + 0e0", quote_ident(&c.name)),
-                _ => quote_ident(&c.name),
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        tables.push(SnapTable {
-            sql_name: format!("{}.{}", quote_ident(&db), quote_ident(&name)),
-            schema: Arc::new(TableSchema {
-                id: TableId { schema: db, table: name },
-                columns: columns
-                    .iter()
-                    .map(|c| ColumnSchema { name: c.name.clone(), key: pk_names.contains(&c.name) })
-                    .collect(),
-            }),
-            qualified,
-            codecs,
-            select_list,
-            keyset,
-            estimate: estimate.unwrap_or(0).min(i64::MAX as u64) as i64,
-        });
     }
     Ok(tables)
 }
 
-/// `WHERE` for the rows after `after` in key order: `(a > x) OR (a = x AND b > y) ...`, a form both
-/// servers' range optimizers use (row constructors are not optimized everywhere).
+/// Describes `db`.`name` for reading: its columns and decoders, and the key it is paged by (`key`:
+/// these columns, else the primary key). `None` when the table does not exist.
+pub(crate) async fn describe_table(
+    conn: &mut Conn,
+    db: String,
+    name: String,
+    estimate: i64,
+    key: Option<&[String]>,
+) -> Result<Option<SnapTable>, MyError> {
+    let qualified = format!("{db}.{name}");
+    let columns = catalog::table_columns(conn, &db, &name).await?;
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    let codecs = schema::codecs_from_catalog(&qualified, &columns)?;
+    let pk_names = catalog::primary_key(conn, &db, &name).await?;
+    let key_names = key.unwrap_or(&pk_names);
+    let key: Vec<usize> = key_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
+    let forms: Option<Vec<(usize, KeyForm)>> =
+        key.iter().map(|&i| KeyForm::of(&codecs[i].codec).map(|f| (i, f))).collect();
+    let keyset = forms.filter(|f| f.len() == key_names.len()).unwrap_or_default();
+    let select_list = columns
+        .iter()
+        .zip(&codecs)
+        .map(|(c, codec)| match codec.codec {
+            ColumnCodec::Float => format!("{} + 0e0", quote_ident(&c.name)),
+            _ => quote_ident(&c.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Some(SnapTable {
+        sql_name: format!("{}.{}", quote_ident(&db), quote_ident(&name)),
+        schema: Arc::new(TableSchema {
+            id: TableId { schema: db, table: name },
+            columns: columns
+                .iter()
+                .map(|c| ColumnSchema { name: c.name.clone(), key: pk_names.contains(&c.name) })
+                .collect(),
+        }),
+        qualified,
+        columns,
+        codecs,
+        select_list,
+        key,
+        keyset,
+        estimate,
+    }))
+}
+
+/// `WHERE` for the rows after `after` in key order (see [`after_condition`]).
 fn after_filter(table: &SnapTable, after: &[Option<String>]) -> Option<String> {
+    after_condition(table, after).map(|c| format!(" WHERE {c}"))
+}
+
+/// The rows after `after` in key order: `(a > x) OR (a = x AND b > y) ...`, a form both servers'
+/// range optimizers use (row constructors are not optimized everywhere). `None` when `after` is
+/// not a key of the table as stored (a damaged offsets file must not become SQL).
+pub(crate) fn after_condition(table: &SnapTable, after: &[Option<String>]) -> Option<String> {
     if after.len() != table.keyset.len() {
         return None;
     }
@@ -629,7 +661,7 @@ fn after_filter(table: &SnapTable, after: &[Option<String>]) -> Option<String> {
             format!("({})", parts.join(" AND "))
         })
         .collect();
-    Some(format!(" WHERE {}", terms.join(" OR ")))
+    Some(terms.join(" OR "))
 }
 
 /// Reads one table with one streamed query (ordered by primary key when the key orders the same in
@@ -718,7 +750,7 @@ async fn read_table(
 }
 
 /// A text-protocol row into the values the binlog path gives for the same columns.
-fn convert_row(row: Row, table: &SnapTable) -> Result<Vec<Value>, MyError> {
+pub(crate) fn convert_row(row: Row, table: &SnapTable) -> Result<Vec<Value>, MyError> {
     let raw = row.unwrap_raw();
     let mut values = Vec::with_capacity(table.codecs.len());
     for (i, (value, codec)) in raw.into_iter().zip(&table.codecs).enumerate() {
@@ -763,8 +795,10 @@ mod tests {
                 id: TableId { schema: "db".into(), table: "t".into() },
                 columns: names.iter().map(|n| ColumnSchema { name: (*n).into(), key: true }).collect(),
             }),
+            columns: Vec::new(),
             codecs: Vec::new(),
             select_list: String::new(),
+            key: (0..forms.len()).collect(),
             keyset: forms.iter().copied().enumerate().collect(),
             estimate: 0,
         }

@@ -21,17 +21,21 @@
 //! - Batches are handed over when the socket has nothing more buffered (small batches first wait up
 //!   to 1 ms at a time, 5 ms in all, for more) or when full.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use tailgate_core::{BinlogFile, GtidSet, Position};
 use tailgate_pipeline::stream::COALESCE_WINDOW;
 use tailgate_pipeline::{
-    HandOver, Reconnecting, SnapshotMode, Source, SourceContext, TablePredicate, run_reconnecting,
+    Closed, Command, HandOver, IncrementalControl, IncrementalSnapshots, Reconnecting, Rules, SnapshotMode, Source,
+    SourceContext, TablePredicate, TableRules, run_reconnecting,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::catalog::{self, Flavor, ServerFacts};
 use crate::error::MyError;
+use crate::incremental::{ChunkRead, ChunkReader, Emitted};
 use crate::replication::{ConnInfo, DUMP_SEND_ANNOTATE_ROWS, DumpFrom, Packet, ReplicationConnection};
 use crate::snapshot::{self, SnapshotJob, SnapshotState};
 use crate::stream::{Step, StreamState};
@@ -61,6 +65,15 @@ pub struct MysqlSourceConfig {
     pub snapshot_fetch_rows: usize,
     /// Tables read at the same time, each on its own connection with the same read view.
     pub snapshot_parallel: usize,
+    /// The table rules as they are now (a reload replaces them): incremental snapshots check
+    /// requests against them and record them in checkpoints.
+    pub rules: TableRules,
+    /// Incremental snapshot requests and their status.
+    pub incremental: Arc<IncrementalControl>,
+    /// Rows per incremental snapshot chunk.
+    pub incremental_chunk_rows: usize,
+    /// Snapshot tables a reload or restart newly includes.
+    pub snapshot_new_tables: bool,
 }
 
 impl std::fmt::Debug for MysqlSourceConfig {
@@ -89,7 +102,12 @@ impl Source for MysqlSource {
     type Error = MyError;
 
     async fn run(self, mut ctx: SourceContext) -> Result<(), MyError> {
-        let mut state = StreamState::new(&self.config, &self.info, ctx.resume_from.clone());
+        let incremental = IncrementalSnapshots::new(
+            self.config.incremental.clone(),
+            ctx.resume_from.as_ref().and_then(Position::incremental),
+            self.config.incremental_chunk_rows,
+        );
+        let mut state = StreamState::new(&self.config, &self.info, ctx.resume_from.clone(), incremental);
         if let Some(interrupted) = ctx.resume_from.as_ref().and_then(SnapshotState::from_position) {
             // Streaming starts at the interrupted snapshot's consistent point once it is complete.
             state.resume = interrupted.consistent.clone();
@@ -245,6 +263,10 @@ impl MysqlSource {
 
         let silence_limit = self.config.heartbeat * 3;
         let mut last_packet = Instant::now();
+        let mut chunks = Chunks { reader: None, info: &info, facts: &facts, retries: 0 };
+        // A reload wakes the loop: a table it newly includes is snapshotted without waiting for
+        // the next event. (`None`: rules that never change.)
+        let mut reloads = Some(self.config.rules.subscribe());
         loop {
             loop {
                 let pending = match conn.next_event().map_err(classify)? {
@@ -322,6 +344,15 @@ impl MysqlSource {
             // Time spent waiting on a slow sink is not the server being silent.
             last_packet = last_packet.max(handing_over);
             conn.trim_buffer();
+            if !state.in_transaction() && !ctx.shutdown.is_cancelled() {
+                let stepping = Instant::now();
+                self.incremental_step(ctx, state, &mut chunks).await?;
+                // Nor is time spent reading a chunk.
+                last_packet = last_packet.max(stepping);
+                if !state.batcher.is_empty() {
+                    continue;
+                }
+            }
             let reached_end = self.config.stop_at.as_ref().is_some_and(|end| state.reached(end));
             if (ctx.shutdown.is_cancelled() || reached_end) && !state.in_transaction() {
                 if reached_end {
@@ -335,6 +366,13 @@ impl MysqlSource {
                 let _ = catalog.query_drop(format!("KILL {connection_id}")).await;
                 return Ok(());
             }
+            // Incremental snapshots: a chunk due now is read at the next turn; one in its window
+            // waits for the stream to read on (events wake us), a refused one for its retry time.
+            if state.incremental.next_chunk().is_some() && !state.in_transaction() && !ctx.shutdown.is_cancelled() {
+                continue;
+            }
+            let control = self.config.incremental.clone();
+            let retry = state.incremental.retry_at();
             tokio::select! {
                 // Data already buffered wins over a silence deadline that passed meanwhile.
                 biased;
@@ -346,8 +384,178 @@ impl MysqlSource {
                     return Err(MyError::Silent(silence_limit));
                 }
                 _ = ctx.shutdown.cancelled(), if !state.in_transaction() => {}
+                _ = control.command_arrived() => {}
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now).into()), if retry.is_some() => {}
+                changed = reloaded(&mut reloads), if reloads.is_some() => {
+                    if changed.is_err() {
+                        reloads = None;
+                    }
+                }
             }
         }
+    }
+
+    /// Between transactions: the operator's commands, tables the rules newly include, the chunk in
+    /// its window once the stream read the binlog to its high watermark, and the next chunk.
+    async fn incremental_step(
+        &self,
+        ctx: &mut SourceContext,
+        state: &mut StreamState,
+        chunks: &mut Chunks<'_>,
+    ) -> Result<(), MyError> {
+        let before = state.incremental.checkpoint();
+        let rules = self.config.rules.current();
+        let commands = state.incremental.control().take_commands();
+        let rules_changed = !state.rules_seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &rules));
+        for command in commands {
+            self.apply(command, state, chunks, &rules).await?;
+        }
+        if rules_changed {
+            self.snapshot_new_tables(state, chunks, &rules).await?;
+            state.rules_seen = Some(rules.clone());
+            // The pipeline applies new rules from its next commit on: one goes before any chunk
+            // read under them, so that a newly included table's rows are not filtered by the old.
+            state.incremental_marker();
+        }
+        ctx.metrics.incremental.pending.store(state.incremental.snapshots().len() as i64, Relaxed);
+        self.close_if_passed(ctx, state);
+        // One read per pass; up to MAX_OPEN_CHUNKS wait for the stream at once.
+        if let Some(request) = state.incremental.next_chunk() {
+            let reader = chunks.reader().await?;
+            reader.ddl(state.ddl_count);
+            let emitted = match state.flavor {
+                Flavor::Mysql => Emitted::Gtids(match &state.gtids {
+                    Some(GtidSet::Mysql(set)) => Some(set),
+                    _ => None,
+                }),
+                Flavor::Mariadb => Emitted::Position(state.emitted_position()),
+            };
+            match reader.read(&request, &rules, emitted).await? {
+                ChunkRead::Rows { chunk, high } => {
+                    debug!(table = %request.table, rows = chunk.rows.len(), high = %high, "incremental snapshot chunk read");
+                    chunks.retries = 0;
+                    if let Err(why) = state.incremental.open(&request, chunk, Instant::now(), high) {
+                        warn!(snapshot = request.id, table = %request.table, "incremental snapshot failed: {why}");
+                        state.incremental.fail(request.id, why);
+                    }
+                    // An idle stream already stands at the binlog's end.
+                    self.close_if_passed(ctx, state);
+                }
+                ChunkRead::Retry { why } => {
+                    debug!(table = %request.table, "incremental snapshot: reading the chunk again shortly: {why}");
+                    ctx.metrics.incremental.retries.fetch_add(1, Relaxed);
+                    chunks.retries = chunks.retries.saturating_add(1);
+                    state.incremental.retry_later(chunk_retry(chunks.retries));
+                }
+                ChunkRead::Failed(why) => {
+                    warn!(snapshot = request.id, table = %request.table, "incremental snapshot failed: {why}");
+                    state.incremental.fail(request.id, why);
+                }
+            }
+        }
+        // A queued, paused, finished or advanced snapshot becomes durable with the next checkpoint.
+        if state.incremental.checkpoint() != before {
+            state.incremental_marker();
+        }
+        Ok(())
+    }
+
+    /// Emits the chunks in their windows, oldest first, once the stream, between transactions,
+    /// read the binlog to their high watermarks.
+    fn close_if_passed(&self, ctx: &SourceContext, state: &mut StreamState) {
+        while let Some(high) = state.incremental.oldest_high()
+            && crate::incremental::passed(&state.read_position(), high)
+        {
+            let source = state.incremental_source();
+            let mut events = Vec::new();
+            let closed = state.incremental.close(&source, &ctx.metrics, |event| events.push(event));
+            for event in events {
+                state.batcher.push(event);
+            }
+            if let Some(Closed::Done { .. }) = closed {
+                info!("incremental snapshot done");
+            }
+        }
+    }
+
+    /// Runs one operator command: a start after checking each table (see [`Self::accept`]).
+    async fn apply(
+        &self,
+        command: Command,
+        state: &mut StreamState,
+        chunks: &mut Chunks<'_>,
+        rules: &Rules,
+    ) -> Result<(), MyError> {
+        if let Some(start) = state.incremental.command(command) {
+            let mut estimates = Vec::with_capacity(start.tables.len());
+            for table in &start.tables {
+                match self.accept(state, chunks, table, start.filter.as_deref(), rules).await? {
+                    Ok(estimate) => estimates.push(estimate),
+                    Err(why) => {
+                        start.refuse(why);
+                        return Ok(());
+                    }
+                }
+            }
+            start.accept(&mut state.incremental, &estimates);
+        }
+        Ok(())
+    }
+
+    /// Whether `table` can be snapshotted incrementally (with `filter`): its estimated rows, or why not.
+    async fn accept(
+        &self,
+        state: &StreamState,
+        chunks: &mut Chunks<'_>,
+        table: &str,
+        filter: Option<&str>,
+        rules: &Rules,
+    ) -> Result<Result<i64, String>, MyError> {
+        if let Some(why) = crate::incremental::unsupported(chunks.facts) {
+            return Ok(Err(why));
+        }
+        if chunks.facts.flavor == Flavor::Mysql && !matches!(state.gtids, Some(GtidSet::Mysql(_))) {
+            return Ok(Err(
+                "the stream does not track GTIDs (its checkpoint was stored without a GTID set), so chunks cannot be                  placed against it. Fix: restart from a checkpoint with GTIDs (`tailgate offsets reset --to-end`                  starts one, skipping what was not yet streamed)"
+                    .into(),
+            ));
+        }
+        let reader = chunks.reader().await?;
+        reader.forget(table);
+        let described = match reader.describe(table, rules).await? {
+            Ok(described) => described,
+            Err(why) => return Ok(Err(why)),
+        };
+        if let Some(filter) = filter
+            && let Err(why) = reader.check_filter(&described, filter).await?
+        {
+            return Ok(Err(why));
+        }
+        Ok(Ok(described.estimate))
+    }
+
+    /// Queues a snapshot of every table the current rules include and the recorded rules did not
+    /// (a reload, or a restart with new rules); then records the current rules.
+    async fn snapshot_new_tables(
+        &self,
+        state: &mut StreamState,
+        chunks: &mut Chunks<'_>,
+        rules: &Rules,
+    ) -> Result<(), MyError> {
+        if self.config.snapshot_new_tables && state.incremental.rules_changed(rules) {
+            let tables = chunks.reader().await?.user_tables().await?;
+            for table in state.incremental.newly_included(rules, tables) {
+                match self.accept(state, chunks, &table, None, rules).await? {
+                    Ok(estimate) => {
+                        let id = state.incremental.add(table.clone(), None, estimate);
+                        info!(snapshot = id, table = %table, "newly included table: incremental snapshot queued");
+                    }
+                    Err(why) => warn!(table = %table, "newly included table cannot be snapshotted: {why}"),
+                }
+            }
+        }
+        state.incremental.set_captured(rules.captured());
+        Ok(())
     }
 
     /// Runs the initial snapshot when one is due (see [`SnapshotMode`]); afterwards streaming starts
@@ -474,5 +682,40 @@ fn classify(e: MyError, user: &str, server_id: u32, start: &Position) -> MyError
         }
         1045 | 1227 | 1044 => MyError::Privilege { user: user.to_owned(), privilege: "REPLICATION SLAVE" },
         _ => e,
+    }
+}
+
+/// Resolves when a reload replaced the rules (`Err`: they can no longer change).
+async fn reloaded(
+    reloads: &mut Option<tokio::sync::watch::Receiver<Arc<Rules>>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match reloads {
+        Some(rules) => rules.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a chunk refused by the guard waits before it is read again: 2 ms, doubling with each
+/// refusal in a row up to 64 ms (a stream far ahead of the engine's commits, a long transaction).
+fn chunk_retry(retries: u32) -> Duration {
+    Duration::from_millis(2 << retries.saturating_sub(1).min(5))
+}
+
+/// The connection incremental snapshot chunks are read on, opened when first needed, to the server
+/// the stream reads.
+struct Chunks<'a> {
+    reader: Option<ChunkReader>,
+    info: &'a ConnInfo,
+    facts: &'a ServerFacts,
+    /// Chunks refused in a row.
+    retries: u32,
+}
+
+impl Chunks<'_> {
+    async fn reader(&mut self) -> Result<&mut ChunkReader, MyError> {
+        if self.reader.is_none() {
+            self.reader = Some(ChunkReader::connect(self.info, self.facts).await?);
+        }
+        Ok(self.reader.as_mut().expect("connected above"))
     }
 }

@@ -18,7 +18,7 @@ use tailgate_core::{
     BinlogFile, ChangeEvent, Event, GtidSet, MysqlSourceBlock as SourceBlock, Op, Position, Row, Symbol, TableId,
     TableSchema, Uuid, Value,
 };
-use tailgate_pipeline::{StreamBatcher, TablePredicate};
+use tailgate_pipeline::{IncrementalSnapshots, Rules, StreamBatcher, TablePredicate};
 use tracing::debug;
 
 use crate::binlog::event::{self, Body, ChecksumAlg, FormatDescription, Header, RowsKind};
@@ -26,6 +26,7 @@ use crate::binlog::rows::read_image;
 use crate::binlog::{Cursor, DecodeError};
 use crate::catalog::{self, Flavor, ServerFacts};
 use crate::error::MyError;
+use crate::incremental::BinlogPos;
 use crate::replication::ConnInfo;
 use crate::schema::{CatalogColumn, Collations, ParsedTableMap, TableInfo};
 use crate::snapshot::SnapshotState;
@@ -117,10 +118,26 @@ pub(crate) struct StreamState {
     /// The snapshot still to read (or finish), if any; decided once per run.
     pub(crate) snapshot: Option<SnapshotState>,
     pub(crate) snapshot_planned: bool,
+    /// How far the binlog has been read in `file`: the end of the last event handled (heartbeats
+    /// and a new file's opening events included). Between transactions, every transaction ending
+    /// at or before it was emitted.
+    pub(crate) read_pos: u64,
+    /// DDL statements seen in this run (incremental snapshots describe their tables again).
+    pub(crate) ddl_count: u64,
+    /// Incremental snapshots: the queue, the chunks in their windows (each ending at the binlog
+    /// position its high watermark names), the progress checkpoints carry.
+    pub(crate) incremental: IncrementalSnapshots<BinlogPos>,
+    /// The table rules the incremental snapshots last compared against (a reload replaces them).
+    pub(crate) rules_seen: Option<Arc<Rules>>,
 }
 
 impl StreamState {
-    pub(crate) fn new(config: &MysqlSourceConfig, info: &ConnInfo, resume: Option<Position>) -> Self {
+    pub(crate) fn new(
+        config: &MysqlSourceConfig,
+        info: &ConnInfo,
+        resume: Option<Position>,
+        incremental: IncrementalSnapshots<BinlogPos>,
+    ) -> Self {
         StreamState {
             name: config.name.as_str().into(),
             flavor: Flavor::Mysql,
@@ -146,6 +163,10 @@ impl StreamState {
             event_end: 0,
             snapshot: None,
             snapshot_planned: false,
+            read_pos: 0,
+            ddl_count: 0,
+            incremental,
+            rules_seen: None,
         }
     }
 
@@ -154,8 +175,9 @@ impl StreamState {
         self.batcher.resume_point().cloned().or_else(|| self.resume.clone())
     }
 
-    pub(crate) fn begin_stream(&mut self, file: &BinlogFile, _pos: u64, facts: &ServerFacts) {
+    pub(crate) fn begin_stream(&mut self, file: &BinlogFile, pos: u64, facts: &ServerFacts) {
         self.file = file.0.as_str().into();
+        self.read_pos = pos;
         self.checksum_default = if facts.binlog_checksum == "CRC32" { ChecksumAlg::Crc32 } else { ChecksumAlg::Off };
         self.fde = FormatDescription::initial(self.checksum_default);
         self.tables.clear();
@@ -166,6 +188,8 @@ impl StreamState {
     /// The connection is gone: the open transaction will come again; what of it was emitted is
     /// dropped from the replay.
     pub(crate) fn disconnected(&mut self) {
+        // The chunks in their windows are read again after the reconnect (perhaps from another server).
+        self.incremental.abandon_windows();
         self.txn = None;
         self.payload = None;
         self.batcher.disconnected();
@@ -174,6 +198,46 @@ impl StreamState {
     /// Inside a transaction, or between a transaction cut by a lost connection and its replay.
     pub(crate) fn in_transaction(&self) -> bool {
         self.txn.is_some() || self.batcher.in_transaction()
+    }
+
+    /// Where the binlog has been read to (see `read_pos`).
+    pub(crate) fn read_position(&self) -> BinlogPos {
+        BinlogPos::new(self.file.as_str(), self.read_pos)
+    }
+
+    /// Where the last transaction (or progress marker) emitted ends, else the checkpoint's position.
+    pub(crate) fn emitted_position(&self) -> Option<BinlogPos> {
+        match self.restart_position()? {
+            Position::Mysql { file, pos, .. } => Some(BinlogPos { file, pos }),
+            _ => None,
+        }
+    }
+
+    /// A progress marker at the last commit, carrying the incremental snapshots' progress now.
+    pub(crate) fn incremental_marker(&mut self) {
+        if let Some(Position::Mysql { file, pos, gtids, .. }) = self.restart_position() {
+            self.batcher.marker(Position::Mysql { file, pos, gtids, incremental: self.incremental.checkpoint() });
+        }
+    }
+
+    /// The `source` block of incremental snapshot rows: read now, at the stream's position.
+    pub(crate) fn incremental_source(&self) -> tailgate_core::SourceInfo {
+        let now_us =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        tailgate_core::SourceInfo::Mysql(SourceBlock {
+            connector: self.flavor.connector(),
+            name: self.name,
+            ts_us: now_us,
+            snapshot: "incremental",
+            server_id: 0,
+            gtid: None,
+            file: self.file,
+            pos: self.read_pos,
+            row: 0,
+            thread: None,
+            query: None,
+            txn_pos: self.read_pos,
+        })
     }
 
     pub(crate) fn reached(&self, end: &(BinlogFile, u64)) -> bool {
@@ -227,10 +291,21 @@ impl StreamState {
         };
         self.event_start = parsed.header.start_pos();
         self.event_end = u64::from(parsed.header.log_pos);
+        // A rotation moves the read position to the next file (in `handle_parsed`); an event the
+        // server made up without a position (log_pos 0) leaves it where it is.
+        let read_to = match parsed.body {
+            Body::Rotate { .. } => None,
+            _ => Some(self.event_end).filter(|end| *end != 0),
+        };
         if let Body::TransactionPayload(tp) = &parsed.body {
-            return self.handle_payload(&parsed.header, tp);
+            self.handle_payload(&parsed.header, tp)?;
+        } else {
+            self.handle_parsed(parsed)?;
         }
-        self.handle_parsed(parsed)
+        if let Some(end) = read_to {
+            self.read_pos = end;
+        }
+        Ok(())
     }
 
     /// MySQL's binlog transaction compression: the inner events are read one at a time by
@@ -318,6 +393,7 @@ impl StreamState {
                 let name = Symbol::new(&String::from_utf8_lossy(file));
                 let real = !header.is_artificial() && header.timestamp != 0;
                 self.file = name;
+                self.read_pos = position;
                 self.tables.clear();
                 self.table_ids.clear();
                 // A real rotate ends a file: everything before it is delivered once what was
@@ -466,6 +542,7 @@ impl StreamState {
         // TRUNCATE event when asked for, and end the transaction unless it had a BEGIN.
         debug!(statement = %String::from_utf8_lossy(&stmt[..stmt.len().min(200)]), "DDL");
         self.catalog.clear();
+        self.ddl_count += 1;
         if word == "TRUNCATE"
             && let Some(id) = truncated_table(stmt, q.schema)
         {
@@ -626,13 +703,11 @@ impl StreamState {
             query: txn.query.clone(),
             txn_pos: txn.begin_pos,
         };
-        self.batcher.push(Event::Change(ChangeEvent {
-            op,
-            table,
-            before,
-            after,
-            source: tailgate_core::SourceInfo::Mysql(source),
-        }));
+        let event =
+            Event::Change(ChangeEvent { op, table, before, after, source: tailgate_core::SourceInfo::Mysql(source) });
+        // A chunk in its window learns of the change first (free when no window is open).
+        self.incremental.observe(&event);
+        self.batcher.push(event);
     }
 
     /// Ends the open transaction: its GTID joins the set, and the commit marker follows its events.
@@ -662,7 +737,12 @@ impl StreamState {
     }
 
     pub(crate) fn commit_position(&self, pos: u64) -> Position {
-        Position::mysql(BinlogFile(self.file.to_string()), pos, self.gtids.clone())
+        Position::Mysql {
+            file: BinlogFile(self.file.to_string()),
+            pos,
+            gtids: self.gtids.clone(),
+            incremental: self.incremental.checkpoint(),
+        }
     }
 
     /// Progress between transactions (a fresh connector's start, a rotation to the next file).
@@ -686,9 +766,8 @@ mod tests {
 
     use super::*;
 
-    /// Replays a binlog file captured from a real server (tests/data/README.md) through the
-    /// decoder and the transaction logic: one line per item.
-    fn replay(bytes: &[u8]) -> Vec<String> {
+    /// A stream state as the golden replays use it.
+    fn golden_state() -> StreamState {
         let config = MysqlSourceConfig {
             name: "golden".into(),
             url: "mysql://root@localhost/golden".into(),
@@ -702,9 +781,14 @@ mod tests {
             snapshot: SnapshotMode::Never,
             snapshot_fetch_rows: 100,
             snapshot_parallel: 1,
+            rules: tailgate_pipeline::TableRules::fixed(Rules::compile(&Default::default()).unwrap()),
+            incremental: tailgate_pipeline::IncrementalControl::new(),
+            incremental_chunk_rows: 1024,
+            snapshot_new_tables: true,
         };
         let info = ConnInfo::from_url(&config.url).unwrap();
-        let mut state = StreamState::new(&config, &info, None);
+        let incremental = IncrementalSnapshots::new(config.incremental.clone(), None, 1024);
+        let mut state = StreamState::new(&config, &info, None, incremental);
         state.collations = [
             (8, "latin1"),
             (11, "ascii"),
@@ -718,6 +802,27 @@ mod tests {
         .map(|(id, cs)| (id, cs.to_owned()))
         .collect();
         state.file = "golden-file".into();
+        state
+    }
+
+    /// The events of a captured binlog file, one by one.
+    fn golden_events(bytes: &[u8]) -> Vec<&[u8]> {
+        assert_eq!(&bytes[..4], b"\xfebin", "binlog magic");
+        let mut rest = &bytes[4..];
+        let mut events = Vec::new();
+        while !rest.is_empty() {
+            let size = u32::from_le_bytes([rest[9], rest[10], rest[11], rest[12]]) as usize;
+            let (event, tail) = rest.split_at(size);
+            events.push(event);
+            rest = tail;
+        }
+        events
+    }
+
+    /// Replays a binlog file captured from a real server (tests/data/README.md) through the
+    /// decoder and the transaction logic: one line per item.
+    fn replay(bytes: &[u8]) -> Vec<String> {
+        let mut state = golden_state();
         assert_eq!(&bytes[..4], b"\xfebin", "binlog magic");
         let mut rest = &bytes[4..];
         let mut items = Vec::new();
@@ -789,6 +894,95 @@ mod tests {
         }
         let expected = std::fs::read_to_string(&expected_path).unwrap();
         assert_eq!(actual, expected, "{name}: decoded events differ from {}", expected_path.display());
+    }
+
+    /// A chunk in its window on golden.t holding keys 2 and 5: the streamed update of key 2 drops
+    /// it; the read position follows every event to the end of the file.
+    #[test]
+    fn streamed_changes_reach_the_open_window_and_the_read_position_follows_the_binlog() {
+        use std::time::Instant;
+
+        use tailgate_core::ColumnSchema;
+        use tailgate_pipeline::Chunk;
+
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let bytes = std::fs::read(dir.join("mariadb-10.11.binlog")).unwrap();
+        let mut state = golden_state();
+        let schema = Arc::new(TableSchema {
+            id: TableId { schema: "golden".into(), table: "t".into() },
+            columns: vec![
+                ColumnSchema { name: "id".into(), key: true },
+                ColumnSchema { name: "vc".into(), key: false },
+            ],
+        });
+        state.incremental.add("golden.t".into(), None, -1);
+        let request = state.incremental.next_chunk().unwrap();
+        let rows =
+            vec![vec![Value::Int(2), Value::String("two".into())], vec![Value::Int(5), Value::String("v".into())]];
+        let chunk = Chunk { schema, key: vec![0], rows, last_key: Some(vec![Some("5".into())]) };
+        state.incremental.open(&request, chunk, Instant::now(), BinlogPos::new("mysql-bin.000010", 2318)).unwrap();
+        let events = golden_events(&bytes);
+        let mut last_end = 0;
+        let mut commits = 0;
+        for event in &events {
+            let header = Header::parse(event).unwrap();
+            match state.handle(event) {
+                Ok(()) => {}
+                Err(Step::Fail(e)) => panic!("{e}"),
+                Err(Step::NeedCatalog(id)) => panic!("FULL metadata should name {id}'s columns"),
+            }
+            // ROTATE (type 4) moves to the next file, any other event to its end.
+            if header.log_pos != 0 && event[4] != 4 {
+                last_end = u64::from(header.log_pos);
+                assert_eq!(state.read_pos, last_end);
+            }
+            for item in state.batcher.take_batch() {
+                if let Item::Commit(position) = item {
+                    commits += 1;
+                    let queued = usize::from(state.incremental.window_open());
+                    assert!(
+                        position.incremental().is_some_and(|p| p.snapshots.len() == queued),
+                        "progress in every commit"
+                    );
+                }
+            }
+            // After the update of key 2 (and before the TRUNCATE that ends the file): close.
+            if state.incremental.window_open() && state.txn.is_none() && state.read_pos >= 2318 {
+                let source = state.incremental_source();
+                let metrics = tailgate_pipeline::Metrics::new("t");
+                let mut emitted = Vec::new();
+                let closed = state.incremental.close(&source, &metrics, |e| emitted.push(e));
+                // Fewer rows than asked for: the table's last chunk.
+                assert_eq!(closed, Some(tailgate_pipeline::Closed::Done { rows: 1, dropped: 1 }));
+                let Event::Change(read) = &emitted[0] else { panic!() };
+                assert_eq!(read.after.as_ref().unwrap()[0], Value::Int(5));
+                let tailgate_core::SourceInfo::Mysql(block) = &read.source else { panic!() };
+                assert_eq!(block.snapshot, "incremental");
+                assert_eq!(block.pos, 2318);
+            }
+        }
+        assert!(!state.incremental.window_open());
+        assert!(commits > 5);
+        assert!(last_end > 3900);
+        // The file ends with a rotation.
+        assert_eq!(state.read_position(), BinlogPos::new("mysql-bin.000011", 4));
+    }
+
+    #[test]
+    fn a_rotation_moves_the_read_position_to_the_next_file() {
+        let mut state = golden_state();
+        state.read_pos = 900;
+        // ROTATE (type 4): header, then the position and the next file's name.
+        let mut event = vec![0u8; 19];
+        event[0..4].copy_from_slice(&1u32.to_le_bytes());
+        event[4] = 4;
+        event[5..9].copy_from_slice(&1u32.to_le_bytes());
+        let body = [&4u64.to_le_bytes()[..], b"golden-file.000002"].concat();
+        event[9..13].copy_from_slice(&((19 + body.len()) as u32).to_le_bytes());
+        event[13..17].copy_from_slice(&950u32.to_le_bytes());
+        event.extend_from_slice(&body);
+        assert!(state.handle(&event).is_ok());
+        assert_eq!(state.read_position(), BinlogPos::new("golden-file.000002", 4));
     }
 
     #[test]

@@ -397,6 +397,9 @@ impl PostgresSource {
         if rules_changed {
             self.snapshot_new_tables(state, chunks, &rules).await?;
             state.rules_seen = Some(rules.clone());
+            // The pipeline applies new rules from its next commit on: one goes before any chunk
+            // read under them, so that a newly included table's rows are not filtered by the old.
+            state.batcher.marker(state.position(state.last_marker));
         }
         ctx.metrics.incremental.pending.store(state.incremental.snapshots().len() as i64, Relaxed);
         // The oldest chunks whose high watermark the stream passed end, in order.
@@ -448,7 +451,7 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Runs one operator command.
+    /// Runs one operator command: a start after checking each table (see [`Self::accept`]).
     async fn apply(
         &self,
         command: Command,
@@ -456,37 +459,18 @@ impl PostgresSource {
         chunks: &mut Chunks,
         rules: &Rules,
     ) -> Result<(), PgError> {
-        match command {
-            Command::Start { tables, filter, reply } => {
-                let mut accepted = Vec::new();
-                for table in &tables {
-                    match self.accept(chunks, table, filter.as_deref(), rules).await? {
-                        Ok(estimate) => accepted.push((table.clone(), estimate)),
-                        Err(why) => {
-                            let _ = reply.send(Err(why));
-                            return Ok(());
-                        }
+        if let Some(start) = state.incremental.command(command) {
+            let mut estimates = Vec::with_capacity(start.tables.len());
+            for table in &start.tables {
+                match self.accept(chunks, table, start.filter.as_deref(), rules).await? {
+                    Ok(estimate) => estimates.push(estimate),
+                    Err(why) => {
+                        start.refuse(why);
+                        return Ok(());
                     }
                 }
-                let ids: Vec<u64> = accepted
-                    .into_iter()
-                    .map(|(table, estimate)| {
-                        let id = state.incremental.add(table.clone(), filter.clone(), estimate);
-                        info!(snapshot = id, table = %table, filter = filter.as_deref().unwrap_or(""), "incremental snapshot requested");
-                        id
-                    })
-                    .collect();
-                let _ = reply.send(Ok(ids));
             }
-            Command::Pause { id, reply } => {
-                let _ = reply.send(state.incremental.pause(id));
-            }
-            Command::Resume { id, reply } => {
-                let _ = reply.send(state.incremental.resume(id));
-            }
-            Command::Cancel { id, reply } => {
-                let _ = reply.send(state.incremental.cancel(id));
-            }
+            start.accept(&mut state.incremental, &estimates);
         }
         Ok(())
     }
@@ -527,17 +511,9 @@ impl PostgresSource {
         chunks: &mut Chunks,
         rules: &Rules,
     ) -> Result<(), PgError> {
-        let current = rules.captured();
-        if let Some(previous) = state.incremental.captured().cloned()
-            && previous != current
-            && self.config.snapshot_new_tables
-        {
-            for table in chunks.reader(&self.info).await?.user_tables().await? {
-                let was = Rules::captured_under(&previous, &table).unwrap_or(true);
-                let queued = state.incremental.snapshots().iter().any(|s| s.table == table);
-                if was || queued || !rules.table_included(&table) {
-                    continue;
-                }
+        if self.config.snapshot_new_tables && state.incremental.rules_changed(rules) {
+            let tables = chunks.reader(&self.info).await?.user_tables().await?;
+            for table in state.incremental.newly_included(rules, tables) {
                 match self.accept(chunks, &table, None, rules).await? {
                     Ok(estimate) => {
                         let id = state.incremental.add(table.clone(), None, estimate);
@@ -547,7 +523,7 @@ impl PostgresSource {
                 }
             }
         }
-        state.incremental.set_captured(current);
+        state.incremental.set_captured(rules.captured());
         Ok(())
     }
 

@@ -99,6 +99,18 @@ impl MysqlGtidSet {
         self.sets.is_empty()
     }
 
+    /// Whether every transaction of `self` is in `other`. Intervals are sorted and disjoint, so each
+    /// of ours must lie inside one of theirs.
+    pub fn is_subset(&self, other: &MysqlGtidSet) -> bool {
+        self.sets.iter().all(|(uuid, ours)| {
+            let Some(theirs) = other.sets.get(uuid) else { return ours.is_empty() };
+            ours.iter().all(|&(start, end)| {
+                let at = theirs.partition_point(|&(_, e)| e < start);
+                theirs.get(at).is_some_and(|&(s, e)| s <= start && end <= e)
+            })
+        })
+    }
+
     /// Each UUID with its inclusive intervals, in UUID order (the order COM_BINLOG_DUMP_GTID wants).
     pub fn iter(&self) -> impl Iterator<Item = (&Uuid, &[(u64, u64)])> {
         self.sets.iter().map(|(u, ivs)| (u, ivs.as_slice()))
@@ -305,6 +317,21 @@ mod tests {
         assert_eq!(set.to_string(), format!("{A}:1-9"));
         set.add(uuid, 20);
         assert_eq!(set.to_string(), format!("{A}:1-9:20"));
+    }
+
+    #[test]
+    fn subsets_are_checked_interval_by_interval() {
+        let set = |text: &str| -> MysqlGtidSet { text.parse().unwrap() };
+        let server = set(&format!("{A}:1-10:20-30,{B}:5"));
+        assert!(set("").is_subset(&server));
+        assert!(set(&format!("{A}:1-10")).is_subset(&server));
+        assert!(set(&format!("{A}:3-4:21-30,{B}:5")).is_subset(&server));
+        assert!(!set(&format!("{A}:10-11")).is_subset(&server), "11 is missing");
+        assert!(!set(&format!("{A}:31")).is_subset(&server));
+        assert!(!set(&format!("{A}:1-30")).is_subset(&server), "spans the gap");
+        assert!(!set(&format!("{B}:4-5")).is_subset(&server));
+        assert!(!server.is_subset(&set(&format!("{A}:1-30"))), "a UUID the other lacks");
+        assert!(server.is_subset(&server));
     }
 
     #[test]

@@ -27,8 +27,8 @@
 //!   the stream emitted before W.
 //!
 //! And E comes after every transaction S sees (PostgreSQL: the WAL insert position read after S;
-//! MySQL: `gtid_executed` read after the chunk; MariaDB: the snapshot's binlog position), so nothing
-//! older than the chunk follows it. The full argument is in docs/architecture.md.
+//! MySQL: the end of the binlog read after the chunk; MariaDB: the snapshot's binlog position), so
+//! nothing older than the chunk follows it. The full argument is in docs/architecture.md.
 //!
 //! **Resume.** The snapshots' progress (`after`: the last key delivered) travels in every streamed
 //! checkpoint ([`IncrementalProgress`] inside the position). A chunk emitted but not acknowledged
@@ -50,6 +50,7 @@ use tailgate_core::{
 use tokio::sync::{Notify, oneshot};
 
 use crate::metrics::Metrics;
+use crate::transform::Rules;
 
 /// Default rows per chunk (`incremental_chunk_rows`).
 pub const DEFAULT_CHUNK_ROWS: usize = 1024;
@@ -93,6 +94,40 @@ impl Command {
                 reply.is_closed()
             }
         }
+    }
+}
+
+/// A start command waiting for the engine's checks (the table exists, is captured, has a key, the
+/// filter is valid SQL): the engine answers with [`StartRequest::accept`] or [`StartRequest::refuse`].
+#[derive(Debug)]
+pub struct StartRequest {
+    pub tables: Vec<String>,
+    pub filter: Option<String>,
+    reply: oneshot::Sender<Result<Vec<u64>, String>>,
+}
+
+impl StartRequest {
+    /// Answers the requester with why nothing was queued.
+    pub fn refuse(self, why: String) {
+        let _ = self.reply.send(Err(why));
+    }
+
+    /// Queues one snapshot per table, in order, with its row estimate (-1: unknown; one per table),
+    /// and answers the requester with their ids.
+    pub fn accept<H>(self, snapshots: &mut IncrementalSnapshots<H>, estimates: &[i64]) {
+        let filter = self.filter;
+        let ids: Vec<u64> = self
+            .tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, table)| {
+                let estimate = estimates.get(i).copied().unwrap_or(-1);
+                let id = snapshots.add(table.clone(), filter.clone(), estimate);
+                tracing::info!(snapshot = id, table = %table, filter = filter.as_deref().unwrap_or(""), "incremental snapshot requested");
+                id
+            })
+            .collect();
+        let _ = self.reply.send(Ok(ids));
     }
 }
 
@@ -190,6 +225,46 @@ impl IncrementalControl {
     fn publish(&self, status: Vec<SnapshotStatus>) {
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
+}
+
+/// Why a `--where` predicate is refused before it reaches the server, if it is. It must be one
+/// expression: parentheses balanced outside string literals, and no statement separator or comment
+/// (`comments`: the dialect's comment openers) outside them, so that it can neither end the chunk's
+/// query early (dropping its `ORDER BY … LIMIT`, which would read the whole table into memory) nor
+/// add to it. Conservative: a backslash-escaped quote counts as the literal's end.
+pub fn filter_refused(filter: &str, comments: &[&str]) -> Option<String> {
+    let refuse = |what: &str| {
+        Some(format!(
+            "--where {filter:?}: the predicate must be one SQL expression ({what}); write quotes inside literals as ''"
+        ))
+    };
+    let (mut depth, mut quoted) = (0i32, false);
+    for (at, c) in filter.char_indices() {
+        if quoted {
+            quoted = c != '\'';
+            continue;
+        }
+        match c {
+            '\'' => quoted = true,
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return refuse("a ')' closes more than it opened");
+                }
+            }
+            ';' => return refuse("no ';'"),
+            _ if comments.iter().any(|open| filter[at..].starts_with(open)) => return refuse("no comments"),
+            _ => {}
+        }
+    }
+    if quoted {
+        return refuse("a string literal is not closed");
+    }
+    if depth != 0 {
+        return refuse("parentheses do not balance");
+    }
+    None
 }
 
 /// The next chunk to read.
@@ -298,6 +373,48 @@ impl<H> IncrementalSnapshots<H> {
             self.progress.captured = Some(captured);
             self.changed();
         }
+    }
+
+    /// Runs an operator's pause, resume or cancel; a start is handed back for the engine's checks.
+    pub fn command(&mut self, command: Command) -> Option<StartRequest> {
+        match command {
+            Command::Start { tables, filter, reply } => return Some(StartRequest { tables, filter, reply }),
+            Command::Pause { id, reply } => {
+                let _ = reply.send(self.pause(id));
+            }
+            Command::Resume { id, reply } => {
+                let _ = reply.send(self.resume(id));
+            }
+            Command::Cancel { id, reply } => {
+                let _ = reply.send(self.cancel(id));
+            }
+        }
+        None
+    }
+
+    /// Whether `rules` differ from the table rules of the checkpoint this run resumed from (or
+    /// that an earlier reload recorded): then tables may be newly included. `false` on a first
+    /// start, when no rules were recorded.
+    pub fn rules_changed(&self, rules: &Rules) -> bool {
+        self.progress.captured.as_ref().is_some_and(|previous| *previous != rules.captured())
+    }
+
+    /// What `snapshot_new_tables` snapshots: the tables of `tables` (every user table, as the
+    /// engine names them) that `rules` include and the recorded rules did not, and that no queued
+    /// snapshot covers already. Empty when no rules were recorded. Call [`Self::set_captured`]
+    /// afterwards.
+    pub fn newly_included(&self, rules: &Rules, tables: Vec<String>) -> Vec<String> {
+        let Some(previous) = &self.progress.captured else { return Vec::new() };
+        tables
+            .into_iter()
+            .filter(|table| {
+                // A recorded pattern that no longer compiles: count the table as captured before
+                // (no snapshot rather than a surprise one).
+                let was = Rules::captured_under(previous, table).unwrap_or(true);
+                let queued = self.progress.snapshots.iter().any(|s| &s.table == table);
+                !was && !queued && rules.table_included(table)
+            })
+            .collect()
     }
 
     /// Whether any snapshot is waiting to run (not paused).
@@ -654,6 +771,24 @@ mod tests {
     }
 
     #[test]
+    fn predicates_must_be_one_expression() {
+        let pg = ["--", "/*"];
+        for ok in [
+            "id % 2 = 0",
+            "name = 'a;b--c' AND (x > 1 OR y < 2)",
+            "note = 'it''s'",
+            "created_at > now() - interval '1 day'",
+        ] {
+            assert_eq!(filter_refused(ok, &pg), None, "{ok}");
+        }
+        for bad in ["1=1; DROP TABLE t", "1=1 -- ORDER BY", "1=1 /* x */", "true) OR (true", "(id > 1", "name = 'open"]
+        {
+            assert!(filter_refused(bad, &pg).is_some(), "{bad}");
+        }
+        assert!(filter_refused("a = 1 # comment", &["--", "#", "/*"]).is_some(), "MySQL's # comment");
+    }
+
+    #[test]
     fn keys_changed_in_the_window_are_dropped_from_the_chunk() {
         let metrics = Metrics::new("t");
         let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 3);
@@ -762,6 +897,68 @@ mod tests {
         });
         s.observe(&change(Op::Create, &renamed, None, Some(vec![Value::Int(1)])));
         assert!(!s.window_open());
+    }
+
+    fn rules(include: &[&str]) -> Rules {
+        let mut spec = crate::transform::TransformSpec::default();
+        spec.filter.include_tables = include.iter().map(|s| (*s).to_owned()).collect();
+        Rules::compile(&spec).unwrap()
+    }
+
+    #[test]
+    fn newly_included_tables_are_those_the_recorded_rules_did_not_capture() {
+        let mut s = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), None, 2);
+        let tables = || vec!["shop.a".to_owned(), "shop.b".to_owned(), "shop.c".to_owned(), "other.d".to_owned()];
+        // A first start records the rules; nothing is new.
+        let first = rules(&["shop\\.a"]);
+        assert!(!s.rules_changed(&first));
+        assert!(s.newly_included(&first, tables()).is_empty());
+        s.set_captured(first.captured());
+        assert!(!s.rules_changed(&first));
+        // b and c come in; c is already queued by hand; other.d stays out.
+        let wider = rules(&["shop\\..*"]);
+        assert!(s.rules_changed(&wider));
+        s.add("shop.c".into(), None, -1);
+        assert_eq!(s.newly_included(&wider, tables()), vec!["shop.b".to_owned()]);
+        s.set_captured(wider.captured());
+        assert!(s.newly_included(&wider, tables()).is_empty(), "once recorded, nothing is new again");
+        // The recorded rules survive a restart in the checkpoint.
+        let restored = IncrementalSnapshots::<u64>::new(IncrementalControl::new(), s.checkpoint().as_ref(), 2);
+        assert!(!restored.rules_changed(&wider));
+        assert_eq!(restored.newly_included(&rules(&[".*"]), tables()), vec!["other.d".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn commands_run_and_a_start_waits_for_the_engine() {
+        let control = IncrementalControl::new();
+        let mut s = IncrementalSnapshots::<u64>::new(control.clone(), None, 2);
+        let a = s.add("shop.a".into(), None, 5);
+        let (reply, answer) = oneshot::channel();
+        assert!(s.command(Command::Pause { id: a, reply }).is_none());
+        assert_eq!(answer.await.unwrap(), Ok(()));
+        assert!(s.next_chunk().is_none(), "paused");
+        let (reply, answer) = oneshot::channel();
+        assert!(s.command(Command::Resume { id: a + 7, reply }).is_none());
+        assert!(answer.await.unwrap().is_err(), "no such snapshot");
+        let (reply, answer) = oneshot::channel();
+        let start = s
+            .command(Command::Start {
+                tables: vec!["shop.b".into(), "shop.c".into()],
+                filter: Some("id > 1".into()),
+                reply,
+            })
+            .unwrap();
+        assert_eq!(start.tables.len(), 2);
+        start.accept(&mut s, &[10, 20]);
+        let ids = answer.await.unwrap().unwrap();
+        assert_eq!(ids, vec![a + 1, a + 2]);
+        let status = control.status();
+        assert_eq!(status.iter().map(|st| st.estimate).collect::<Vec<_>>(), vec![5, 10, 20]);
+        assert_eq!(status[1].filter.as_deref(), Some("id > 1"));
+        let (reply, answer) = oneshot::channel();
+        s.command(Command::Start { tables: vec!["shop.x".into()], filter: None, reply }).unwrap().refuse("no".into());
+        assert_eq!(answer.await.unwrap(), Err("no".into()));
+        assert_eq!(s.snapshots().len(), 3, "a refused start queues nothing");
     }
 
     #[tokio::test]

@@ -34,6 +34,7 @@ pub use encode::{Encoder, EncoderOptions, Prepared, Record};
 pub use engine::{BoxFuture, Classify, Engine, EngineError, ErrorClass, Lease, SourceParams};
 pub use incremental::{
     Chunk, ChunkRequest, Closed, Command, ControlError, IncrementalControl, IncrementalSnapshots, SnapshotStatus,
+    StartRequest,
 };
 pub use metrics::{BatchCounts, Metrics};
 pub use offsets::{FileStore, OffsetStore, OffsetsError, StoredOffset};

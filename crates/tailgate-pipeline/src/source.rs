@@ -48,6 +48,13 @@ impl TableRules {
         Some(Arc::new(move |table: &str| rules.table_included(table)))
     }
 
+    /// A receiver that wakes when a reload replaces the rules (the current ones count as seen).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Rules>> {
+        let mut rules = self.0.clone();
+        rules.mark_unchanged();
+        rules
+    }
+
     /// A predicate that asks the rules in force at each call (a reader that outlives a reload).
     pub fn live_predicate(&self) -> TablePredicate {
         let rules = self.0.clone();

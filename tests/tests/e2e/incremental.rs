@@ -15,14 +15,14 @@ use tailgate_e2e::*;
 /// One event of a key: its operation and the row's version (`v`: after image, or before image for
 /// a delete), and whether it came from an incremental snapshot.
 #[derive(Debug, Clone)]
-struct Step {
-    op: String,
-    v: Option<i64>,
-    incremental: bool,
+pub(crate) struct Step {
+    pub(crate) op: String,
+    pub(crate) v: Option<i64>,
+    pub(crate) incremental: bool,
 }
 
 /// Events per key (`id`), in delivery order; tombstones skipped.
-fn history(values: impl Iterator<Item = serde_json::Value>) -> BTreeMap<i64, Vec<Step>> {
+pub(crate) fn history(values: impl Iterator<Item = serde_json::Value>) -> BTreeMap<i64, Vec<Step>> {
     let mut keys: BTreeMap<i64, Vec<Step>> = BTreeMap::new();
     for value in values {
         let Some(op) = value["op"].as_str() else { continue };
@@ -51,7 +51,7 @@ async fn rows(db: &TestDb, table: &str) -> HashMap<i64, i64> {
 
 /// Checks the contract for one table: versions never go back, a deleted row never comes back with
 /// the version it was deleted at, and each key ends in the database's state.
-fn assert_converged(keys: &BTreeMap<i64, Vec<Step>>, db: &HashMap<i64, i64>) {
+pub(crate) fn assert_converged(keys: &BTreeMap<i64, Vec<Step>>, db: &HashMap<i64, i64>) {
     let mut backwards = Vec::new();
     for (id, steps) in keys {
         for pair in steps.windows(2) {
@@ -121,7 +121,7 @@ fn spawn_writer(url: String, table: &'static str, max_id: u64, stop: Arc<AtomicB
 }
 
 /// `tailgate snapshot --config <dir>/config.toml <args>`.
-fn snapshot_cmd(dir: &Path, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn snapshot_cmd(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let config = dir.join("config.toml");
     let mut all = vec!["snapshot", "--config", config.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -138,7 +138,7 @@ async fn wait_drained(db: &TestDb, slot: &str) {
     }
 }
 
-fn http_section(port: u16) -> String {
+pub(crate) fn http_section(port: u16) -> String {
     format!("[http]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
@@ -394,7 +394,7 @@ async fn kill_9_mid_snapshot_resumes_at_the_last_acknowledged_chunk() {
 }
 
 /// The stdout file of the `n`-th tailgate started in `dir` (0-based).
-fn tg_out(dir: &Path, n: usize) -> std::path::PathBuf {
+pub(crate) fn tg_out(dir: &Path, n: usize) -> std::path::PathBuf {
     let mut outs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -456,7 +456,7 @@ async fn a_read_only_user_snapshots_incrementally() {
 }
 
 /// A raw HTTP request to 127.0.0.1:`port`: (status, body).
-fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+pub(crate) fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

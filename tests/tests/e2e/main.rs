@@ -6,6 +6,7 @@ mod auth;
 mod faults;
 mod ha;
 mod incremental;
+mod mysql_incremental;
 mod mysql_resilience;
 mod mysql_snapshot;
 mod mysql_streaming;
