@@ -386,9 +386,11 @@ async fn kill_9_mid_snapshot_resumes_at_the_last_acknowledged_chunk() {
     let keys = history(all.map(|r| r["value"].clone()).filter(|v| !v.is_null()));
     assert_converged(&keys, &rows(&s.db, "t").await);
     eprintln!("kill -9 mid incremental snapshot: {before_kill} rows before, {after_restart} after the restart");
+    // Starting over would read all 60k again; resuming repeats only what was emitted after the last
+    // checkpoint written (offsets flush every 200 ms, and up to 4 chunks were in flight).
     assert!(
-        after_restart < 60_000 - 10_000,
-        "the restart resumed the snapshot rather than starting over ({after_restart})"
+        after_restart < 60_000 - before_kill / 4,
+        "the restart resumed the snapshot rather than starting over ({before_kill} before, {after_restart} after)"
     );
     s.db.drop().await;
 }
