@@ -13,10 +13,12 @@ use serde::Deserialize;
 use tailgate_core::{BigIntUnsignedHandling, DecimalHandling};
 use tailgate_kafka::KafkaConfig;
 use tailgate_mysql::{MysqlConfig, MysqlEngine};
+use tailgate_nats::NatsConfig;
 use tailgate_pipeline::{
     Engine, EngineError, FilterSpec, KeyError, OutboxSpec, RouteSpec, Rules, SinkBuilder, SnapshotMode, TransformSpec,
 };
 use tailgate_postgres::{PostgresConfig, PostgresEngine};
+use tailgate_rabbitmq::RabbitmqConfig;
 use tailgate_stdout::StdoutConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,9 @@ impl SourceConfig {
 pub enum SinkConfig {
     Kafka(KafkaConfig),
     Stdout(StdoutConfig),
+    /// NATS JetStream.
+    Nats(NatsConfig),
+    Rabbitmq(RabbitmqConfig),
 }
 
 impl SinkConfig {
@@ -126,6 +131,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Kafka(k) => k,
             SinkConfig::Stdout(s) => s,
+            SinkConfig::Nats(n) => n,
+            SinkConfig::Rabbitmq(r) => r,
         }
     }
 }

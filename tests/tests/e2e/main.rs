@@ -9,6 +9,7 @@ mod mysql_snapshot;
 mod mysql_streaming;
 mod mysql_transforms;
 mod mysql_types;
+mod nats;
 mod operations;
 mod resilience;
 mod snapshot;
