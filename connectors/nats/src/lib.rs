@@ -195,7 +195,10 @@ impl NatsConfig {
                 credentials_file: self.credentials_file.clone(),
             },
             stream: self.stream.clone().unwrap_or_else(|| subject::stream_name_for(prefix)),
-            subjects: self.subjects.clone().unwrap_or_else(|| vec![format!("{}.>", subject::subject_for_topic(prefix))]),
+            subjects: self
+                .subjects
+                .clone()
+                .unwrap_or_else(|| vec![format!("{}.>", subject::subject_for_topic(prefix))]),
             create_stream: self.create_stream,
             retention: self.retention,
             storage: self.storage,

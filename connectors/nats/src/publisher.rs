@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::connection::State as ConnState;
-use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, HeaderMap, Message, StatusCode, Subject};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -434,8 +434,7 @@ impl Publisher {
     }
 
     fn on_ack(&mut self, msg: &Message) -> Result<(), SinkError> {
-        let Some(seq) = msg.subject.strip_prefix(self.reply_prefix.as_str()).and_then(|s| s.parse::<u64>().ok())
-        else {
+        let Some(seq) = msg.subject.strip_prefix(self.reply_prefix.as_str()).and_then(|s| s.parse::<u64>().ok()) else {
             return Ok(());
         };
         let Some(front) = self.window.front().map(|r| r.seq) else { return Ok(()) };
@@ -494,8 +493,10 @@ impl Publisher {
                  records become dead letters"
             }
             ErrorCode::STREAM_SEALED => "the stream is sealed: point sink.stream at a writable stream",
-            _ => "check the stream's configuration and the server log; the run stopped without checkpointing past \
-                  this record",
+            _ => {
+                "check the stream's configuration and the server log; the run stopped without checkpointing past \
+                  this record"
+            }
         };
         Err(SinkError::Delivery {
             topic: record.subject.to_string(),
@@ -776,7 +777,10 @@ pub(crate) async fn check(settings: &Settings) -> Vec<CheckResult> {
                 if settings.create_stream {
                     results.push(CheckResult::ok(
                         "stream",
-                        format!("{name:?} does not exist yet; tailgate will create it with subjects {:?}", settings.subjects),
+                        format!(
+                            "{name:?} does not exist yet; tailgate will create it with subjects {:?}",
+                            settings.subjects
+                        ),
                     ));
                 } else {
                     results.push(CheckResult::failed("stream", missing_stream(settings).to_string()));

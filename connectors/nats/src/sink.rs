@@ -181,6 +181,9 @@ impl NatsSink {
         for item in &batch {
             if let SinkItem::Commit(position) = item {
                 self.tracker.commit(position.clone());
+                // The encoder numbers records within their transaction (record ids): it must see
+                // every commit.
+                self.encoder.prepare(item)?;
                 continue;
             }
             let Some(prepared) = self.encoder.prepare(item)? else { continue };

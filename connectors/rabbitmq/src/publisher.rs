@@ -51,6 +51,7 @@ struct InFlight {
     stage: Stage,
 }
 
+#[allow(clippy::large_enum_variant)] // one on the stack at a time
 enum Wake {
     Scan(Result<Scan, SinkError>),
     Message(Option<ToPublisher>),
@@ -379,13 +380,18 @@ async fn connect_retrying(settings: &Settings, exchange: &ShortString) -> Result
 }
 
 /// Connects, makes sure the exchange is there, and opens a confirm-mode channel.
-async fn connect_once(settings: &Settings, exchange: &ShortString) -> Result<Attempt<(Connection, Channel)>, SinkError> {
+async fn connect_once(
+    settings: &Settings,
+    exchange: &ShortString,
+) -> Result<Attempt<(Connection, Channel)>, SinkError> {
     let connection = match connect(settings).await? {
         Attempt::Done(c) => c,
         Attempt::Retry(why) => return Ok(Attempt::Retry(why)),
     };
     let retry = |e: lapin::Error| Attempt::Retry(e.to_string());
-    let ready = if settings.declare_exchange { declare_exchange(&connection, exchange).await } else {
+    let ready = if settings.declare_exchange {
+        declare_exchange(&connection, exchange).await
+    } else {
         exchange_exists(&connection, exchange).await
     };
     match ready {
@@ -416,8 +422,8 @@ async fn connect_once(settings: &Settings, exchange: &ShortString) -> Result<Att
 }
 
 async fn connect(settings: &Settings) -> Result<Attempt<Connection>, SinkError> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(settings.connection_name.as_str()));
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(settings.connection_name.as_str()));
     let attempt = tokio::time::timeout(Duration::from_secs(10), Connection::connect(&settings.url, properties)).await;
     match attempt {
         Ok(Ok(connection)) => Ok(Attempt::Done(connection)),

@@ -41,6 +41,9 @@ pub(crate) struct Outgoing {
 }
 
 /// What the sink hands the publisher, in order.
+// Records are the common case: boxing them would cost an allocation each, while the rare small
+// variant wastes at most a channel's capacity of slots.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum ToPublisher {
     Record(Outgoing),
     /// The dead-letter routing key from here on (`[dead_letter] topic` was reloaded).
@@ -192,6 +195,9 @@ impl RabbitmqSink {
             match item {
                 SinkItem::Commit(position) => {
                     self.tracker.commit(position.clone());
+                    // The encoder numbers records within their transaction (record ids): it must
+                    // see every commit.
+                    self.encoder.prepare(item)?;
                     continue;
                 }
                 SinkItem::DeadLetters(policy) => {

@@ -11,6 +11,7 @@ mod mysql_transforms;
 mod mysql_types;
 mod nats;
 mod operations;
+mod rabbitmq;
 mod resilience;
 mod snapshot;
 mod streaming;

@@ -90,8 +90,7 @@ async fn read_stream(stream: &str, at_least: usize, timeout: Duration) -> Vec<Ms
         if now > deadline || settle_until.is_some_and(|s| now > s) {
             break;
         }
-        let Ok(mut batch) =
-            consumer.fetch().max_messages(1000).expires(Duration::from_millis(300)).messages().await
+        let Ok(mut batch) = consumer.fetch().max_messages(1000).expires(Duration::from_millis(300)).messages().await
         else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -273,8 +272,18 @@ async fn nats_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice() {
     let msgs = read_stream(&prefix, 3000, WAIT).await;
     let (ids, in_order) = created(&msgs);
     let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
-    assert!(missing.is_empty(), "{} rows missing after kill -9, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} rows missing after kill -9, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let twice: Vec<i64> = ids.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
+    if let Some(first) = twice.first() {
+        for m in msgs.iter().filter(|m| m.op() == "c" && m.id() == *first) {
+            eprintln!("stored twice: Nats-Msg-Id {:?}, source {}", m.msg_id, m.value.as_ref().unwrap()["source"]);
+        }
+    }
     assert!(twice.is_empty(), "JetStream's duplicate window drops re-sent records; stored twice: {twice:?}");
     assert!(in_order, "commit order kept");
     let (status, log) = tg.stop().await;
@@ -286,11 +295,16 @@ async fn nats_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice() {
 /// Starts the shared NATS server again whatever happens to the test.
 struct RestartNats;
 
+/// Starts the shared server (as the machine does) and waits until it accepts connections.
 fn start_nats() {
     let _ = Command::new("start-stop-daemon")
         .args(["--start", "--oknodo", "--background", "--exec", "/usr/sbin/nats-server", "--"])
         .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server", "-l", "/var/log/nats-server.log"])
         .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", 4222)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Drop for RestartNats {
@@ -318,7 +332,12 @@ async fn nats_server_restarted_under_a_writer_loses_nothing_and_keeps_order() {
     let msgs = read_stream(&prefix, 3000, WAIT).await;
     let (ids, in_order) = created(&msgs);
     let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
-    assert!(missing.is_empty(), "{} rows missing after the restart, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} rows missing after the restart, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let twice = ids.values().filter(|n| **n > 1).count();
     assert_eq!(twice, 0, "re-published records are dropped by the duplicate window");
     assert!(in_order, "per-subject order kept across the restart");
@@ -379,12 +398,18 @@ async fn nats_wrong_credentials_and_a_missing_stream_are_named_with_the_fix() {
     std::fs::write(s.dir.join("check.toml"), &cfg).unwrap();
     let (code, out, _) = tailgate_cmd(&["check", "--config", s.dir.join("check.toml").to_str().unwrap()]);
     assert_ne!(code, 0, "{out}");
-    assert!(out.contains("FAILED") && out.contains("refused the credentials") && out.contains("sink.password"), "{out}");
+    assert!(
+        out.contains("FAILED") && out.contains("refused the credentials") && out.contains("sink.password"),
+        "{out}"
+    );
     let mut tg = Tailgate::start(&s.dir, &cfg);
     let status = tg.wait_exit(Duration::from_secs(30)).await;
     let log = tg.log_text();
     assert!(!status.success(), "{log}");
-    assert!(log.contains("refused the credentials") && log.contains("Fix: correct sink.user and sink.password"), "{log}");
+    assert!(
+        log.contains("refused the credentials") && log.contains("Fix: correct sink.user and sink.password"),
+        "{log}"
+    );
 
     // Right password: works against the same server.
     let good = sink.replace("wrong", "secret");
@@ -399,7 +424,10 @@ async fn nats_wrong_credentials_and_a_missing_stream_are_named_with_the_fix() {
     std::fs::write(s.dir.join("check.toml"), &cfg).unwrap();
     let (code, out, _) = tailgate_cmd(&["check", "--config", s.dir.join("check.toml").to_str().unwrap()]);
     assert_ne!(code, 0, "{out}");
-    assert!(out.contains("FAILED  stream") && out.contains("does not exist") && out.contains("create_stream = true"), "{out}");
+    assert!(
+        out.contains("FAILED  stream") && out.contains("does not exist") && out.contains("create_stream = true"),
+        "{out}"
+    );
     let mut tg = Tailgate::start(&s.dir, &cfg);
     let status = tg.wait_exit(Duration::from_secs(30)).await;
     let log = tg.log_text();
