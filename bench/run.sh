@@ -11,11 +11,15 @@
 #   BASELINE_BIN=path bench/run.sh   # also drain extra slots with another tailgate build (paired comparison)
 #   RULES=1 bench/run.sh      # only the filter workload: 1 of 10 tables included, with a route and an excluded column
 #   SNAPSHOT=1 bench/run.sh   # only the snapshot workload: 1M existing rows, vs psql \copy
+#   SINKS="nats rabbitmq" bench/run.sh   # the sinks drained besides stdout (default: kafka); each gets its
+#                             # own slot; NATS JetStream (file stream, created by tailgate) and RabbitMQ (a
+#                             # durable queue bound to the exchange; needs pika) are counted after the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 ROWS="${ROWS:-200000}"
+SINKS="${SINKS:-kafka}"
 TXN_ROWS="${TXN_ROWS:-1000}"
 DB=tailgate_bench
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -Atq)
@@ -24,6 +28,9 @@ OUT="bench/results/$(date -u +%Y-%m-%d)${OUT_SUFFIX:-}.md"
 mkdir -p "$WORK"
 
 bash scripts/services.sh all >&2
+if [[ " $SINKS " == *" rabbitmq "* ]] && ! python3 -c 'import pika' 2>/dev/null; then
+  python3 -m pip install --quiet pika >&2 # bench/queues.py declares and counts the RabbitMQ queue
+fi
 cargo build --release --quiet -p tailgate --bin tailgate
 BIN=./target/release/tailgate
 
@@ -48,7 +55,9 @@ setup() { # fresh table, publication and the three slots, created before the bac
   "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
   "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
     -c "CREATE PUBLICATION bench FOR TABLE orders"
-  for slot in bench_warmup bench_recv bench_stdout bench_kafka ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
+  local sink_slots=""
+  for sink in $SINKS; do sink_slots+=" bench_$sink"; done
+  for slot in bench_warmup bench_recv bench_stdout $sink_slots ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
@@ -107,14 +116,36 @@ run_workload() { # run_workload <title> <insert SQL>
   RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_recv --start \
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
-  RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
+  local rows=2
+  for sink in $SINKS; do
+    rows=$((rows + 1))
+    case $sink in
+      kafka)
+        RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")") ;;
+      nats)
+        config bench_nats "$(printf '[sink]\ntype = "nats"\nurl = "nats://127.0.0.1:4222"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/nats.toml"
+        RESULTS+=("$(measure "tailgate → NATS JetStream (file stream, PubAck)" "$ROWS" "$BIN" run --config "$WORK/nats.toml" --stop-at-lsn "$endpos")")
+        stored=$(python3 bench/queues.py nats-count "$prefix")
+        python3 bench/queues.py nats-delete "$prefix"
+        ((stored == ROWS)) || { echo "NATS stream $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
+      rabbitmq)
+        python3 bench/queues.py amqp-setup "$prefix"
+        config bench_rabbitmq "$(printf '[sink]\ntype = "rabbitmq"\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/rabbitmq.toml"
+        RESULTS+=("$(measure "tailgate → RabbitMQ (durable queue, confirms)" "$ROWS" "$BIN" run --config "$WORK/rabbitmq.toml" --stop-at-lsn "$endpos")")
+        stored=$(python3 bench/queues.py amqp-count "$prefix")
+        python3 bench/queues.py amqp-delete "$prefix"
+        ((stored == ROWS)) || { echo "RabbitMQ queue of $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
+      *) echo "unknown sink in SINKS: $sink" >&2; exit 1 ;;
+    esac
+  done
   if [[ -n "${BASELINE_BIN:-}" ]]; then
     config bench_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
     config bench_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
     RESULTS+=("$(measure "baseline → stdout (/dev/null)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_stdout.toml" --stop-at-lsn "$endpos")")
     RESULTS+=("$(PREPARE=empty_broker measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
+    rows=$((rows + 2))
   fi
-  printf '%s\n' "${RESULTS[@]: -5}" >&2
+  printf '%s\n' "${RESULTS[@]: -$((rows + 1))}" >&2
 }
 
 # Filter workload: 200k inserts into orders and 20k into each of 9 other tables (1,000 + 9×100 rows per
@@ -210,10 +241,16 @@ fi
   echo "# Foundation benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); PostgreSQL $("${PSQL[@]}" -d postgres -c 'show server_version'); tansu 0.6.0 (memory storage); tailgate release build."
+  for sink in $SINKS; do
+    case $sink in
+      nats) echo "NATS: $(/usr/sbin/nats-server --version), JetStream file storage, one replica; every record's PubAck awaited (1,024 in flight)." ;;
+      rabbitmq) echo "RabbitMQ: $(rabbitmqctl version 2>/dev/null), persistent messages to a durable classic queue, publisher confirms (1,024 in flight)." ;;
+    esac
+  done
   if [[ "${SNAPSHOT:-0}" == 1 ]]; then
     echo "Command: \`SNAPSHOT=1 bench/run.sh\` (SNAPSHOT_ROWS=${SNAPSHOT_ROWS:-1000000}, SNAPSHOT_REPEAT=$SNAPSHOT_REPEAT). Each row is the fastest of $SNAPSHOT_REPEAT runs (peak RSS: the highest of them)."
   else
-    echo "Command: \`HTTP=$HTTP bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
+    echo "Command: \`HTTP=$HTTP SINKS=\"$SINKS\" bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
   fi
   echo
   echo "| reader | wall s | events/s | CPU s per 1M events | peak RSS MB |"
