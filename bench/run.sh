@@ -21,7 +21,9 @@ source bench/lib.sh
 ROWS="${ROWS:-200000}"
 SINKS="${SINKS:-kafka}"
 TXN_ROWS="${TXN_ROWS:-1000}"
-DB=tailgate_bench
+# BENCH_DB and BENCH_SLOTS (slot names are per server) let two benchmarks share the server.
+DB="${BENCH_DB:-tailgate_bench}"
+SLOTS="${BENCH_SLOTS:-bench}"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -Atq)
 WORK="${TMPDIR:-/tmp}/tailgate-bench"
 OUT="bench/results/$(date -u +%Y-%m-%d)${OUT_SUFFIX:-}.md"
@@ -56,8 +58,8 @@ setup() { # fresh table, publication and the three slots, created before the bac
   "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
     -c "CREATE PUBLICATION bench FOR TABLE orders"
   local sink_slots=""
-  for sink in $SINKS; do sink_slots+=" bench_$sink"; done
-  for slot in bench_warmup bench_recv bench_stdout $sink_slots ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
+  for sink in $SINKS; do sink_slots+=" ${SLOTS}_$sink"; done
+  for slot in ${SLOTS}_warmup ${SLOTS}_recv ${SLOTS}_stdout $sink_slots ${BASELINE_BIN:+${SLOTS}_base_stdout ${SLOTS}_base_kafka}; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
@@ -106,14 +108,14 @@ run_workload() { # run_workload <title> <insert SQL>
   "${PSQL[@]}" -d "$DB" -c "$sql"
   endpos=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_current_wal_lsn()")
   prefix="bench$(date +%s%N | tail -c 9)"
-  config bench_stdout $'[sink]\ntype = "stdout"' >"$WORK/stdout.toml"
-  config bench_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/kafka.toml"
+  config ${SLOTS}_stdout $'[sink]\ntype = "stdout"' >"$WORK/stdout.toml"
+  config ${SLOTS}_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/kafka.toml"
   echo "### $title" >&2
   # Unreported warm-up drain: every measured reader then finds the WAL in the page cache.
-  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_warmup --start -o proto_version=1 \
+  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot ${SLOTS}_warmup --start -o proto_version=1 \
     -o publication_names=bench --endpos="$endpos" -f /dev/null
   RESULTS+=("**$title**||||")
-  RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_recv --start \
+  RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot ${SLOTS}_recv --start \
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
   local rows=2
@@ -123,14 +125,14 @@ run_workload() { # run_workload <title> <insert SQL>
       kafka)
         RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")") ;;
       nats)
-        config bench_nats "$(printf '[sink]\ntype = "nats"\nurl = "nats://127.0.0.1:4222"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/nats.toml"
+        config ${SLOTS}_nats "$(printf '[sink]\ntype = "nats"\nurl = "nats://127.0.0.1:4222"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/nats.toml"
         RESULTS+=("$(measure "tailgate → NATS JetStream (file stream, PubAck)" "$ROWS" "$BIN" run --config "$WORK/nats.toml" --stop-at-lsn "$endpos")")
         stored=$(python3 bench/queues.py nats-count "$prefix")
         python3 bench/queues.py nats-delete "$prefix"
         ((stored == ROWS)) || { echo "NATS stream $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
       rabbitmq)
         python3 bench/queues.py amqp-setup "$prefix"
-        config bench_rabbitmq "$(printf '[sink]\ntype = "rabbitmq"\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/rabbitmq.toml"
+        config ${SLOTS}_rabbitmq "$(printf '[sink]\ntype = "rabbitmq"\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/rabbitmq.toml"
         RESULTS+=("$(measure "tailgate → RabbitMQ (durable queue, confirms)" "$ROWS" "$BIN" run --config "$WORK/rabbitmq.toml" --stop-at-lsn "$endpos")")
         stored=$(python3 bench/queues.py amqp-count "$prefix")
         python3 bench/queues.py amqp-delete "$prefix"
@@ -139,8 +141,8 @@ run_workload() { # run_workload <title> <insert SQL>
     esac
   done
   if [[ -n "${BASELINE_BIN:-}" ]]; then
-    config bench_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
-    config bench_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
+    config ${SLOTS}_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
+    config ${SLOTS}_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
     RESULTS+=("$(measure "baseline → stdout (/dev/null)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_stdout.toml" --stop-at-lsn "$endpos")")
     RESULTS+=("$(PREPARE=empty_broker measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
     rows=$((rows + 2))
@@ -159,7 +161,7 @@ run_filter_workload() {
   sql="CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz);"
   for t in 1 2 3 4 5 6 7 8 9; do sql+="CREATE TABLE other_$t (LIKE orders INCLUDING ALL);"; done
   "${PSQL[@]}" -d "$DB" -c "$sql" -c "CREATE PUBLICATION bench FOR TABLE orders" -c "CREATE PUBLICATION bench_all FOR ALL TABLES"
-  for slot in bench_warmup bench_recv bench_rules bench_clientside; do
+  for slot in ${SLOTS}_warmup ${SLOTS}_recv ${SLOTS}_rules ${SLOTS}_clientside; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
@@ -172,14 +174,14 @@ run_filter_workload() {
   "${PSQL[@]}" -d "$DB" -c "$sql"
   endpos=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_current_wal_lsn()")
   local rules=$'[filter]\ninclude_tables = ["public\\\\.orders"]\nexclude_columns = ["public\\\\.orders\\\\.created_at"]\n[[route]]\nmatch = "(.*)\\\\.public\\\\.orders"\ntopic = "$1.orders.v2"'
-  { config bench_rules $'[sink]\ntype = "stdout"'; echo "$rules"; } >"$WORK/rules.toml"
-  { config bench_clientside $'[sink]\ntype = "stdout"'; echo "$rules"; } | sed 's/^publication = "bench"/publication = "bench_all"/' >"$WORK/clientside.toml"
-  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_warmup --start -o proto_version=1 \
+  { config ${SLOTS}_rules $'[sink]\ntype = "stdout"'; echo "$rules"; } >"$WORK/rules.toml"
+  { config ${SLOTS}_clientside $'[sink]\ntype = "stdout"'; echo "$rules"; } | sed 's/^publication = "bench"/publication = "bench_all"/' >"$WORK/clientside.toml"
+  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot ${SLOTS}_warmup --start -o proto_version=1 \
     -o publication_names=bench --endpos="$endpos" -f /dev/null
   echo "### $title" >&2
   RESULTS+=("**$title**||||")
   RESULTS+=("$(measure "pg_recvlogical, publication of orders → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" \
-    --slot bench_recv --start -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
+    --slot ${SLOTS}_recv --start -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate with rules, publication of orders → stdout" "$ROWS" "$BIN" run --config "$WORK/rules.toml" --stop-at-lsn "$endpos")")
   RESULTS+=("$(measure "tailgate with rules, FOR ALL TABLES (filtered here) → stdout" "$ROWS" "$BIN" run --config "$WORK/clientside.toml" --stop-at-lsn "$endpos")")
   printf '%s\n' "${RESULTS[@]: -3}" >&2
@@ -243,7 +245,7 @@ fi
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); PostgreSQL $("${PSQL[@]}" -d postgres -c 'show server_version'); tansu 0.6.0 (memory storage); tailgate release build."
   for sink in $SINKS; do
     case $sink in
-      nats) echo "NATS: $(/usr/sbin/nats-server --version), JetStream file storage, one replica; every record's PubAck awaited (1,024 in flight)." ;;
+      nats) echo "NATS: $(/usr/sbin/nats-server --version), JetStream file storage, one replica; every record's PubAck awaited (4,096 in flight)." ;;
       rabbitmq) echo "RabbitMQ: $(rabbitmqctl version 2>/dev/null), persistent messages to a durable classic queue, publisher confirms (1,024 in flight)." ;;
     esac
   done

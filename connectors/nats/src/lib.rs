@@ -88,7 +88,8 @@ pub struct NatsConfig {
     /// Maximum size of a created stream, in bytes. Default -1 (unlimited).
     #[serde(default = "minus_one")]
     pub max_bytes: i64,
-    /// Records published and not yet acknowledged, at most. Default 1024.
+    /// Records published and not yet acknowledged, at most. Default 4096 (PubAcks come back one round
+    /// trip later: the window is what keeps the stream busy).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Bytes of records (key, value, headers) waiting in the sink or for their PubAck, at most.
@@ -136,7 +137,7 @@ fn default_duplicate_window_s() -> u64 {
     120
 }
 fn default_max_in_flight() -> usize {
-    1024
+    4096
 }
 fn default_max_in_flight_bytes() -> usize {
     16 * 1024 * 1024

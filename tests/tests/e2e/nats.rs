@@ -440,3 +440,38 @@ async fn nats_wrong_credentials_and_a_missing_stream_are_named_with_the_fix() {
     drop(server);
     s.db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_stopping_while_the_server_is_down_gives_up_after_the_drain_timeout_and_loses_nothing() {
+    let _nats = nats_lock().write().await;
+    let s = Scenario::new("nats_drain", "CREATE TABLE t (id int PRIMARY KEY, pad text)").await;
+    let prefix = format!("natsdrain{}", nonce());
+    let cfg = s.config(&nats_sink(&prefix, ""), "");
+    let mut tg = Tailgate::start(&s.dir, &cfg);
+    tg.wait_streaming().await;
+    s.db.exec("INSERT INTO t VALUES (0, 'before')").await;
+    assert_eq!(read_stream(&prefix, 1, WAIT).await.len(), 1);
+    {
+        let _restart = RestartNats;
+        assert!(Command::new("pkill").args(["-x", "nats-server"]).status().unwrap().success());
+        s.db.exec("INSERT INTO t SELECT g, 'while down' FROM generate_series(1, 10) g").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        signal(tg.pid(), "TERM");
+        let started = Instant::now();
+        let status = tg.wait_exit(Duration::from_secs(90)).await;
+        let log = tg.log_text();
+        assert!(!status.success(), "a stop that cannot drain is an error: {log}");
+        assert!(log.contains("still unacknowledged") || log.contains("unacknowledged stay uncheckpointed"), "{log}");
+        assert!(started.elapsed() >= Duration::from_secs(25), "waited for the drain timeout: {:?}", started.elapsed());
+    }
+    // Nothing was checkpointed past them: the next run delivers them.
+    let tg = Tailgate::start(&s.dir, &cfg);
+    let msgs = read_stream(&prefix, 11, WAIT).await;
+    let (ids, in_order) = created(&msgs);
+    assert_eq!(ids.keys().copied().collect::<Vec<_>>(), (0..=10).collect::<Vec<_>>(), "{msgs:#?}");
+    assert!(ids.values().all(|n| *n == 1) && in_order, "{ids:?}");
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    s.db.drop().await;
+    delete_stream(&prefix).await;
+}

@@ -405,3 +405,35 @@ async fn rabbitmq_wrong_credentials_missing_exchange_and_unroutable_are_named_wi
     s.finish(tg).await;
     cleanup(&prefix, &[&dlq]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_stopping_while_the_broker_is_down_gives_up_after_the_drain_timeout_and_loses_nothing() {
+    let _rabbit = rabbit_lock().write().await;
+    let s = Scenario::new("rabbit_drain", "CREATE TABLE t (id int PRIMARY KEY, pad text)").await;
+    let prefix = format!("rabbitdrain{}", nonce());
+    let queue = bind_queue(&prefix, &format!("{prefix}.#")).await;
+    let cfg = s.config(&rabbit_sink(&prefix, ""), "");
+    let mut tg = Tailgate::start(&s.dir, &cfg);
+    tg.wait_streaming().await;
+    {
+        let _restart = RestartRabbit;
+        let stopped = Command::new("rabbitmqctl").arg("stop_app").output().unwrap();
+        assert!(stopped.status.success(), "{stopped:?}");
+        s.db.exec("INSERT INTO t SELECT g, 'while down' FROM generate_series(0, 9) g").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        signal(tg.pid(), "TERM");
+        let started = Instant::now();
+        let status = tg.wait_exit(Duration::from_secs(90)).await;
+        let log = tg.log_text();
+        assert!(!status.success(), "a stop that cannot drain is an error: {log}");
+        assert!(log.contains("still unacknowledged") || log.contains("unconfirmed stay uncheckpointed"), "{log}");
+        assert!(started.elapsed() >= Duration::from_secs(25), "waited for the drain timeout: {:?}", started.elapsed());
+    }
+    let tg = Tailgate::start(&s.dir, &cfg);
+    let msgs = read_queue(&queue, 10, WAIT).await;
+    check_all_arrived(&msgs, 10);
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    s.db.drop().await;
+    cleanup(&prefix, &[&queue]).await;
+}
