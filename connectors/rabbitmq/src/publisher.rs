@@ -292,9 +292,11 @@ impl Publisher {
         let unconfirmed = self.window.iter().filter(|r| !matches!(r.stage, Stage::Confirmed)).count();
         warn!(cause = %why, unconfirmed, "RabbitMQ connection lost; reconnecting, then publishing the unconfirmed again");
         let (connection, channel) = connect_retrying(&self.settings, &self.exchange).await?;
-        // Whatever was pending on the old channel is abandoned with it.
-        self.connection = connection;
+        // Whatever was pending on the old channel is abandoned with it (a channel-level failure
+        // leaves the old connection open: it is closed).
+        let old = std::mem::replace(&mut self.connection, connection);
         self.channel = channel;
+        close(&old, "replaced").await;
         for index in 0..self.window.len() {
             if !matches!(self.window[index].stage, Stage::Confirmed) {
                 let stage = start_publish(&self.channel, &self.exchange, &self.window[index]);
@@ -388,11 +390,32 @@ async fn connect_once(
         Attempt::Done(c) => c,
         Attempt::Retry(why) => return Ok(Attempt::Retry(why)),
     };
+    let outcome = set_up(settings, exchange, &connection).await;
+    if !matches!(outcome, Ok(Attempt::Done(_))) {
+        close(&connection, "setup failed").await;
+    }
+    outcome.map(|attempt| match attempt {
+        Attempt::Done(channel) => Attempt::Done((connection, channel)),
+        Attempt::Retry(why) => Attempt::Retry(why),
+    })
+}
+
+/// Closes a connection tailgate no longer uses (best effort: it may be dead already).
+async fn close(connection: &Connection, why: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, ShortString::from(why))).await;
+}
+
+/// Makes sure the exchange is there and opens the confirm-mode channel.
+async fn set_up(
+    settings: &Settings,
+    exchange: &ShortString,
+    connection: &Connection,
+) -> Result<Attempt<Channel>, SinkError> {
     let retry = |e: lapin::Error| Attempt::Retry(e.to_string());
     let ready = if settings.declare_exchange {
-        declare_exchange(&connection, exchange).await
+        declare_exchange(connection, exchange).await
     } else {
-        exchange_exists(&connection, exchange).await
+        exchange_exists(connection, exchange).await
     };
     match ready {
         Ok(true) => {}
@@ -418,7 +441,7 @@ async fn connect_once(
     if let Err(e) = channel.confirm_select(ConfirmSelectOptions::default()).await {
         return Ok(retry(e));
     }
-    Ok(Attempt::Done((connection, channel)))
+    Ok(Attempt::Done(channel))
 }
 
 async fn connect(settings: &Settings) -> Result<Attempt<Connection>, SinkError> {
