@@ -11,21 +11,29 @@
 #   BASELINE_BIN=path bench/run.sh   # also drain extra slots with another tailgate build (paired comparison)
 #   RULES=1 bench/run.sh      # only the filter workload: 1 of 10 tables included, with a route and an excluded column
 #   SNAPSHOT=1 bench/run.sh   # only the snapshot workload: 1M existing rows, vs psql \copy
-#   SINKS="redis http" bench/run.sh   # the sinks measured besides stdout (default "kafka"; any of kafka, redis, http):
-#                             # redis: the local Redis (127.0.0.1:6379); http: a local Python receiver answering 200
+#   SINKS="redis http" bench/run.sh   # redis: the local Redis (127.0.0.1:6379); http: a local Python receiver answering 200
+#   SINKS="nats rabbitmq" bench/run.sh   # the sinks drained besides stdout (default: kafka; any of kafka, redis, http, nats, rabbitmq); each gets its
+#                             # own slot; NATS JetStream (file stream, created by tailgate) and RabbitMQ (a
+#                             # durable queue bound to the exchange; needs pika) are counted after the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 ROWS="${ROWS:-200000}"
+SINKS="${SINKS:-kafka}"
 TXN_ROWS="${TXN_ROWS:-1000}"
-DB=tailgate_bench
+# BENCH_DB and BENCH_SLOTS (slot names are per server) let two benchmarks share the server.
+DB="${BENCH_DB:-tailgate_bench}"
+SLOTS="${BENCH_SLOTS:-bench}"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -Atq)
 WORK="${TMPDIR:-/tmp}/tailgate-bench"
 OUT="bench/results/$(date -u +%Y-%m-%d)${OUT_SUFFIX:-}.md"
 mkdir -p "$WORK"
 
 bash scripts/services.sh all >&2
+if [[ " $SINKS " == *" rabbitmq "* ]] && ! python3 -c 'import pika' 2>/dev/null; then
+  python3 -m pip install --quiet pika >&2 # bench/queues.py declares and counts the RabbitMQ queue
+fi
 cargo build --release --quiet -p tailgate --bin tailgate
 BIN=./target/release/tailgate
 
@@ -50,15 +58,13 @@ setup() { # fresh table, publication and the three slots, created before the bac
   "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
   "${PSQL[@]}" -d "$DB" -c "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz)" \
     -c "CREATE PUBLICATION bench FOR TABLE orders"
-  for slot in bench_warmup bench_recv bench_stdout bench_kafka bench_redis bench_http ${BASELINE_BIN:+bench_base_stdout bench_base_kafka}; do
+  local sink_slots=""
+  for sink in $SINKS; do sink_slots+=" ${SLOTS}_$sink"; done
+  for slot in ${SLOTS}_warmup ${SLOTS}_recv ${SLOTS}_stdout $sink_slots ${BASELINE_BIN:+${SLOTS}_base_stdout ${SLOTS}_base_kafka}; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
 }
-
-SINKS=" ${SINKS:-kafka} "
-has_sink() { [[ "$SINKS" == *" $1 "* ]]; }
-HOOK_PORT="${HOOK_PORT:-18099}"
 
 HTTP="${HTTP:-0}"
 config() { # config <slot> <sink section> [no-http]
@@ -80,7 +86,25 @@ $http
 TOML
 }
 
-if has_sink http; then # the webhook receiver: reads each body, answers 200, counts X-Tailgate-Records
+if [[ "$HTTP" == 1 ]]; then # a Prometheus-like scraper for the whole run
+  python3 -c '
+import socket, time
+while True:
+    time.sleep(1)
+    try:
+        s = socket.create_connection(("127.0.0.1", 18080), timeout=2)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        while s.recv(65536): pass
+        s.close()
+    except OSError:
+        pass
+' &
+  SCRAPER=$!
+  trap 'kill $SCRAPER 2>/dev/null || true' EXIT
+fi
+
+HOOK_PORT="${HOOK_PORT:-18099}"
+if [[ " $SINKS " == *" http "* ]]; then # the webhook receiver: reads each body, answers 200, counts X-Tailgate-Records
   python3 - "$HOOK_PORT" "$WORK/hook.count" <<'PY' &
 import http.server, sys
 count_file = sys.argv[2]
@@ -110,65 +134,61 @@ empty_redis() { redis-cli --scan --pattern 'bench*.public.orders' | xargs -r red
 # delivered <what> <count>: warns when a sink run did not deliver every event.
 delivered() { [[ "$2" == "$ROWS" ]] || echo "WARNING: $1 holds $2 records, not $ROWS" >&2; }
 
-if [[ "$HTTP" == 1 ]]; then # a Prometheus-like scraper for the whole run
-  python3 -c '
-import socket, time
-while True:
-    time.sleep(1)
-    try:
-        s = socket.create_connection(("127.0.0.1", 18080), timeout=2)
-        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        while s.recv(65536): pass
-        s.close()
-    except OSError:
-        pass
-' &
-  SCRAPER=$!
-  trap 'kill $SCRAPER 2>/dev/null || true' EXIT
-fi
-
 run_workload() { # run_workload <title> <insert SQL>
   local title=$1 sql=$2 endpos prefix
   setup
   "${PSQL[@]}" -d "$DB" -c "$sql"
   endpos=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_current_wal_lsn()")
   prefix="bench$(date +%s%N | tail -c 9)"
-  config bench_stdout $'[sink]\ntype = "stdout"' >"$WORK/stdout.toml"
-  config bench_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/kafka.toml"
+  config ${SLOTS}_stdout $'[sink]\ntype = "stdout"' >"$WORK/stdout.toml"
+  config ${SLOTS}_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/kafka.toml"
   echo "### $title" >&2
   # Unreported warm-up drain: every measured reader then finds the WAL in the page cache.
-  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_warmup --start -o proto_version=1 \
+  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot ${SLOTS}_warmup --start -o proto_version=1 \
     -o publication_names=bench --endpos="$endpos" -f /dev/null
   RESULTS+=("**$title**||||")
-  RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_recv --start \
+  RESULTS+=("$(measure "pg_recvlogical → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot ${SLOTS}_recv --start \
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
-  local measured=2
-  if has_sink kafka; then
-    RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")")
-    measured=$((measured + 1))
-  fi
-  if has_sink redis; then
-    config bench_redis "$(printf '[sink]\ntype = "redis"\naddress = "127.0.0.1:6379"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/redis.toml"
-    RESULTS+=("$(PREPARE=empty_redis measure "tailgate → Redis Streams" "$ROWS" "$BIN" run --config "$WORK/redis.toml" --stop-at-lsn "$endpos")")
-    delivered "the Redis stream" "$(redis-cli XLEN "$prefix.public.orders")"
-    empty_redis
-    measured=$((measured + 1))
-  fi
-  if has_sink http; then
-    config bench_http "$(printf '[sink]\ntype = "http"\nurl = "http://127.0.0.1:%s/hook"\ntopic_prefix = "%s"\nsecret = "bench"' "$HOOK_PORT" "$prefix")" >"$WORK/http.toml"
-    RESULTS+=("$(PREPARE=empty_hook measure "tailgate → HTTP webhook (local receiver)" "$ROWS" "$BIN" run --config "$WORK/http.toml" --stop-at-lsn "$endpos")")
-    delivered "the webhook receiver" "$(cat "$WORK/hook.count")"
-    measured=$((measured + 1))
-  fi
+  local rows=2
+  for sink in $SINKS; do
+    rows=$((rows + 1))
+    case $sink in
+      kafka)
+        RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")") ;;
+      nats)
+        config ${SLOTS}_nats "$(printf '[sink]\ntype = "nats"\nurl = "nats://127.0.0.1:4222"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/nats.toml"
+        RESULTS+=("$(measure "tailgate → NATS JetStream (file stream, PubAck)" "$ROWS" "$BIN" run --config "$WORK/nats.toml" --stop-at-lsn "$endpos")")
+        stored=$(python3 bench/queues.py nats-count "$prefix")
+        python3 bench/queues.py nats-delete "$prefix"
+        ((stored == ROWS)) || { echo "NATS stream $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
+      rabbitmq)
+        python3 bench/queues.py amqp-setup "$prefix"
+        config ${SLOTS}_rabbitmq "$(printf '[sink]\ntype = "rabbitmq"\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/rabbitmq.toml"
+        RESULTS+=("$(measure "tailgate → RabbitMQ (durable queue, confirms)" "$ROWS" "$BIN" run --config "$WORK/rabbitmq.toml" --stop-at-lsn "$endpos")")
+        stored=$(python3 bench/queues.py amqp-count "$prefix")
+        python3 bench/queues.py amqp-delete "$prefix"
+        ((stored == ROWS)) || { echo "RabbitMQ queue of $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
+      redis)
+        config ${SLOTS}_redis "$(printf '[sink]\ntype = "redis"\naddress = "127.0.0.1:6379"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/redis.toml"
+        RESULTS+=("$(PREPARE=empty_redis measure "tailgate → Redis Streams" "$ROWS" "$BIN" run --config "$WORK/redis.toml" --stop-at-lsn "$endpos")")
+        delivered "the Redis stream" "$(redis-cli XLEN "$prefix.public.orders")"
+        empty_redis ;;
+      http)
+        config ${SLOTS}_http "$(printf '[sink]\ntype = "http"\nurl = "http://127.0.0.1:%s/hook"\ntopic_prefix = "%s"\nsecret = "bench"' "$HOOK_PORT" "$prefix")" >"$WORK/http.toml"
+        RESULTS+=("$(PREPARE=empty_hook measure "tailgate → HTTP webhook (local receiver)" "$ROWS" "$BIN" run --config "$WORK/http.toml" --stop-at-lsn "$endpos")")
+        delivered "the webhook receiver" "$(cat "$WORK/hook.count")" ;;
+      *) echo "unknown sink in SINKS: $sink" >&2; exit 1 ;;
+    esac
+  done
   if [[ -n "${BASELINE_BIN:-}" ]]; then
-    config bench_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
-    config bench_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
+    config ${SLOTS}_base_stdout $'[sink]\ntype = "stdout"' no-http >"$WORK/base_stdout.toml"
+    config ${SLOTS}_base_kafka "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9092"\ntopic_prefix = "%sb"' "$prefix")" no-http >"$WORK/base_kafka.toml"
     RESULTS+=("$(measure "baseline → stdout (/dev/null)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_stdout.toml" --stop-at-lsn "$endpos")")
     RESULTS+=("$(PREPARE=empty_broker measure "baseline → Kafka (tansu)" "$ROWS" "$BASELINE_BIN" run --config "$WORK/base_kafka.toml" --stop-at-lsn "$endpos")")
-    measured=$((measured + 2))
+    rows=$((rows + 2))
   fi
-  printf '%s\n' "${RESULTS[@]: -$((measured + 1))}" >&2
+  printf '%s\n' "${RESULTS[@]: -$((rows + 1))}" >&2
 }
 
 # Filter workload: 200k inserts into orders and 20k into each of 9 other tables (1,000 + 9×100 rows per
@@ -182,7 +202,7 @@ run_filter_workload() {
   sql="CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int, total numeric(10,2), status text, created_at timestamptz);"
   for t in 1 2 3 4 5 6 7 8 9; do sql+="CREATE TABLE other_$t (LIKE orders INCLUDING ALL);"; done
   "${PSQL[@]}" -d "$DB" -c "$sql" -c "CREATE PUBLICATION bench FOR TABLE orders" -c "CREATE PUBLICATION bench_all FOR ALL TABLES"
-  for slot in bench_warmup bench_recv bench_rules bench_clientside; do
+  for slot in ${SLOTS}_warmup ${SLOTS}_recv ${SLOTS}_rules ${SLOTS}_clientside; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
   rm -f "$WORK"/*.offsets.json
@@ -195,14 +215,14 @@ run_filter_workload() {
   "${PSQL[@]}" -d "$DB" -c "$sql"
   endpos=$("${PSQL[@]}" -d "$DB" -c "SELECT pg_current_wal_lsn()")
   local rules=$'[filter]\ninclude_tables = ["public\\\\.orders"]\nexclude_columns = ["public\\\\.orders\\\\.created_at"]\n[[route]]\nmatch = "(.*)\\\\.public\\\\.orders"\ntopic = "$1.orders.v2"'
-  { config bench_rules $'[sink]\ntype = "stdout"'; echo "$rules"; } >"$WORK/rules.toml"
-  { config bench_clientside $'[sink]\ntype = "stdout"'; echo "$rules"; } | sed 's/^publication = "bench"/publication = "bench_all"/' >"$WORK/clientside.toml"
-  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot bench_warmup --start -o proto_version=1 \
+  { config ${SLOTS}_rules $'[sink]\ntype = "stdout"'; echo "$rules"; } >"$WORK/rules.toml"
+  { config ${SLOTS}_clientside $'[sink]\ntype = "stdout"'; echo "$rules"; } | sed 's/^publication = "bench"/publication = "bench_all"/' >"$WORK/clientside.toml"
+  pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" --slot ${SLOTS}_warmup --start -o proto_version=1 \
     -o publication_names=bench --endpos="$endpos" -f /dev/null
   echo "### $title" >&2
   RESULTS+=("**$title**||||")
   RESULTS+=("$(measure "pg_recvlogical, publication of orders → /dev/null" "$ROWS" pg_recvlogical -h 127.0.0.1 -U postgres -d "$DB" \
-    --slot bench_recv --start -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
+    --slot ${SLOTS}_recv --start -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate with rules, publication of orders → stdout" "$ROWS" "$BIN" run --config "$WORK/rules.toml" --stop-at-lsn "$endpos")")
   RESULTS+=("$(measure "tailgate with rules, FOR ALL TABLES (filtered here) → stdout" "$ROWS" "$BIN" run --config "$WORK/clientside.toml" --stop-at-lsn "$endpos")")
   printf '%s\n' "${RESULTS[@]: -3}" >&2
@@ -264,12 +284,18 @@ fi
   echo "# Foundation benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); PostgreSQL $("${PSQL[@]}" -d postgres -c 'show server_version'); tansu 0.6.0 (memory storage); tailgate release build."
-  if has_sink redis; then echo "Redis $(redis-cli INFO server | sed -n 's/^redis_version:\(.*\)\r$/\1/p') on 127.0.0.1 (no persistence), default [sink] settings."; fi
-  if has_sink http; then echo "HTTP receiver: Python http.server on 127.0.0.1 (reads each body, answers 200), default [sink] settings with a secret (signed)."; fi
+  for sink in $SINKS; do
+    case $sink in
+      nats) echo "NATS: $(/usr/sbin/nats-server --version), JetStream file storage, one replica; every record's PubAck awaited (4,096 in flight)." ;;
+      rabbitmq) echo "RabbitMQ: $(rabbitmqctl version 2>/dev/null), persistent messages to a durable classic queue, publisher confirms (1,024 in flight)." ;;
+      redis) echo "Redis $(redis-cli INFO server | sed -n 's/^redis_version:\(.*\)\r$/\1/p') on 127.0.0.1 (no persistence), default [sink] settings." ;;
+      http) echo "HTTP receiver: Python http.server on 127.0.0.1 (reads each body, answers 200), default [sink] settings with a secret (signed)." ;;
+    esac
+  done
   if [[ "${SNAPSHOT:-0}" == 1 ]]; then
     echo "Command: \`SNAPSHOT=1 bench/run.sh\` (SNAPSHOT_ROWS=${SNAPSHOT_ROWS:-1000000}, SNAPSHOT_REPEAT=$SNAPSHOT_REPEAT). Each row is the fastest of $SNAPSHOT_REPEAT runs (peak RSS: the highest of them)."
   else
-    echo "Command: \`HTTP=$HTTP SINKS=\"$(echo $SINKS)\" bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
+    echo "Command: \`HTTP=$HTTP SINKS=\"$SINKS\" bench/run.sh\` (ROWS=$ROWS, TXN_ROWS=$TXN_ROWS). Each reader drains its own slot holding the same backlog."
   fi
   echo
   echo "| reader | wall s | events/s | CPU s per 1M events | peak RSS MB |"

@@ -130,6 +130,37 @@ tansu_restart() {
   tansu
 }
 
+# NATS with JetStream on 127.0.0.1:4222 (Debian's nats-server), for the NATS sink's tests.
+nats() {
+  if [[ ! -x /usr/sbin/nats-server ]]; then
+    log "installing nats-server"
+    apt-get install -y -q nats-server >/dev/null
+  fi
+  if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+    log "starting nats-server with JetStream on 127.0.0.1:4222"
+    mkdir -p /var/lib/nats-server
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+      -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+    wait_for 30 "nats-server" bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222'
+  fi
+  log "NATS ready on 127.0.0.1:4222"
+}
+
+# RabbitMQ on 127.0.0.1:5672 with guest/guest (Debian's rabbitmq-server), for the RabbitMQ sink's tests.
+rabbitmq() {
+  if ! command -v rabbitmqctl >/dev/null; then
+    log "installing rabbitmq-server"
+    apt-get install -y -q rabbitmq-server >/dev/null
+  fi
+  if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+    log "starting RabbitMQ"
+    # The node may run with its application stopped (a test's stop_app): start the application then.
+    rabbitmqctl start_app >/dev/null 2>&1 || service rabbitmq-server start >/dev/null 2>&1 || rabbitmq-server -detached
+    wait_for 90 "RabbitMQ" bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672'
+  fi
+  log "RabbitMQ ready on 127.0.0.1:5672"
+}
+
 # Users for the MySQL/MariaDB tests: a least-privilege CDC user and one without replication rights.
 MYSQL_TEST_USERS_SQL="
 CREATE USER IF NOT EXISTS 'tailgate_cdc'@'%' IDENTIFIED BY 'cdc-secret';
@@ -361,8 +392,10 @@ case "${1:-all}" in
   mysql) mysql_server ;;
   kafka | tansu) tansu ;;
   kafka-restart | tansu-restart) tansu_restart ;;
+  nats) nats ;;
+  rabbitmq) rabbitmq ;;
   mysql-replica-start) mysql_replica_start "$@" ;;
   mysql-replica-stop) mysql_replica_stop ;;
-  all) postgres; mariadb_server; mysql_server; tansu; redis ;;
-  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|redis|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
+  all) postgres; mariadb_server; mysql_server; tansu; redis; nats; rabbitmq ;;
+  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|redis|nats|rabbitmq|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
 esac

@@ -207,7 +207,12 @@ pub fn main() -> ExitCode {
 fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let level = config.log.level.clone().unwrap_or_else(|| "info".into());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // lapin logs every message the broker returns, body included: row values never reach the log
+    // (the RabbitMQ sink reports unroutable messages itself, by routing key).
+    if let Ok(quiet) = "lapin::returned_messages=error".parse() {
+        filter = filter.add_directive(quiet);
+    }
     // stdout belongs to the stdout sink: logs go to stderr.
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if config.log.format.as_deref() == Some("json") {

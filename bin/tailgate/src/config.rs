@@ -14,11 +14,13 @@ use tailgate_core::{BigIntUnsignedHandling, DecimalHandling};
 use tailgate_http::HttpSinkConfig;
 use tailgate_kafka::KafkaConfig;
 use tailgate_mysql::{MysqlConfig, MysqlEngine};
+use tailgate_nats::NatsConfig;
 use tailgate_pipeline::{
     Engine, EngineError, FilterSpec, KeyError, OutboxSpec, RouteSpec, Rules, SinkBuilder, SnapshotMode, TransformSpec,
 };
 use tailgate_postgres::{PostgresConfig, PostgresEngine};
 use tailgate_redis::RedisConfig;
+use tailgate_rabbitmq::RabbitmqConfig;
 use tailgate_stdout::StdoutConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +158,9 @@ pub enum SinkConfig {
     Redis(RedisConfig),
     /// HTTP webhook (`type = "http"`).
     Http(HttpSinkConfig),
+    /// NATS JetStream.
+    Nats(NatsConfig),
+    Rabbitmq(RabbitmqConfig),
 }
 
 impl SinkConfig {
@@ -165,6 +170,8 @@ impl SinkConfig {
             SinkConfig::Stdout(s) => s,
             SinkConfig::Redis(r) => r,
             SinkConfig::Http(h) => h,
+            SinkConfig::Nats(n) => n,
+            SinkConfig::Rabbitmq(r) => r,
         }
     }
 }

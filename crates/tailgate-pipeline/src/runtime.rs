@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tailgate_core::{Event, Position, TableSchema};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::engine::{Classify, EngineError, ErrorClass};
 use crate::metrics::{BatchCounts, Metrics, now_ms};
@@ -225,7 +225,12 @@ pub async fn run(
     };
     publish_totals(&metrics, sink.totals(), sink.in_flight());
     metrics.source_connected.store(false, Relaxed);
-    // A source error is the root cause when both failed (the sink saw a closed channel).
+    // A source error is the root cause when both failed (the sink saw a closed channel). A drain that
+    // timed out is still worth its own line: the source may have failed only while it waited (the
+    // server drops an idle replication connection after wal_sender_timeout).
+    if let (Err(_), Err(drain @ PipelineError::DrainTimeout { .. })) = (&source_result, &result) {
+        error!("{drain}");
+    }
     let outcome = match (source_result, result) {
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
