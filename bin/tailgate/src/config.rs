@@ -19,8 +19,8 @@ use tailgate_pipeline::{
     Engine, EngineError, FilterSpec, KeyError, OutboxSpec, RouteSpec, Rules, SinkBuilder, SnapshotMode, TransformSpec,
 };
 use tailgate_postgres::{PostgresConfig, PostgresEngine};
-use tailgate_redis::RedisConfig;
 use tailgate_rabbitmq::RabbitmqConfig;
+use tailgate_redis::RedisConfig;
 use tailgate_stdout::StdoutConfig;
 
 #[derive(Debug, thiserror::Error)]
