@@ -130,6 +130,67 @@ tansu_restart() {
   tansu
 }
 
+# Kafka over TLS for the sink's TLS tests: tansu 0.6.0 cannot terminate TLS itself (its --cert and
+# --key are mutually exclusive), so Debian's stunnel4 does, in front of two more tansu brokers whose
+# advertised listeners are stunnel's ports:
+#   127.0.0.1:9193  TLS (server certificate from the test CA)  -> tansu on 127.0.0.1:9192
+#   127.0.0.1:9195  mutual TLS (client certificate required)   -> tansu on 127.0.0.1:9194
+# and a tansu that requires SASL on 127.0.0.1:9196 (it has no users: `tansu user create` cannot add
+# one to an authenticating broker, so it only proves that a refused login is reported clearly).
+# Needs the test certificates of tls_certs.
+kafka_tls() {
+  local tls="$CACHE/tls" run="$CACHE/run"
+  [[ -f "$tls/server.pem" ]] || { log "no test certificates in $tls (tls_certs)"; return 1; }
+  command -v stunnel4 >/dev/null || { log "installing stunnel4"; apt-get update -qq && apt-get install -y -qq stunnel4 >/dev/null; }
+  mkdir -p "$run"
+  local port
+  for port in 9192 9194; do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      log "starting tansu on 127.0.0.1:$port (behind stunnel on $((port + 1)))"
+      nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$((port + 1))" \
+        --storage-engine memory://tansu/ >"$run/tansu-$port.log" 2>&1 &
+      echo $! >"$run/tansu-$port.pid"
+      wait_for 30 "tansu on $port" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+    fi
+  done
+  if ! (exec 3<>/dev/tcp/127.0.0.1/9196) 2>/dev/null; then
+    log "starting tansu with SASL on 127.0.0.1:9196"
+    nohup "$TANSU" broker --listener-url tcp://127.0.0.1:9196 --advertised-listener-url tcp://127.0.0.1:9196 \
+      --storage-engine memory://tansu/ --authentication >"$run/tansu-9196.log" 2>&1 &
+    echo $! >"$run/tansu-9196.pid"
+    wait_for 30 "tansu on 9196" bash -c "exec 3<>/dev/tcp/127.0.0.1/9196"
+  fi
+  local conf="$run/stunnel-kafka.conf" want
+  want="; written by tailgate scripts/services.sh: TLS in front of the test brokers
+pid = $run/stunnel-kafka.pid
+foreground = no
+output = $run/stunnel-kafka.log
+[kafka-tls]
+accept = 127.0.0.1:9193
+connect = 127.0.0.1:9192
+cert = $tls/server.pem
+key = $tls/server-key.pem
+[kafka-mtls]
+accept = 127.0.0.1:9195
+connect = 127.0.0.1:9194
+cert = $tls/server.pem
+key = $tls/server-key.pem
+CAfile = $tls/ca.pem
+verify = 2"
+  if [[ ! -f "$conf" ]] || [[ "$(cat "$conf")" != "$want" ]]; then
+    printf '%s\n' "$want" >"$conf"
+    [[ -f "$run/stunnel-kafka.pid" ]] && kill "$(cat "$run/stunnel-kafka.pid")" 2>/dev/null || true
+    sleep 0.5
+  fi
+  if ! (exec 3<>/dev/tcp/127.0.0.1/9195) 2>/dev/null; then
+    log "starting stunnel for Kafka over TLS (9193, mutual TLS on 9195)"
+    stunnel4 "$conf"
+    wait_for 30 "stunnel" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9195'
+  fi
+  log "Kafka over TLS ready on 127.0.0.1:9193 (mutual TLS on 9195, SASL required on 9196)"
+}
+
 # NATS with JetStream on 127.0.0.1:4222 (Debian's nats-server), for the NATS sink's tests.
 nats() {
   if [[ ! -x /usr/sbin/nats-server ]]; then
@@ -392,10 +453,11 @@ case "${1:-all}" in
   mysql) mysql_server ;;
   kafka | tansu) tansu ;;
   kafka-restart | tansu-restart) tansu_restart ;;
+  kafka-tls) kafka_tls ;;
   nats) nats ;;
   rabbitmq) rabbitmq ;;
   mysql-replica-start) mysql_replica_start "$@" ;;
   mysql-replica-stop) mysql_replica_stop ;;
-  all) postgres; mariadb_server; mysql_server; tansu; redis; nats; rabbitmq ;;
-  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|redis|nats|rabbitmq|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
+  all) postgres; mariadb_server; mysql_server; tansu; kafka_tls; redis; nats; rabbitmq ;;
+  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|kafka-tls|redis|nats|rabbitmq|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
 esac

@@ -376,8 +376,26 @@ pub fn consume_all(topic: &str, idle: Duration, timeout: Duration) -> Vec<Record
 /// Reads `topic` until `done(records so far, time since the last record)`, then keeps reading briefly
 /// to catch extra records.
 fn consume_until(topic: &str, timeout: Duration, done: impl Fn(usize, Duration) -> bool) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    consume_with(&[("bootstrap.servers", &kafka_brokers())], topic, timeout, done)
+}
+
+/// Reads `topic` from `at_least` records, with a consumer made of `settings` (`bootstrap.servers`
+/// and, for a TLS broker, `security.protocol` and the `ssl.*` files).
+pub fn consume_from(settings: &[(&str, &str)], topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
+    consume_with(settings, topic, timeout, |records, _| records >= at_least)
+}
+
+fn consume_with(
+    settings: &[(&str, &str)],
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(usize, Duration) -> bool,
+) -> Vec<Record> {
+    let mut client = ClientConfig::new();
+    for (k, v) in settings {
+        client.set(*k, *v);
+    }
+    let consumer: BaseConsumer = client
         .set("group.id", format!("tailgate-e2e-{}", nonce()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")

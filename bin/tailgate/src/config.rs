@@ -2,8 +2,10 @@
 //!
 //! Every field has a documented default (docs/configuration.md); unknown keys are refused by name;
 //! `${VAR}` in any string is replaced by the environment variable, `${VAR:-default}` falls back to
-//! `default` when it is unset or empty, and `$${` writes a literal `${`. The one exception is an
-//! `[[outbox]] topic`, a template whose `${...}` name columns.
+//! `default` when it is unset or empty, `${file:/path}` is replaced by the file's contents (one
+//! trailing newline dropped: Docker and Kubernetes secrets), and `$${` writes a literal `${`. The one
+//! exception is an `[[outbox]] topic`, a template whose `${...}` name columns. A secret read this way
+//! never appears in an error: errors name the key, the variable or the file, never the value.
 //! Errors name the offending key and the fix.
 
 use std::path::{Path, PathBuf};
@@ -460,6 +462,11 @@ fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
         } else if let Some(tail) = after.strip_prefix('{') {
             let end = tail.find('}').ok_or_else(|| key_error(path, "unterminated ${...}"))?;
             let spec = &tail[..end];
+            if let Some(file) = spec.strip_prefix("file:") {
+                out.push_str(&read_secret_file(file, path)?);
+                rest = &tail[end + 1..];
+                continue;
+            }
             // `${VAR:-default}` falls back to `default` when VAR is unset or empty, as in a shell.
             let (name, default) = match spec.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
@@ -486,6 +493,29 @@ fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// The contents of `${file:<path>}`, without one trailing newline (`echo secret > file` and the
+/// files Docker and Kubernetes mount end with one; a password never does).
+fn read_secret_file(file: &str, key: &str) -> Result<String, ConfigError> {
+    if file.is_empty() {
+        return Err(key_error(key, "${file:} names no file. Fix: write ${file:/run/secrets/name}"));
+    }
+    let mut text = std::fs::read_to_string(file).map_err(|e| {
+        key_error(
+            key,
+            format!(
+                "cannot read the secret file {file}: {e}. Fix: check the path and that tailgate's user may read it"
+            ),
+        )
+    })?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -614,6 +644,25 @@ path = "shop.offsets.json"
         assert!(err.to_string().contains("slot"), "PostgreSQL keys are refused for MySQL: {err}");
         let err = parse(&text.replace("mysql://", "postgres://")).unwrap_err();
         assert!(err.to_string().contains("source.url"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("tailgate-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pg_password");
+        std::fs::write(&file, "pa$$w:rd\n").unwrap();
+        let text = MINIMAL.replace("${PGPASS}", &format!("${{file:{}}}", file.display()));
+        let c = parse(&text).unwrap();
+        let SourceConfig::Postgres(pg) = &c.source else { panic!("not postgres") };
+        assert_eq!(pg.url, "postgres://cdc:pa$$w:rd@127.0.0.1:5432/shop");
+
+        // A missing file names the key and the file, never a value.
+        let missing = MINIMAL.replace("${PGPASS}", "${file:/nonexistent/tailgate-secret}");
+        let err = parse(&missing).unwrap_err().to_string();
+        assert!(err.contains("source.url") && err.contains("/nonexistent/tailgate-secret"), "{err}");
+        assert!(parse(&MINIMAL.replace("${PGPASS}", "${file:}")).unwrap_err().to_string().contains("names no file"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -29,6 +29,8 @@ use tailgate_pipeline::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+mod security;
+
 /// `[sink]` with `type = "kafka"`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +52,20 @@ pub struct KafkaConfig {
     /// Accept `[sink.librdkafka]` settings that can lose or reorder records. Default false.
     #[serde(default)]
     pub unsafe_overrides: bool,
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl` (librdkafka's `security.protocol`).
+    pub security_protocol: Option<String>,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER`; required with a `sasl_*` protocol.
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    /// Write it as `${file:/run/secrets/kafka_password}` or `${ENV_VAR}`, never in the file itself.
+    pub sasl_password: Option<String>,
+    /// PEM file of the CA(s) that signed the brokers' certificates. Default: the system's roots.
+    pub ssl_ca_location: Option<String>,
+    /// Client certificate (PEM) for brokers that require mutual TLS, with `ssl_key_location`.
+    pub ssl_certificate_location: Option<String>,
+    pub ssl_key_location: Option<String>,
+    /// Password of an encrypted `ssl_key_location`.
+    pub ssl_key_password: Option<String>,
 }
 
 fn one() -> i32 {
@@ -67,6 +83,9 @@ pub struct KafkaSinkConfig {
     pub topic_replication_factor: i32,
     /// librdkafka settings, applied over tailgate's defaults.
     pub librdkafka: BTreeMap<String, String>,
+    /// `security.protocol`, `sasl.*` and `ssl.*` from the first-class keys (validated); applied to
+    /// the producer and the admin client alike.
+    pub security: Vec<(&'static str, String)>,
 }
 
 impl KafkaConfig {
@@ -77,6 +96,7 @@ impl KafkaConfig {
             topic_partitions: self.topic_partitions,
             topic_replication_factor: self.topic_replication_factor,
             librdkafka: self.librdkafka.clone(),
+            security: security::librdkafka_settings(self),
         }
     }
 }
@@ -114,7 +134,7 @@ impl SinkBuilder for KafkaConfig {
                 ));
             }
         }
-        Ok(())
+        security::validate(self)
     }
 
     fn topic_prefix(&self) -> Option<&str> {
@@ -134,13 +154,16 @@ impl SinkBuilder for KafkaConfig {
 
     fn check<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Vec<CheckResult>> {
         let config = self.sink_config(name);
+        let connection = security::describe(self);
         Box::pin(async move {
             let brokers = config.brokers.clone();
             match tokio::task::spawn_blocking(move || probe_brokers(&config, Duration::from_secs(5))).await {
-                Ok(Ok(n)) => vec![CheckResult::ok("kafka", format!("{brokers} answered ({n} broker(s))"))],
+                Ok(Ok(n)) => {
+                    vec![CheckResult::ok("kafka", format!("{brokers} answered over {connection} ({n} broker(s))"))]
+                }
                 Ok(Err(e)) => vec![CheckResult::failed(
                     "kafka",
-                    format!("{brokers} did not answer: {e}. Fix: start the broker or correct sink.brokers"),
+                    format!("{brokers} did not answer over {connection}: {e}. Fix: {}", security::fix_for(&e)),
                 )],
                 Err(e) => vec![CheckResult::failed("kafka", e.to_string())],
             }
@@ -174,6 +197,9 @@ pub fn client_config(config: &KafkaSinkConfig) -> ClientConfig {
     cc.set("client.id", &config.client_id);
     for (k, v) in default_producer_settings() {
         cc.set(k, v);
+    }
+    for (k, v) in &config.security {
+        cc.set(*k, v);
     }
     for (k, v) in &config.librdkafka {
         cc.set(k, v);
@@ -257,6 +283,9 @@ impl KafkaSink {
         admin_cc.set("bootstrap.servers", &config.brokers);
         admin_cc.set("client.id", &config.client_id);
         admin_cc.set("allow.auto.create.topics", "false");
+        for (k, v) in &config.security {
+            admin_cc.set(*k, v);
+        }
         for (k, v) in &config.librdkafka {
             if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
                 admin_cc.set(k, v);
@@ -498,8 +527,56 @@ impl KafkaSink {
 }
 
 /// Checks that the brokers answer a metadata request (for `tailgate check`).
+/// Asks the brokers for their metadata over the configured protocol. A failure carries what
+/// librdkafka reported on the way (TLS handshake, SASL authentication), not only the timeout.
 pub fn probe_brokers(config: &KafkaSinkConfig, timeout: Duration) -> Result<usize, String> {
-    let producer: BaseProducer = client_config(config).create().map_err(|e| e.to_string())?;
-    let metadata = producer.client().fetch_metadata(None, timeout).map_err(|e| e.to_string())?;
-    Ok(metadata.brokers().len())
+    let producer: BaseProducer<ProbeContext> =
+        client_config(config).create_with_context(ProbeContext::default()).map_err(|e| e.to_string())?;
+    match producer.client().fetch_metadata(None, timeout) {
+        Ok(metadata) => Ok(metadata.brokers().len()),
+        Err(e) => {
+            // Errors and log lines arrive as events: serve them before reading what was reported.
+            producer.poll(Duration::from_millis(100));
+            let context = producer.context();
+            let taken = |slot: &Mutex<Option<String>>| slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let reported = taken(&context.first_error).or_else(|| taken(&context.first_warning));
+            Err(match reported {
+                Some(reason) => format!("{e} ({reason})"),
+                None => e.to_string(),
+            })
+        }
+    }
+}
+
+/// Keeps the first error librdkafka reports while probing: "all brokers down" alone would hide a
+/// certificate or authentication failure.
+#[derive(Default)]
+struct ProbeContext {
+    first_error: Mutex<Option<String>>,
+    first_warning: Mutex<Option<String>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(if reason.is_empty() { error.to_string() } else { reason.to_owned() });
+        }
+    }
+
+    /// librdkafka reports some connection failures (a TLS peer that closes the handshake) only as
+    /// log lines: keep the first warning as the reason when no error came.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, _fac: &str, log_message: &str) {
+        if (level as i32) <= (rdkafka::config::RDKafkaLogLevel::Warning as i32) {
+            let mut first = self.first_warning.lock().unwrap_or_else(|p| p.into_inner());
+            if first.is_none() {
+                *first = Some(log_message.to_owned());
+            }
+        }
+    }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }

@@ -6,6 +6,7 @@ mod auth;
 mod faults;
 mod ha;
 mod incremental;
+mod kafka_tls;
 mod mysql_incremental;
 mod mysql_resilience;
 mod mysql_snapshot;
