@@ -125,7 +125,7 @@ tansu_restart() {
   local pid
   pid=$(cat "$CACHE/run/tansu.pid" 2>/dev/null || true)
   [[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true
-  pkill -f "$TANSU broker" 2>/dev/null || true
+  pkill -f "$TANSU broker --listener-url tcp://127.0.0.1:9092" 2>/dev/null || true
   wait_for 30 "tansu to stop" bash -c '! (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null'
   tansu
 }

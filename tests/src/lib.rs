@@ -564,7 +564,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// Pid of the tansu broker started by scripts/services.sh (tests freeze it with SIGSTOP).
 pub fn tansu_pid() -> u32 {
-    let out = Command::new("pgrep").args(["-f", "tansu broker"]).output().unwrap();
+    // The main broker only: the TLS tests' brokers (9192, 9194, 9196) run the same binary.
+    let out = Command::new("pgrep").args(["-f", "tansu broker --listener-url tcp://127.0.0.1:9092"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
