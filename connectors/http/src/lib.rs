@@ -30,8 +30,6 @@
 //! - **Backpressure.** At most [`QUEUED_BATCHES`] sealed batches wait for the writer, each at most
 //!   `max_batch_records` / `max_batch_bytes` (a single record larger than that goes alone).
 
-mod stop;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -50,7 +48,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::stop::{Interrupted, Stopping};
+use tailgate_pipeline::stopping::{Interrupted, Stopping};
 
 /// Sealed batches waiting for the writer (besides the one in flight and the one being filled).
 pub const QUEUED_BATCHES: usize = 2;

@@ -28,7 +28,6 @@
 //!   and Redis Cluster redirections are definite: the run stops naming the cause and the fix.
 
 pub mod resp;
-mod stop;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +43,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::resp::{Connection, Reply, RespError};
-use crate::stop::{Interrupted, Stopping};
+use tailgate_pipeline::stopping::{Interrupted, Stopping};
 
 /// Sealed batches waiting for the writer (besides the one it is sending and the one being filled).
 pub const QUEUED_BATCHES: usize = 2;

@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
+pub mod stopping;
 pub mod stream;
 pub mod transform;
 

@@ -1,4 +1,5 @@
-//! Waiting on a destination while the run may be stopping.
+//! Waiting on a destination while the run may be stopping (shared by the sinks that own their
+//! retry loops: HTTP and Redis).
 //!
 //! The sink contract: transient failures are retried forever while the run goes on, and for at most
 //! the drain timeout once it is stopping. Every wait of the writer (connect, write, reply, backoff)
