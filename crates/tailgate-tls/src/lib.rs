@@ -27,6 +27,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use rustls::ClientConfig as RustlsClientConfig;
 pub use tokio_rustls::client::TlsStream;
 
 /// How much TLS a connection wants, in libpq's terms (MySQL's `ssl-mode` maps onto the same set).
@@ -131,7 +132,8 @@ pub struct TlsSettings {
     pub names: SettingNames,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Cloneable (strings only), so that a driver holding it as an error source can hand a copy back.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsError {
     #[error("{setting}={path}: cannot read: {detail}. Fix: give a readable PEM file")]
     Read { setting: &'static str, path: String, detail: String },
