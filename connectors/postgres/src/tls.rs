@@ -17,7 +17,6 @@ use std::task::{Context, Poll};
 
 use tailgate_tls::{LIBPQ_NAMES, RustlsClientConfig, TlsError, TlsMode, TlsSettings, TlsStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::error::PgError;
@@ -79,54 +78,7 @@ fn percent_decode(s: &str) -> Result<String, PgError> {
 }
 
 /// The replication connection's socket: plaintext or TLS.
-pub enum PgStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for PgStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PgStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for PgStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            PgStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PgStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PgStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-impl PgStream {
-    /// `tls-server-end-point` data when on TLS and the certificate's algorithm defines one.
-    pub fn channel_binding(&self) -> Option<Vec<u8>> {
-        match self {
-            PgStream::Plain(_) => None,
-            PgStream::Tls(s) => tailgate_tls::peer_certificate(s).and_then(|c| tailgate_tls::tls_server_end_point(c)),
-        }
-    }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, PgStream::Tls(_))
-    }
-}
+pub type PgStream = tailgate_tls::MaybeTls;
 
 /// tokio-postgres's TLS hook, on the shared configuration.
 #[derive(Clone)]
