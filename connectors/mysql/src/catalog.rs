@@ -4,8 +4,8 @@
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
-use tailgate_tls::TlsMode;
 use tailgate_core::{BinlogFile, GtidSet, MariadbGtidList, Position};
+use tailgate_tls::TlsMode;
 
 use crate::error::MyError;
 use crate::replication::{ConnInfo, ReplicationConnection};
@@ -95,7 +95,9 @@ fn classify(info: &ConnInfo, e: mysql_async::Error) -> MyError {
         mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
             MyError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() }
         }
-        mysql_async::Error::Server(s) if s.code == 1045 => MyError::Auth { user: info.user.clone(), message: s.message },
+        mysql_async::Error::Server(s) if s.code == 1045 => {
+            MyError::Auth { user: info.user.clone(), message: s.message }
+        }
         mysql_async::Error::Io(io) => {
             MyError::Connect { addr: info.addr(), source: std::io::Error::other(io.to_string()) }
         }

@@ -144,9 +144,7 @@ impl ConnInfo {
         let verification = self.tls.verification();
         let mut opts = mysql_async::SslOpts::default();
         match &self.tls.root_cert {
-            Some(path) => {
-                opts = opts.with_root_certs(vec![path.clone().into()]).with_disable_built_in_roots(true)
-            }
+            Some(path) => opts = opts.with_root_certs(vec![path.clone().into()]).with_disable_built_in_roots(true),
             // The system's roots, as the replication connection uses (instead of mysql_async's bundled ones).
             None if verification != tailgate_tls::Verification::None => {
                 let roots = self.tls.roots().unwrap_or_default();
@@ -157,10 +155,7 @@ impl ConnInfo {
             None => {}
         }
         if let (Some(cert), Some(key)) = (&self.tls.client_cert, &self.tls.client_key) {
-            opts = opts.with_client_identity(Some(ClientIdentity::new(
-                cert.clone().into(),
-                key.clone().into(),
-            )));
+            opts = opts.with_client_identity(Some(ClientIdentity::new(cert.clone().into(), key.clone().into())));
         }
         match verification {
             tailgate_tls::Verification::None => opts.with_danger_accept_invalid_certs(true),
@@ -836,7 +831,8 @@ mod tests {
         assert!(e.contains("true or false"), "{e}");
         let e = ConnInfo::from_url("mysql://u@db/shop?ssl-key=/k.pem").unwrap_err().to_string();
         assert!(e.contains("ssl-key is set without ssl-cert"), "{e}");
-        let e = ConnInfo::from_url("mysql://u@db/shop?ssl-mode=VERIFY_CA&ssl-ca=/nonexistent.pem").unwrap_err().to_string();
+        let e =
+            ConnInfo::from_url("mysql://u@db/shop?ssl-mode=VERIFY_CA&ssl-ca=/nonexistent.pem").unwrap_err().to_string();
         assert!(e.contains("ssl-ca=/nonexistent.pem: cannot read"), "{e}");
     }
 

@@ -255,8 +255,7 @@ impl ReplicationConnection {
                                 return Err(PgError::UnsupportedAuth { method: "SASL without SCRAM-SHA-256" });
                             }
                             let s = sasl::ScramSha256::new(password()?.as_bytes(), binding);
-                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)
-                                .map_err(protocol)?;
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.out).map_err(protocol)?;
                             scram = Some(s);
                         }
                         AuthRequest::SaslContinue(body) => {

@@ -51,7 +51,8 @@ pub fn split_url(url: &str) -> Result<(String, TlsSettings), PgError> {
             "has sslmode={mode_text:?}, which is not one of disable, allow, prefer, require, verify-ca, verify-full"
         ),
     })?;
-    let settings = TlsSettings { mode, mode_text, root_cert: root, client_cert: cert, client_key: key, names: LIBPQ_NAMES };
+    let settings =
+        TlsSettings { mode, mode_text, root_cert: root, client_cert: cert, client_key: key, names: LIBPQ_NAMES };
     settings.validate()?;
     let rest = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
     Ok((rest, settings))

@@ -165,13 +165,7 @@ pub enum TlsError {
         "the server certificate does not match host '{host}' ({mode}={mode_text}): {detail}. Fix: connect by a name \
          in the certificate or use {mode}={verify_ca}"
     )]
-    HostMismatch {
-        host: String,
-        mode: &'static str,
-        mode_text: String,
-        verify_ca: &'static str,
-        detail: String,
-    },
+    HostMismatch { host: String, mode: &'static str, mode_text: String, verify_ca: &'static str, detail: String },
 
     #[error(
         "the server certificate is not signed by a trusted CA ({root}={roots}): {detail}. Fix: set {root} to the CA \
@@ -324,13 +318,13 @@ impl TlsSettings {
                 verify_ca: self.names.verify_ca,
                 detail: rustls_error.to_string(),
             },
-            rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer | CertificateError::BadSignature,
-            ) => TlsError::UntrustedCa {
-                root: self.names.root_cert,
-                roots: self.root_path(),
-                detail: rustls_error.to_string(),
-            },
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+                TlsError::UntrustedCa {
+                    root: self.names.root_cert,
+                    roots: self.root_path(),
+                    detail: rustls_error.to_string(),
+                }
+            }
             rustls::Error::InvalidCertificate(_) => TlsError::BadCertificate {
                 mode: self.names.mode,
                 mode_text: self.mode_text.clone(),
@@ -365,10 +359,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let name = ServerName::try_from(host.to_owned()).map_err(|_| TlsError::ServerName { host: host.to_owned() })?;
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, stream)
-        .await
-        .map_err(|e| settings.handshake_error(host, &e))
+    tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| settings.handshake_error(host, &e))
 }
 
 /// A database connection's socket: plaintext or TLS (our replication clients use it).
