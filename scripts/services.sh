@@ -87,12 +87,21 @@ postgres() {
 
   local conf="$PG_ETC/conf.d/50-tailgate.conf" restart=0
   local want
-  want=$'# written by tailgate scripts/services.sh: logical decoding for CDC\nwal_level = logical\nmax_replication_slots = 32\nmax_wal_senders = 32\nwal_sender_timeout = 10s\nssl = on\nssl_cert_file = \'/etc/postgresql/tailgate-tls/server.pem\'\nssl_key_file = \'/etc/postgresql/tailgate-tls/server-key.pem\'\nssl_ca_file = \'/etc/postgresql/tailgate-tls/ca.pem\'\n'
+  want=$'# written by tailgate scripts/services.sh: logical decoding for CDC\nwal_level = logical\nmax_replication_slots = 32\nmax_wal_senders = 32\nwal_sender_timeout = 10s\n'
   if [[ ! -f "$conf" ]] || [[ "$(cat "$conf")"$'\n' != "$want" ]]; then
     printf '%s' "$want" >"$conf"
     restart=1
   fi
   [[ "$("${PSQL[@]}" -c 'show wal_level')" == logical ]] || restart=1
+  # TLS with the test certificates (tls_certs), in a file of its own; PostgreSQL reloads TLS settings
+  # on SIGHUP, so no restart is needed.
+  local tls_conf="$PG_ETC/conf.d/60-tailgate-tls.conf" tls_want
+  tls_want=$'# written by tailgate scripts/services.sh: TLS with the test certificates\nssl = on\nssl_cert_file = \'/etc/postgresql/tailgate-tls/server.pem\'\nssl_key_file = \'/etc/postgresql/tailgate-tls/server-key.pem\'\nssl_ca_file = \'/etc/postgresql/tailgate-tls/ca.pem\'\n'
+  if [[ ! -f "$tls_conf" ]] || [[ "$(cat "$tls_conf")"$'\n' != "$tls_want" ]]; then
+    printf '%s' "$tls_want" >"$tls_conf"
+    restart=$((restart | 2))
+  fi
+  [[ "$("${PSQL[@]}" -c 'show ssl_ca_file')" == /etc/postgresql/tailgate-tls/ca.pem ]] || restart=$((restart | 2))
 
   # Replication connections need their own pg_hba lines ("all" does not match them). Password roles
   # for the authentication tests go first so that the trust lines do not shadow them.
@@ -142,7 +151,7 @@ postgres() {
   fi
 
   if ((restart & 1)); then
-    log "restarting PostgreSQL $PG_VERSION for wal_level=logical and TLS"
+    log "restarting PostgreSQL $PG_VERSION for wal_level=logical"
     pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main restart
     wait_for 30 "PostgreSQL" "${PSQL[@]}" -c 'select 1'
   elif ((restart & 2)); then
@@ -252,10 +261,17 @@ GRANT ALL PRIVILEGES ON *.* TO 'tailgate_x509'@'%';
 mariadb_server() {
   local conf_dir=/etc/mysql/mariadb.conf.d main_cnf=/etc/mysql/my.cnf restart=0
   local conf="$conf_dir/50-tailgate.cnf" want
-  want=$'# written by tailgate scripts/services.sh: a row binlog for CDC\n[mysqld]\nserver_id = 1\nlog_bin = mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nbinlog_row_metadata = FULL\nmax_connections = 500\nssl_ca = /etc/mysql/tailgate-tls/ca.pem\nssl_cert = /etc/mysql/tailgate-tls/server.pem\nssl_key = /etc/mysql/tailgate-tls/server-key.pem\n'
+  want=$'# written by tailgate scripts/services.sh: a row binlog for CDC\n[mysqld]\nserver_id = 1\nlog_bin = mysql-bin\nbinlog_format = ROW\nbinlog_row_image = FULL\nbinlog_row_metadata = FULL\nmax_connections = 500\n'
   mkdir -p "$conf_dir"
   if [[ ! -f "$conf" ]] || [[ "$(cat "$conf")"$'\n' != "$want" ]]; then
     printf '%s' "$want" >"$conf"
+    restart=1
+  fi
+  # TLS with the test certificates (tls_certs), in a file of its own.
+  local tls_conf="$conf_dir/51-tailgate-tls.cnf" tls_want
+  tls_want=$'# written by tailgate scripts/services.sh: TLS with the test certificates\n[mysqld]\nssl_ca = /etc/mysql/tailgate-tls/ca.pem\nssl_cert = /etc/mysql/tailgate-tls/server.pem\nssl_key = /etc/mysql/tailgate-tls/server-key.pem\n'
+  if [[ ! -f "$tls_conf" ]] || [[ "$(cat "$tls_conf")"$'\n' != "$tls_want" ]]; then
+    printf '%s' "$tls_want" >"$tls_conf"
     restart=1
   fi
   if [[ -f "$main_cnf" ]] && ! grep -qF "!includedir $conf_dir" "$main_cnf"; then
@@ -268,7 +284,7 @@ mariadb_server() {
     restart=1
   fi
   if ((restart)); then
-    log "restarting MariaDB for the row binlog"
+    log "restarting MariaDB for the row binlog and TLS"
     mariadb-admin shutdown >/dev/null 2>&1 || true
     wait_for 60 "MariaDB to stop" bash -c '! pgrep -x mariadbd'
     mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld

@@ -58,10 +58,11 @@ fn classify_connect(info: &ConnInfo, e: tokio_postgres::Error) -> PgError {
         if let Some(tls) = s.downcast_ref::<tailgate_tls::TlsError>() {
             return PgError::Tls(tls.clone());
         }
+        // tokio-postgres's answer to an 'N' under SslMode::Require.
+        if s.to_string().contains("server does not support TLS") {
+            return PgError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() };
+        }
         source = s.source();
-    }
-    if e.to_string().contains("server does not support TLS") {
-        return PgError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() };
     }
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
