@@ -36,6 +36,18 @@ enum Forward {
     Plain,
     /// Answers PostgreSQL's SSLRequest with 'N' itself (a server without TLS), then forwards.
     RefusePgTls,
+    /// Clears CLIENT_SSL in MySQL's greeting (a server without TLS), then forwards.
+    StripMysqlTls,
+}
+
+/// Clears the CLIENT_SSL capability (0x0800) in a MySQL greeting packet (header included).
+fn strip_client_ssl(packet: &mut [u8]) {
+    // header(4), protocol(1), version\0, connection id(4), nonce(8), filler(1), capabilities (low u16)
+    let Some(nul) = packet[5..].iter().position(|&b| b == 0) else { return };
+    let caps = 5 + nul + 1 + 4 + 8 + 1;
+    if let Some(b) = packet.get_mut(caps + 1) {
+        *b &= !0x08;
+    }
 }
 
 /// Listens on 127.0.0.2 (an address the test certificate does not name) and forwards each
@@ -64,6 +76,22 @@ async fn forwarder(target: String, mode: Forward) -> String {
                 let Ok(mut server) = TcpStream::connect(&target).await else { return };
                 if !first.is_empty() && server.write_all(&first).await.is_err() {
                     return;
+                }
+                if let Forward::StripMysqlTls = mode {
+                    let mut header = [0u8; 4];
+                    if server.read_exact(&mut header).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
+                    let mut greeting = header.to_vec();
+                    greeting.resize(4 + len, 0);
+                    if server.read_exact(&mut greeting[4..]).await.is_err() {
+                        return;
+                    }
+                    strip_client_ssl(&mut greeting);
+                    if client.write_all(&greeting).await.is_err() {
+                        return;
+                    }
                 }
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             });
@@ -318,6 +346,23 @@ async fn mysql_preferred_uses_tls_for_a_tls_only_user() {
         // No ssl-mode: PREFERRED, the default.
         let url = |db: &str| format!("mysql://tailgate_tls:tls-secret@{host}/{db}");
         my_snapshot_and_stream(server, &format!("tls_pref_{}", server.tag()), url, "tls-secret").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_preferred_falls_back_to_plaintext_when_the_server_has_no_tls() {
+    for server in [Server::Mariadb, Server::Mysql] {
+        let no_tls = forwarder(server.host_port(), Forward::StripMysqlTls).await;
+        // root has no password on the test servers: the fallback login needs no RSA exchange.
+        let url = |db: &str| format!("mysql://root@{no_tls}/{db}?ssl-mode=PREFERRED");
+        my_snapshot_and_stream(server, &format!("tls_nossl_{}", server.tag()), url, "never-a-secret").await;
+
+        let _lock = server_lock(server).read().await;
+        let dir = scratch(&format!("{}_tls_nossl_req", server.tag()));
+        let url = format!("mysql://root@{no_tls}/mysql?ssl-mode=REQUIRED");
+        let (code, out) = check(&dir, &my_config("tg_tls_nossl_req", &url, &dir, "", &stdout_sink(), ""));
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains("does not offer TLS") && out.contains("ssl-mode=REQUIRED"), "{server:?}: {out}");
     }
 }
 
