@@ -62,7 +62,7 @@ tls_certs() {
   # The servers use their own key copies.
   chmod 0755 "$TLS"
   chmod 0644 "$TLS"/{ca,other-ca,server,client}.pem
-  chmod 0600 "$TLS"/{ca-key,other-ca-key,server-key,client-key}.pem 2>/dev/null || chmod 0600 "$TLS"/{ca-key,server-key,client-key}.pem
+  chmod 0600 "$TLS"/{ca-key,server-key,client-key}.pem
   if id postgres >/dev/null 2>&1; then
     install -d -o postgres -g postgres -m 0700 /etc/postgresql/tailgate-tls
     install -o postgres -g postgres -m 0600 "$TLS/server-key.pem" /etc/postgresql/tailgate-tls/server-key.pem
