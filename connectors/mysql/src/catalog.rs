@@ -75,6 +75,15 @@ pub async fn connect(info: &ConnInfo) -> Result<Conn, MyError> {
 }
 
 async fn connect_plain(info: &ConnInfo) -> Result<Conn, MyError> {
+    connect_plain_inner(info).await.map_err(|e| match e {
+        MyError::Auth { user, message } => {
+            MyError::Auth { user, message: crate::replication::plaintext_hint(message, false) }
+        }
+        other => other,
+    })
+}
+
+async fn connect_plain_inner(info: &ConnInfo) -> Result<Conn, MyError> {
     // Without TLS, mysql_async answers caching_sha2_password's full authentication with whatever RSA
     // key the server sends. Unless that is allowed, log in once with our own client first (which uses
     // only the pinned key, or refuses): the server then holds the password's hash in its cache and

@@ -165,6 +165,19 @@ impl ConnInfo {
     }
 }
 
+/// A refused login over a plaintext connection may be a user created `REQUIRE SSL`/`X509`: the
+/// server says only "Access denied", so say what else to try.
+pub(crate) fn plaintext_hint(message: String, tls: bool) -> String {
+    if tls || message.contains("over a plaintext connection") {
+        message
+    } else {
+        format!(
+            "{message} (over a plaintext connection: a user created REQUIRE SSL or REQUIRE X509 is refused so; \
+             set ssl-mode=REQUIRED or VERIFY_IDENTITY, with ssl-cert/ssl-key for X509)"
+        )
+    }
+}
+
 /// The query string of a `mysql://` URL.
 struct UrlParams {
     tls: TlsSettings,
@@ -355,8 +368,7 @@ impl ReplicationConnection {
             let MaybeTls::Plain(tcp) = std::mem::replace(&mut self.stream, MaybeTls::Closed) else {
                 return Err(MyError::Protocol("TLS requested twice".into()));
             };
-            let tls = tailgate_tls::connect(&info.tls, info.tls_config.clone(), &info.host, tcp).await?;
-            self.stream = MaybeTls::Tls(Box::new(tls));
+            self.stream = tailgate_tls::upgrade(&info.tls, info.tls_config.clone(), &info.host, tcp).await?;
         }
         let mut plugin = hello.plugin.clone();
         let mut nonce = hello.nonce.clone();
@@ -381,7 +393,10 @@ impl ReplicationConnection {
                 Some(0xFF) => {
                     let e = server_error(&reply, "authentication");
                     return Err(match e {
-                        MyError::Server { message, .. } => MyError::Auth { user: info.user.clone(), message },
+                        MyError::Server { message, .. } => MyError::Auth {
+                            user: info.user.clone(),
+                            message: plaintext_hint(message, self.stream.is_tls()),
+                        },
                         other => other,
                     });
                 }

@@ -123,10 +123,7 @@ async fn negotiate_tls(info: &ConnInfo, mut stream: TcpStream, must: bool) -> Re
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer).await.map_err(lost)?;
     match answer[0] {
-        b'S' => {
-            let tls = tailgate_tls::connect(&info.tls, info.tls_config.clone(), &info.host, stream).await?;
-            Ok(PgStream::Tls(Box::new(tls)))
-        }
+        b'S' => Ok(tailgate_tls::upgrade(&info.tls, info.tls_config.clone(), &info.host, stream).await?),
         b'N' if !must => Ok(PgStream::Plain(stream)),
         b'N' => Err(PgError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() }),
         other => Err(PgError::Protocol(format!("unexpected answer {:?} to SSLRequest", other as char))),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tailgate_tls::{LIBPQ_NAMES, RustlsClientConfig, TlsError, TlsMode, TlsSettings, TlsStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::error::PgError;
@@ -117,6 +117,8 @@ where
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             let PgTlsConnect { tls, host } = self;
+            // A read buffer under TLS, as for the replication connection (snapshots read a lot).
+            let stream = BufReader::with_capacity(64 * 1024, stream);
             let stream = tailgate_tls::connect(&tls.settings, tls.config.clone(), &host, stream).await?;
             let end_point = tailgate_tls::peer_certificate(&stream).and_then(|c| tailgate_tls::tls_server_end_point(c));
             Ok(PgTlsStream { inner: Box::new(stream), end_point })
@@ -125,7 +127,7 @@ where
 }
 
 pub struct PgTlsStream<S> {
-    inner: Box<TlsStream<S>>,
+    inner: Box<TlsStream<BufReader<S>>>,
     end_point: Option<Vec<u8>>,
 }
 

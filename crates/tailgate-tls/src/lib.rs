@@ -29,7 +29,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 pub use rustls::ClientConfig as RustlsClientConfig;
@@ -365,7 +365,9 @@ where
 /// A database connection's socket: plaintext or TLS (our replication clients use it).
 pub enum MaybeTls {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    /// Over a read buffer: rustls reads the socket 4 KiB at a time, and a replication stream moves
+    /// hundreds of MB; the buffer turns those reads into one syscall per [`READ_BUFFER`] bytes.
+    Tls(Box<TlsStream<BufReader<TcpStream>>>),
     /// In between (the plaintext socket taken for the handshake): every I/O fails.
     Closed,
 }
@@ -420,6 +422,21 @@ impl MaybeTls {
 
 fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the connection is closed")
+}
+
+/// Read buffer under TLS (see [`MaybeTls::Tls`]).
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// Runs the TLS handshake on a plaintext socket (after the engine's own TLS request), with a read
+/// buffer under TLS.
+pub async fn upgrade(
+    settings: &TlsSettings,
+    config: Arc<ClientConfig>,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<MaybeTls, TlsError> {
+    let stream = connect(settings, config, host, BufReader::with_capacity(READ_BUFFER, tcp)).await?;
+    Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
 /// The end-entity certificate the server presented in a finished handshake.
