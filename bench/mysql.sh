@@ -13,6 +13,8 @@
 #   SERVERS=mariadb bench/mysql.sh    # one server
 #   SNAPSHOT=1 bench/mysql.sh         # initial snapshot of SNAPSHOT_ROWS (1M) existing rows instead,
 #                                     # against the client: mariadb/mysql -e "SELECT * FROM orders" > /dev/null
+#   TLS=1 bench/mysql.sh              # also tailgate over TLS (ssl-mode=VERIFY_IDENTITY, the test CA of
+#                                     # scripts/services.sh) to stdout, next to the plaintext drain
 #   RULES=1 bench/mysql.sh            # filters: ROWS inserts into orders plus 9 other tables with ROWS/10
 #                                     # each, in TXN_ROWS-row transactions; tailgate with all tables vs.
 #                                     # include_tables = orders (+ an excluded column and a route)
@@ -78,14 +80,17 @@ print(f"{sys.argv[7]}|{wall:.2f}|{events / wall:,.0f}|{base / wall:.2f}×|{cpu /
 PY
 }
 
+# Plaintext (ssl-mode=DISABLED; the default, PREFERRED, would use TLS on a server that offers it), or
+# with TLS=1 in the environment of a call, VERIFY_IDENTITY with the test CA.
 config() { # config <server> <name> <sink section>
-  local port=3306
+  local port=3306 params="ssl-mode=DISABLED"
   [[ $1 == mysql ]] && port=3307
+  [[ "${CONFIG_TLS:-0}" == 1 ]] && params="ssl-mode=VERIFY_IDENTITY&ssl-ca=$CACHE/tls/ca.pem"
   cat <<TOML
 name = "$2"
 [source]
 type = "mysql"
-url = "mysql://root@127.0.0.1:$port/$DB"
+url = "mysql://root@127.0.0.1:$port/$DB?$params"
 snapshot = "never"
 $3
 [offsets]
@@ -117,8 +122,14 @@ run_workload() { # run_workload <server> <title> <sql file>
   BASE_WALL=$(echo "$base" | cut -d'|' -f2)
   RESULTS+=("$base")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" reset_stdout "$BIN" run --config "$WORK/stdout.toml" --stop-at-binlog "$end_file:$end_pos")")
+  local rows=3
+  if [[ "${TLS:-0}" == 1 ]]; then
+    CONFIG_TLS=1 config "$server" bench_tls $'[sink]\ntype = "stdout"' >"$WORK/tls.toml"
+    RESULTS+=("$(measure "tailgate over TLS (VERIFY_IDENTITY) → stdout (/dev/null)" "$ROWS" reset_tls "$BIN" run --config "$WORK/tls.toml" --stop-at-binlog "$end_file:$end_pos")")
+    rows=4
+  fi
   RESULTS+=("$(measure "tailgate → Kafka (tansu)" "$ROWS" reset_kafka "$BIN" run --config "$WORK/kafka.toml" --stop-at-binlog "$end_file:$end_pos")")
-  printf '%s\n' "${RESULTS[@]: -3}" >&2
+  printf '%s\n' "${RESULTS[@]: -$rows}" >&2
 }
 
 # Waits until the machine is idle (the server's background work after a big write, e.g. InnoDB purge
@@ -137,6 +148,7 @@ wait_idle() {
 
 # Before each tailgate run: its checkpoint back to the start of the workload.
 reset_stdout() { "$BIN" offsets reset --config "$WORK/stdout.toml" --to-binlog "$START" >/dev/null; }
+reset_tls() { "$BIN" offsets reset --config "$WORK/tls.toml" --to-binlog "$START" >/dev/null; }
 reset_kafka() { empty_broker; "$BIN" offsets reset --config "$WORK/kafka.toml" --to-binlog "$START" >/dev/null; }
 
 decoder_name() {

@@ -12,6 +12,8 @@
 #   RULES=1 bench/run.sh      # only the filter workload: 1 of 10 tables included, with a route and an excluded column
 #   SNAPSHOT=1 bench/run.sh   # only the snapshot workload: 1M existing rows, vs psql \copy
 #   SINKS="redis http" bench/run.sh   # redis: the local Redis (127.0.0.1:6379); http: a local Python receiver answering 200
+#   TLS=1 bench/run.sh        # also drain a slot over TLS (sslmode=verify-full, the test CA of scripts/services.sh)
+#                             # to stdout, next to the plaintext (sslmode=disable) stdout drain
 #   SINKS="nats rabbitmq" bench/run.sh   # the sinks drained besides stdout (default: kafka; any of kafka, redis, http, nats, rabbitmq); each gets its
 #                             # own slot; NATS JetStream (file stream, created by tailgate) and RabbitMQ (a
 #                             # durable queue bound to the exchange; needs pika) are counted after the run
@@ -60,6 +62,7 @@ setup() { # fresh table, publication and the three slots, created before the bac
     -c "CREATE PUBLICATION bench FOR TABLE orders"
   local sink_slots=""
   for sink in $SINKS; do sink_slots+=" ${SLOTS}_$sink"; done
+  [[ "${TLS:-0}" == 1 ]] && sink_slots+=" ${SLOTS}_tls"
   for slot in ${SLOTS}_warmup ${SLOTS}_recv ${SLOTS}_stdout $sink_slots ${BASELINE_BIN:+${SLOTS}_base_stdout ${SLOTS}_base_kafka}; do
     "${PSQL[@]}" -d "$DB" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
   done
@@ -67,6 +70,8 @@ setup() { # fresh table, publication and the three slots, created before the bac
 }
 
 HTTP="${HTTP:-0}"
+# The source URL: plaintext by default (sslmode=disable; the default, prefer, would use TLS on a server
+# that offers it); PG_URL overrides it (the TLS drain).
 config() { # config <slot> <sink section> [no-http]
   local http=""
   [[ "$HTTP" == 1 && -z "${3:-}" ]] && http=$'[http]\nlisten = "127.0.0.1:18080"'
@@ -74,7 +79,7 @@ config() { # config <slot> <sink section> [no-http]
 name = "$1"
 [source]
 type = "postgres"
-url = "postgres://postgres@127.0.0.1:5432/$DB"
+url = "${PG_URL:-postgres://postgres@127.0.0.1:5432/$DB?sslmode=disable}"
 slot = "$1"
 publication = "bench"
 create_publication = false
@@ -151,6 +156,12 @@ run_workload() { # run_workload <title> <insert SQL>
     -o proto_version=1 -o publication_names=bench --endpos="$endpos" -f /dev/null)")
   RESULTS+=("$(measure "tailgate → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/stdout.toml" --stop-at-lsn "$endpos")")
   local rows=2
+  if [[ "${TLS:-0}" == 1 ]]; then
+    PG_URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=verify-full&sslrootcert=${TAILGATE_CACHE:-$HOME/.cache/tailgate}/tls/ca.pem" \
+      config ${SLOTS}_tls $'[sink]\ntype = "stdout"' >"$WORK/tls.toml"
+    RESULTS+=("$(measure "tailgate over TLS (verify-full) → stdout (/dev/null)" "$ROWS" "$BIN" run --config "$WORK/tls.toml" --stop-at-lsn "$endpos")")
+    rows=$((rows + 1))
+  fi
   for sink in $SINKS; do
     rows=$((rows + 1))
     case $sink in

@@ -7,7 +7,9 @@
 #   - a real MySQL 9.7 on 127.0.0.1:3307 with GTIDs, unpacked from Debian sid's packages into a cache
 #     folder (its binaries need sid's glibc, so they run through sid's own loader);
 #   - the Kafka-compatible broker tansu 0.6.0 on 127.0.0.1:9092 (built once into a cache folder);
-#   - Redis on 127.0.0.1:6379, nothing on disk (started only when it does not answer).
+#   - Redis on 127.0.0.1:6379, nothing on disk (started only when it does not answer);
+#   - a test CA and certificates under $CACHE/tls, with TLS on in the three databases and TLS-only
+#     and client-certificate users/roles for the TLS tests.
 # Run it as root (it edits the server configuration). Safe to run again: it only changes what is missing.
 set -euo pipefail
 
@@ -28,6 +30,53 @@ wait_for() { # wait_for <seconds> <description> <command...>
   done
 }
 
+# The test PKI for the TLS tests, generated once with openssl under $CACHE/tls: a test CA, a server
+# certificate for localhost/127.0.0.1, a client certificate (CN tailgate_cert: the PostgreSQL role of
+# the cert-auth test; also the MySQL REQUIRE X509 user's) and a second CA that signs nothing we trust.
+# Each server gets its own copy of the server key (PostgreSQL refuses a key others can read).
+TLS="$CACHE/tls"
+tls_certs() {
+  command -v openssl >/dev/null || { log "installing openssl"; apt-get install -y -q openssl >/dev/null; }
+  mkdir -p "$TLS"
+  if [[ ! -f "$TLS/ca.pem" || ! -f "$TLS/client-key.pem" || ! -f "$TLS/other-ca.pem" ]]; then
+    log "generating the test CA and certificates in $TLS"
+    local tmp; tmp=$(mktemp -d)
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=tailgate test CA" \
+      -keyout "$tmp/ca-key.pem" -out "$tmp/ca.pem" 2>/dev/null
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=tailgate untrusted CA" \
+      -keyout "$tmp/other-ca-key.pem" -out "$tmp/other-ca.pem" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$tmp/server-key.pem" \
+      -out "$tmp/server.csr" 2>/dev/null
+    printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n' >"$tmp/server.ext"
+    openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca-key.pem" -CAcreateserial \
+      -days 3650 -sha256 -extfile "$tmp/server.ext" -out "$tmp/server.pem" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=tailgate_cert" -keyout "$tmp/client-key.pem" \
+      -out "$tmp/client.csr" 2>/dev/null
+    printf 'basicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n' >"$tmp/client.ext"
+    openssl x509 -req -in "$tmp/client.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca-key.pem" -CAcreateserial \
+      -days 3650 -sha256 -extfile "$tmp/client.ext" -out "$tmp/client.pem" 2>/dev/null
+    cp "$tmp"/{ca,ca-key,other-ca,server,server-key,client,client-key}.pem "$TLS/"
+    rm -rf "$tmp"
+  fi
+  # Certificates readable by all; keys by their owner only (libpq refuses a client key others can read).
+  # The servers use their own key copies.
+  chmod 0755 "$TLS"
+  chmod 0644 "$TLS"/{ca,other-ca,server,client}.pem
+  chmod 0600 "$TLS"/{ca-key,server-key,client-key}.pem
+  if id postgres >/dev/null 2>&1; then
+    install -d -o postgres -g postgres -m 0700 /etc/postgresql/tailgate-tls
+    install -o postgres -g postgres -m 0600 "$TLS/server-key.pem" /etc/postgresql/tailgate-tls/server-key.pem
+    install -o postgres -g postgres -m 0644 "$TLS/server.pem" /etc/postgresql/tailgate-tls/server.pem
+    install -o postgres -g postgres -m 0644 "$TLS/ca.pem" /etc/postgresql/tailgate-tls/ca.pem
+  fi
+  if id mysql >/dev/null 2>&1; then
+    install -d -o mysql -g mysql -m 0750 /etc/mysql/tailgate-tls
+    install -o mysql -g mysql -m 0600 "$TLS/server-key.pem" /etc/mysql/tailgate-tls/server-key.pem
+    install -o mysql -g mysql -m 0644 "$TLS/server.pem" /etc/mysql/tailgate-tls/server.pem
+    install -o mysql -g mysql -m 0644 "$TLS/ca.pem" /etc/mysql/tailgate-tls/ca.pem
+  fi
+}
+
 postgres() {
   [[ -n "$PG_VERSION" && -d "$PG_ETC" ]] || { log "no PostgreSQL cluster under /etc/postgresql"; return 1; }
   if ! "${PSQL[@]}" -c 'select 1' >/dev/null 2>&1; then
@@ -44,6 +93,15 @@ postgres() {
     restart=1
   fi
   [[ "$("${PSQL[@]}" -c 'show wal_level')" == logical ]] || restart=1
+  # TLS with the test certificates (tls_certs), in a file of its own; PostgreSQL reloads TLS settings
+  # on SIGHUP, so no restart is needed.
+  local tls_conf="$PG_ETC/conf.d/60-tailgate-tls.conf" tls_want
+  tls_want=$'# written by tailgate scripts/services.sh: TLS with the test certificates\nssl = on\nssl_cert_file = \'/etc/postgresql/tailgate-tls/server.pem\'\nssl_key_file = \'/etc/postgresql/tailgate-tls/server-key.pem\'\nssl_ca_file = \'/etc/postgresql/tailgate-tls/ca.pem\'\n'
+  if [[ ! -f "$tls_conf" ]] || [[ "$(cat "$tls_conf")"$'\n' != "$tls_want" ]]; then
+    printf '%s' "$tls_want" >"$tls_conf"
+    restart=$((restart | 2))
+  fi
+  [[ "$("${PSQL[@]}" -c 'show ssl_ca_file')" == /etc/postgresql/tailgate-tls/ca.pem ]] || restart=$((restart | 2))
 
   # Replication connections need their own pg_hba lines ("all" does not match them). Password roles
   # for the authentication tests go first so that the trust lines do not shadow them.
@@ -59,6 +117,26 @@ postgres() {
       echo "host    all          tailgate_norepl 127.0.0.1/32  scram-sha-256"
       echo "host    replication  tailgate_norepl 127.0.0.1/32  scram-sha-256"
       echo "# end tailgate"
+      cat "$hba"
+    } >"$tmp"
+    cat "$tmp" >"$hba" && rm -f "$tmp"
+    restart=$((restart | 2))
+  fi
+  # TLS test roles: tailgate_tls only over TLS (SCRAM), tailgate_cert by client certificate.
+  local tls_marker="# tailgate: TLS test roles"
+  if ! grep -qF "$tls_marker" "$hba"; then
+    local tmp; tmp=$(mktemp)
+    {
+      echo "$tls_marker"
+      echo "hostssl   all          tailgate_tls   127.0.0.1/32  scram-sha-256"
+      echo "hostssl   replication  tailgate_tls   127.0.0.1/32  scram-sha-256"
+      echo "hostnossl all          tailgate_tls   127.0.0.1/32  reject"
+      echo "hostnossl replication  tailgate_tls   127.0.0.1/32  reject"
+      echo "hostssl   all          tailgate_cert  127.0.0.1/32  cert"
+      echo "hostssl   replication  tailgate_cert  127.0.0.1/32  cert"
+      echo "hostnossl all          tailgate_cert  127.0.0.1/32  reject"
+      echo "hostnossl replication  tailgate_cert  127.0.0.1/32  reject"
+      echo "# end tailgate TLS"
       cat "$hba"
     } >"$tmp"
     cat "$tmp" >"$hba" && rm -f "$tmp"
@@ -94,6 +172,13 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tailgate_norepl') THEN
     SET password_encryption = 'scram-sha-256';
     CREATE ROLE tailgate_norepl LOGIN PASSWORD 'norepl-secret';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tailgate_tls') THEN
+    SET password_encryption = 'scram-sha-256';
+    CREATE ROLE tailgate_tls LOGIN REPLICATION SUPERUSER PASSWORD 'tls-secret';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tailgate_cert') THEN
+    CREATE ROLE tailgate_cert LOGIN REPLICATION SUPERUSER;
   END IF;
 END $$;
 SQL
@@ -228,6 +313,10 @@ CREATE USER IF NOT EXISTS 'tailgate_cdc'@'%' IDENTIFIED BY 'cdc-secret';
 GRANT SELECT, RELOAD, REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO 'tailgate_cdc'@'%';
 CREATE USER IF NOT EXISTS 'tailgate_norepl'@'%' IDENTIFIED BY 'norepl-secret';
 GRANT SELECT ON *.* TO 'tailgate_norepl'@'%';
+CREATE USER IF NOT EXISTS 'tailgate_tls'@'%' IDENTIFIED BY 'tls-secret' REQUIRE SSL;
+GRANT ALL PRIVILEGES ON *.* TO 'tailgate_tls'@'%';
+CREATE USER IF NOT EXISTS 'tailgate_x509'@'%' IDENTIFIED BY 'x509-secret' REQUIRE X509;
+GRANT ALL PRIVILEGES ON *.* TO 'tailgate_x509'@'%';
 "
 
 mariadb_server() {
@@ -239,17 +328,24 @@ mariadb_server() {
     printf '%s' "$want" >"$conf"
     restart=1
   fi
+  # TLS with the test certificates (tls_certs), in a file of its own.
+  local tls_conf="$conf_dir/51-tailgate-tls.cnf" tls_want
+  tls_want=$'# written by tailgate scripts/services.sh: TLS with the test certificates\n[mysqld]\nssl_ca = /etc/mysql/tailgate-tls/ca.pem\nssl_cert = /etc/mysql/tailgate-tls/server.pem\nssl_key = /etc/mysql/tailgate-tls/server-key.pem\n'
+  if [[ ! -f "$tls_conf" ]] || [[ "$(cat "$tls_conf")"$'\n' != "$tls_want" ]]; then
+    printf '%s' "$tls_want" >"$tls_conf"
+    restart=1
+  fi
   if [[ -f "$main_cnf" ]] && ! grep -qF "!includedir $conf_dir" "$main_cnf"; then
     printf '\n!includedir %s/\n' "$conf_dir" >>"$main_cnf"
     restart=1
   fi
   if ! mariadb -e 'select 1' >/dev/null 2>&1; then
     restart=1
-  elif [[ "$(mariadb -N -e 'select @@log_bin, @@binlog_format, @@binlog_row_metadata')" != $'1\tROW\tFULL' ]]; then
+  elif [[ "$(mariadb -N -e 'select @@log_bin, @@binlog_format, @@binlog_row_metadata, @@have_ssl')" != $'1\tROW\tFULL\tYES' ]]; then
     restart=1
   fi
   if ((restart)); then
-    log "restarting MariaDB for the row binlog"
+    log "restarting MariaDB for the row binlog and TLS"
     mariadb-admin shutdown >/dev/null 2>&1 || true
     wait_for 60 "MariaDB to stop" bash -c '! pgrep -x mariadbd'
     mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
@@ -345,6 +441,9 @@ enforce-gtid-consistency = ON
 performance-schema = OFF
 innodb-buffer-pool-size = 64M
 max-connections = 500
+ssl-ca = $TLS/ca.pem
+ssl-cert = $TLS/server.pem
+ssl-key = $TLS/server-key.pem
 CNF
   if [[ ! -d "$MYSQL_DATA/mysql" ]]; then
     log "initializing MySQL data in $MYSQL_DATA"
@@ -360,7 +459,17 @@ CNF
   mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -e "
     CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
     GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
-    $MYSQL_TEST_USERS_SQL"
+    $MYSQL_TEST_USERS_SQL
+    CREATE USER IF NOT EXISTS 'tailgate_sha2'@'%' IDENTIFIED WITH caching_sha2_password BY 'sha2-secret';
+    GRANT ALL PRIVILEGES ON *.* TO 'tailgate_sha2'@'%';"
+  # A server started before TLS was configured takes the test certificates without a restart.
+  if [[ "$(mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -N -e 'select @@ssl_ca')" != "$TLS/ca.pem" ]]; then
+    mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -e "
+      SET GLOBAL ssl_ca = '$TLS/ca.pem'; SET GLOBAL ssl_cert = '$TLS/server.pem';
+      SET GLOBAL ssl_key = '$TLS/server-key.pem'; ALTER INSTANCE RELOAD TLS;"
+  fi
+  # The server's RSA key for caching_sha2_password, where the tests pin it (server-public-key-path).
+  cp "$MYSQL_DATA/public_key.pem" "$TLS/mysql-public-key.pem" 2>/dev/null && chmod 0644 "$TLS/mysql-public-key.pem" || true
   log "MySQL ready: $(mysql_tool mysql --socket="$MYSQL_RUN/mysql.sock" -uroot -N -e 'select concat(version(), " gtid_mode=", @@gtid_mode, " port=", @@port)')"
 }
 
@@ -447,17 +556,18 @@ redis() {
 }
 
 case "${1:-all}" in
-  postgres) postgres ;;
+  postgres) tls_certs; postgres ;;
   redis) redis ;;
-  mariadb) mariadb_server ;;
-  mysql) mysql_server ;;
+  mariadb) tls_certs; mariadb_server ;;
+  mysql) tls_certs; mysql_server ;;
   kafka | tansu) tansu ;;
   kafka-restart | tansu-restart) tansu_restart ;;
-  kafka-tls) kafka_tls ;;
+  kafka-tls) tls_certs; kafka_tls ;;
   nats) nats ;;
   rabbitmq) rabbitmq ;;
   mysql-replica-start) mysql_replica_start "$@" ;;
   mysql-replica-stop) mysql_replica_stop ;;
-  all) postgres; mariadb_server; mysql_server; tansu; kafka_tls; redis; nats; rabbitmq ;;
-  *) echo "usage: $0 [all|postgres|mariadb|mysql|kafka|kafka-restart|kafka-tls|redis|nats|rabbitmq|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
+  tls) tls_certs ;;
+  all) tls_certs; postgres; mariadb_server; mysql_server; tansu; kafka_tls; redis; nats; rabbitmq ;;
+  *) echo "usage: $0 [all|tls|postgres|mariadb|mysql|kafka|kafka-restart|kafka-tls|redis|nats|rabbitmq|mysql-replica-start|mysql-replica-stop]" >&2; exit 2 ;;
 esac

@@ -5,9 +5,10 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
 use tailgate_core::{BinlogFile, GtidSet, MariadbGtidList, Position};
+use tailgate_tls::TlsMode;
 
 use crate::error::MyError;
-use crate::replication::ConnInfo;
+use crate::replication::{ConnInfo, ReplicationConnection};
 use crate::schema::{CatalogColumn, Collations};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +54,56 @@ impl ServerFacts {
     }
 }
 
+/// Opens a mysql_async connection: the one way every SQL connection is made, with the URL's TLS
+/// settings. mysql_async has no "preferred" mode: PREFERRED connects with TLS and, when the server
+/// offers none, again in plaintext.
 pub async fn connect(info: &ConnInfo) -> Result<Conn, MyError> {
-    Conn::new(info.opts()).await.map_err(|e| match e {
+    // mysql_async builds its rustls config with the process-wide provider.
+    tailgate_tls::install_process_provider();
+    match info.tls.mode {
+        TlsMode::Disable | TlsMode::Allow => connect_plain(info).await,
+        TlsMode::Prefer => match Conn::new(info.opts(true)).await {
+            Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)) => {
+                connect_plain(info).await
+            }
+            other => other.map_err(|e| classify(info, e)),
+        },
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => {
+            Conn::new(info.opts(true)).await.map_err(|e| classify(info, e))
+        }
+    }
+}
+
+async fn connect_plain(info: &ConnInfo) -> Result<Conn, MyError> {
+    connect_plain_inner(info).await.map_err(|e| match e {
+        MyError::Auth { user, message } => {
+            MyError::Auth { user, message: crate::replication::plaintext_hint(message, false) }
+        }
+        other => other,
+    })
+}
+
+async fn connect_plain_inner(info: &ConnInfo) -> Result<Conn, MyError> {
+    // Without TLS, mysql_async answers caching_sha2_password's full authentication with whatever RSA
+    // key the server sends. Unless that is allowed, log in once with our own client first (which uses
+    // only the pinned key, or refuses): the server then holds the password's hash in its cache and
+    // mysql_async's login takes the fast path, without the password. (A server restart in between
+    // would reopen the window: documented in docs/security.md.)
+    if !info.password.is_empty() && !info.allow_public_key_retrieval {
+        let conn = ReplicationConnection::connect(info, std::time::Duration::from_secs(10)).await?;
+        conn.close().await;
+    }
+    Conn::new(info.opts(false)).await.map_err(|e| classify(info, e))
+}
+
+fn classify(info: &ConnInfo, e: mysql_async::Error) -> MyError {
+    if let Some(r) = tailgate_tls::find_rustls_error(&e) {
+        return MyError::Tls(info.tls.handshake_error(&info.host, r));
+    }
+    match e {
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
+            MyError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() }
+        }
         mysql_async::Error::Server(s) if s.code == 1045 => {
             MyError::Auth { user: info.user.clone(), message: s.message }
         }
@@ -62,7 +111,7 @@ pub async fn connect(info: &ConnInfo) -> Result<Conn, MyError> {
             MyError::Connect { addr: info.addr(), source: std::io::Error::other(io.to_string()) }
         }
         other => MyError::Sql(other),
-    })
+    }
 }
 
 async fn var(conn: &mut Conn, name: &str) -> Result<Option<String>, MyError> {

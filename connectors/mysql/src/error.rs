@@ -53,6 +53,23 @@ pub enum MyError {
     )]
     ServerIdInUse { server_id: u32, message: String },
 
+    #[error(
+        "MySQL at {addr} does not offer TLS, and `source.url` has ssl-mode={mode}. Fix: configure ssl_cert/ssl_key on \
+         the server, or use ssl-mode=PREFERRED to allow plaintext"
+    )]
+    TlsRefused { addr: String, mode: String },
+
+    #[error(
+        "MySQL needs the password of user {user:?} for caching_sha2_password's full authentication, and the \
+         connection has no TLS: it would have to be RSA-encrypted with a key the server sends, which a man in the \
+         middle could replace. Fix: use TLS (ssl-mode=REQUIRED or VERIFY_IDENTITY), or pin the server's key with \
+         server-public-key-path=<PEM file> in `source.url`, or accept the risk with allow-public-key-retrieval=true"
+    )]
+    RsaKeyNeeded { user: String },
+
+    #[error(transparent)]
+    Tls(#[from] tailgate_tls::TlsError),
+
     #[error("MySQL error {code} ({state}) during {during}: {message}")]
     Server { code: u16, state: String, message: String, during: &'static str },
 
@@ -116,6 +133,7 @@ impl MyError {
             | MyError::Silent(_)
             | MyError::SnapshotTableChanged { .. } => true,
             MyError::Server { code, .. } => transient_code(*code),
+            MyError::Tls(e) => e.is_transient(),
             MyError::Sql(e) => {
                 matches!(e, mysql_async::Error::Io(_) | mysql_async::Error::Driver(_))
                     || matches!(e, mysql_async::Error::Server(s) if matches!(s.code, 1040 | 1053 | 1927 | 2006 | 2013))
@@ -135,7 +153,9 @@ impl MyError {
                 | MyError::PositionPurged { .. }
                 | MyError::ServerBehind { .. }
                 | MyError::ServerIdInUse { .. }
-        )
+                | MyError::TlsRefused { .. }
+                | MyError::RsaKeyNeeded { .. }
+        ) || matches!(self, MyError::Tls(e) if !e.is_transient())
     }
 }
 

@@ -13,9 +13,12 @@
 //! so an event costs no allocation here; payloads over 16 MiB, which the protocol splits, are joined in
 //! a second buffer. Ordinary SQL (catalog, checks, snapshots) uses `mysql_async` on other connections.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tailgate_core::MysqlGtidSet;
+use tailgate_tls::{MYSQL_NAMES, MaybeTls, RustlsClientConfig, TlsMode, TlsSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -35,7 +38,19 @@ pub struct ConnInfo {
     /// when the ones before cannot be reached, so that a restart or a reconnect finds a promoted
     /// replica by itself.
     pub alternates: Vec<(String, u16)>,
+    /// `ssl-mode`, `ssl-ca`, `ssl-cert`, `ssl-key` (default PREFERRED, as MySQL's clients).
+    pub tls: Arc<TlsSettings>,
+    /// Built once from `tls` (files read at parse time, so that bad paths are config errors).
+    pub tls_config: Arc<RustlsClientConfig>,
+    /// `server-public-key-path`: the server's RSA key for caching_sha2_password without TLS.
+    pub server_public_key: Option<PathBuf>,
+    /// `allow-public-key-retrieval=true`: take the RSA key the server sends (open to a man in the middle).
+    pub allow_public_key_retrieval: bool,
 }
+
+/// The URL parameters tailgate knows; any other is an error (it would otherwise be silently ignored).
+pub const URL_PARAMETERS: &[&str] =
+    &["ssl-mode", "ssl-ca", "ssl-cert", "ssl-key", "server-public-key-path", "allow-public-key-retrieval"];
 
 impl std::fmt::Debug for ConnInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,7 +66,8 @@ impl ConnInfo {
             .strip_prefix("mysql://")
             .or_else(|| url.strip_prefix("mariadb://"))
             .ok_or_else(|| err("must start with mysql://"))?;
-        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let params = UrlParams::parse(query)?;
         let (auth, host_path) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
@@ -80,7 +96,19 @@ impl ConnInfo {
             servers.push((host.trim_matches(['[', ']']).to_owned(), port));
         }
         let (host, port) = servers.remove(0);
-        Ok(ConnInfo { host, port, user, password, database, alternates: servers })
+        let tls_config = params.tls.client_config()?;
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            database,
+            alternates: servers,
+            tls: Arc::new(params.tls),
+            tls_config,
+            server_public_key: params.server_public_key,
+            allow_public_key_retrieval: params.allow_public_key_retrieval,
+        })
     }
 
     /// Every server of the URL, in order, as a connection target of its own.
@@ -95,16 +123,113 @@ impl ConnInfo {
         format!("{}:{}", self.host, self.port)
     }
 
-    /// Options for `mysql_async` connections to the same server.
-    pub fn opts(&self) -> mysql_async::Opts {
-        mysql_async::OptsBuilder::default()
+    /// Options for `mysql_async` connections to the same server, with TLS when `with_tls` (see
+    /// `catalog::connect` for how `ssl-mode` picks it).
+    pub fn opts(&self, with_tls: bool) -> mysql_async::Opts {
+        let builder = mysql_async::OptsBuilder::default()
             .ip_or_hostname(self.host.clone())
             .tcp_port(self.port)
             .user(Some(self.user.clone()))
             .pass(Some(self.password.clone()))
             .db_name(self.database.clone())
-            .prefer_socket(false)
-            .into()
+            .prefer_socket(false);
+        let builder = if with_tls { builder.ssl_opts(Some(self.ssl_opts())) } else { builder };
+        builder.into()
+    }
+
+    /// `ssl-mode` and the files as mysql_async's `SslOpts` (rustls with ring underneath), verifying
+    /// exactly what our own replication connection verifies.
+    fn ssl_opts(&self) -> mysql_async::SslOpts {
+        use mysql_async::ClientIdentity;
+        let verification = self.tls.verification();
+        let mut opts = mysql_async::SslOpts::default();
+        match &self.tls.root_cert {
+            Some(path) => opts = opts.with_root_certs(vec![path.clone().into()]).with_disable_built_in_roots(true),
+            // The system's roots, as the replication connection uses (instead of mysql_async's bundled ones).
+            None if verification != tailgate_tls::Verification::None => {
+                let roots = self.tls.roots().unwrap_or_default();
+                opts = opts
+                    .with_root_certs(roots.into_iter().map(|c| c.to_vec().into()).collect())
+                    .with_disable_built_in_roots(true);
+            }
+            None => {}
+        }
+        if let (Some(cert), Some(key)) = (&self.tls.client_cert, &self.tls.client_key) {
+            opts = opts.with_client_identity(Some(ClientIdentity::new(cert.clone().into(), key.clone().into())));
+        }
+        match verification {
+            tailgate_tls::Verification::None => opts.with_danger_accept_invalid_certs(true),
+            tailgate_tls::Verification::Chain => opts.with_danger_skip_domain_validation(true),
+            tailgate_tls::Verification::Full => opts,
+        }
+    }
+}
+
+/// A refused login over a plaintext connection may be a user created `REQUIRE SSL`/`X509`: the
+/// server says only "Access denied", so say what else to try.
+pub(crate) fn plaintext_hint(message: String, tls: bool) -> String {
+    if tls || message.contains("over a plaintext connection") {
+        message
+    } else {
+        format!(
+            "{message} (over a plaintext connection: a user created REQUIRE SSL or REQUIRE X509 is refused so; \
+             set ssl-mode=REQUIRED or VERIFY_IDENTITY, with ssl-cert/ssl-key for X509)"
+        )
+    }
+}
+
+/// The query string of a `mysql://` URL.
+struct UrlParams {
+    tls: TlsSettings,
+    server_public_key: Option<PathBuf>,
+    allow_public_key_retrieval: bool,
+}
+
+impl UrlParams {
+    fn parse(query: &str) -> Result<UrlParams, MyError> {
+        let mut mode_text = None;
+        let (mut root, mut cert, mut key, mut public_key) = (None, None, None, None);
+        let mut allow_retrieval = false;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v)?;
+            match k {
+                "ssl-mode" => mode_text = Some(v),
+                "ssl-ca" => root = Some(PathBuf::from(v)),
+                "ssl-cert" => cert = Some(PathBuf::from(v)),
+                "ssl-key" => key = Some(PathBuf::from(v)),
+                "server-public-key-path" => public_key = Some(PathBuf::from(v)),
+                "allow-public-key-retrieval" => {
+                    allow_retrieval = match v.to_ascii_lowercase().as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(MyError::Url {
+                                detail: format!("has allow-public-key-retrieval={v:?}; use true or false"),
+                            });
+                        }
+                    }
+                }
+                other => {
+                    return Err(MyError::Url {
+                        detail: format!(
+                            "has the unknown parameter {other:?} (tailgate knows {})",
+                            URL_PARAMETERS.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        let mode_text = mode_text.unwrap_or_else(|| "PREFERRED".to_owned());
+        let mode = TlsMode::from_mysql(&mode_text).ok_or_else(|| MyError::Url {
+            detail: format!(
+                "has ssl-mode={mode_text:?}, which is not one of DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY"
+            ),
+        })?;
+        let tls =
+            TlsSettings { mode, mode_text, root_cert: root, client_cert: cert, client_key: key, names: MYSQL_NAMES };
+        tls.validate()?;
+        Ok(UrlParams { tls, server_public_key: public_key, allow_public_key_retrieval: allow_retrieval })
     }
 }
 
@@ -127,6 +252,7 @@ fn percent_decode(s: &str) -> Result<String, MyError> {
 }
 
 // Capability flags.
+const CLIENT_SSL: u32 = 0x800;
 const CLIENT_LONG_PASSWORD: u32 = 0x1;
 const CLIENT_LONG_FLAG: u32 = 0x4;
 const CLIENT_PROTOCOL_41: u32 = 0x200;
@@ -170,7 +296,7 @@ pub enum Packet<'a> {
 }
 
 pub struct ReplicationConnection {
-    stream: TcpStream,
+    stream: MaybeTls,
     packets: PacketBuffer,
     seq: u8,
     pub server_version: String,
@@ -186,7 +312,7 @@ impl ReplicationConnection {
             .map_err(|source| MyError::Connect { addr: addr.clone(), source })?;
         let _ = stream.set_nodelay(true);
         let mut conn = ReplicationConnection {
-            stream,
+            stream: MaybeTls::Plain(stream),
             packets: PacketBuffer::new(),
             seq: 0,
             server_version: String::new(),
@@ -213,12 +339,36 @@ impl ReplicationConnection {
             | CLIENT_SECURE_CONNECTION
             | CLIENT_PLUGIN_AUTH
             | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA;
-        let caps = caps & (hello.capabilities | CLIENT_LONG_PASSWORD);
+        let mut caps = caps & (hello.capabilities | CLIENT_LONG_PASSWORD);
         if caps & CLIENT_PROTOCOL_41 == 0 || caps & CLIENT_PLUGIN_AUTH == 0 {
             return Err(MyError::Protocol(format!(
                 "server {} is too old (no protocol 4.1 / plugin auth)",
                 hello.server_version
             )));
+        }
+        let server_tls = hello.capabilities & CLIENT_SSL != 0;
+        let use_tls = match info.tls.mode {
+            TlsMode::Disable | TlsMode::Allow => false,
+            TlsMode::Prefer => server_tls,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull if server_tls => true,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => {
+                return Err(MyError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() });
+            }
+        };
+        if use_tls {
+            // SSLRequest: the first 32 bytes of the handshake response, then TLS; the full response
+            // follows over TLS with the next sequence id.
+            caps |= CLIENT_SSL;
+            let mut request = Vec::with_capacity(32);
+            request.extend_from_slice(&caps.to_le_bytes());
+            request.extend_from_slice(&(1u32 << 30).to_le_bytes());
+            request.push(CHARSET_UTF8MB4);
+            request.extend_from_slice(&[0; 23]);
+            self.write_packet(&request).await?;
+            let MaybeTls::Plain(tcp) = std::mem::replace(&mut self.stream, MaybeTls::Closed) else {
+                return Err(MyError::Protocol("TLS requested twice".into()));
+            };
+            self.stream = tailgate_tls::upgrade(&info.tls, info.tls_config.clone(), &info.host, tcp).await?;
         }
         let mut plugin = hello.plugin.clone();
         let mut nonce = hello.nonce.clone();
@@ -243,7 +393,10 @@ impl ReplicationConnection {
                 Some(0xFF) => {
                     let e = server_error(&reply, "authentication");
                     return Err(match e {
-                        MyError::Server { message, .. } => MyError::Auth { user: info.user.clone(), message },
+                        MyError::Server { message, .. } => MyError::Auth {
+                            user: info.user.clone(),
+                            message: plaintext_hint(message, self.stream.is_tls()),
+                        },
                         other => other,
                     });
                 }
@@ -256,15 +409,31 @@ impl ReplicationConnection {
                 // caching_sha2_password: 0x03 fast auth done (an OK follows), 0x04 full auth needed.
                 Some(0x01) if plugin == "caching_sha2_password" => match reply.get(1) {
                     Some(0x03) => {}
+                    Some(0x04) if self.stream.is_tls() => {
+                        // Over TLS the password goes as it is, NUL-terminated.
+                        let mut clear = info.password.as_bytes().to_vec();
+                        clear.push(0);
+                        self.write_packet(&clear).await?;
+                    }
                     Some(0x04) => {
-                        // Without TLS the password travels RSA-encrypted with the server's public key.
-                        self.write_packet(&[0x02]).await?;
-                        let key = self.read_packet_owned().await?;
-                        if key.first() == Some(&0xFF) {
-                            return Err(server_error(&key, "authentication"));
-                        }
-                        let pem = key.get(1..).unwrap_or_default();
-                        let encrypted = rsa_encrypt_password(&info.password, &nonce, pem)?;
+                        // Without TLS the password travels RSA-encrypted with the server's public key:
+                        // a pinned one, or, only when allowed, the one the server sends (a man in the
+                        // middle could send its own and read the password).
+                        let pem = match (&info.server_public_key, info.allow_public_key_retrieval) {
+                            (Some(path), _) => std::fs::read(path).map_err(|e| MyError::Url {
+                                detail: format!("has server-public-key-path={}: cannot read: {e}", path.display()),
+                            })?,
+                            (None, true) => {
+                                self.write_packet(&[0x02]).await?;
+                                let key = self.read_packet_owned().await?;
+                                if key.first() == Some(&0xFF) {
+                                    return Err(server_error(&key, "authentication"));
+                                }
+                                key.get(1..).unwrap_or_default().to_vec()
+                            }
+                            (None, false) => return Err(MyError::RsaKeyNeeded { user: info.user.clone() }),
+                        };
+                        let encrypted = rsa_encrypt_password(&info.password, &nonce, &pem)?;
                         self.write_packet(&encrypted).await?;
                     }
                     _ => return Err(MyError::Protocol("unexpected caching_sha2_password reply".into())),
@@ -649,6 +818,38 @@ fn encode_gtid_set(set: &MysqlGtidSet) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_parameters_parse_and_unknown_ones_are_named() {
+        let p = UrlParams::parse(
+            "ssl-mode=verify_identity&ssl-ca=%2Fetc%2Fca.pem&server-public-key-path=/k.pem&allow-public-key-retrieval=TRUE",
+        )
+        .unwrap();
+        assert_eq!(p.tls.mode, TlsMode::VerifyFull);
+        assert_eq!(p.tls.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(p.server_public_key, Some(PathBuf::from("/k.pem")));
+        assert!(p.allow_public_key_retrieval);
+        let i = ConnInfo::from_url("mysql://u:p@db:3306/shop?ssl-mode=disabled&server-public-key-path=/k.pem").unwrap();
+        assert_eq!(i.database.as_deref(), Some("shop"), "the query is not part of the database name");
+        assert_eq!(i.tls.mode, TlsMode::Disable);
+
+        let d = ConnInfo::from_url("mysql://u@db/shop").unwrap();
+        assert_eq!((d.tls.mode, d.allow_public_key_retrieval), (TlsMode::Prefer, false), "PREFERRED by default");
+        let r = ConnInfo::from_url("mysql://u@db/shop?ssl-mode=REQUIRED").unwrap();
+        assert_eq!(r.tls.verification(), tailgate_tls::Verification::None);
+
+        let e = ConnInfo::from_url("mysql://u@db/shop?sslmode=require").unwrap_err().to_string();
+        assert!(e.contains("unknown parameter \"sslmode\"") && e.contains("ssl-mode"), "{e}");
+        let e = ConnInfo::from_url("mysql://u@db/shop?ssl-mode=VERIFY_FULL").unwrap_err().to_string();
+        assert!(e.contains("VERIFY_IDENTITY"), "{e}");
+        let e = ConnInfo::from_url("mysql://u@db/shop?allow-public-key-retrieval=yes").unwrap_err().to_string();
+        assert!(e.contains("true or false"), "{e}");
+        let e = ConnInfo::from_url("mysql://u@db/shop?ssl-key=/k.pem").unwrap_err().to_string();
+        assert!(e.contains("ssl-key is set without ssl-cert"), "{e}");
+        let e =
+            ConnInfo::from_url("mysql://u@db/shop?ssl-mode=VERIFY_CA&ssl-ca=/nonexistent.pem").unwrap_err().to_string();
+        assert!(e.contains("ssl-ca=/nonexistent.pem: cannot read"), "{e}");
+    }
 
     #[test]
     fn urls_parse_with_escapes_defaults_and_no_password_in_debug() {

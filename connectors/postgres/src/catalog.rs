@@ -3,26 +3,72 @@
 //! replication connection.
 
 use tailgate_core::Lsn;
+use tailgate_tls::TlsMode;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 use tracing::warn;
 
 use crate::error::PgError;
 use crate::replication::{ConnInfo, quote_ident};
+use crate::tls::PgTls;
 
-/// Opens an ordinary SQL connection.
+/// Opens an ordinary SQL connection: the one way every tokio-postgres connection is made, with the
+/// URL's TLS settings (the same as the replication connection's; see [`crate::tls`]).
 pub async fn connect(info: &ConnInfo) -> Result<Client, PgError> {
-    let (client, connection) = info.sql_config.connect(NoTls).await.map_err(|e| classify_connect(info, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            warn!(error = %e, "catalog connection ended");
-        }
-    });
+    match info.tls.mode {
+        TlsMode::Disable => connect_with(info, SslMode::Disable).await,
+        // libpq's allow: plaintext, and TLS when the server refuses a plaintext login.
+        TlsMode::Allow => match connect_with(info, SslMode::Disable).await {
+            Err(e) if e.wants_tls() => connect_with(info, SslMode::Require).await,
+            other => other,
+        },
+        TlsMode::Prefer => connect_with(info, SslMode::Prefer).await,
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => connect_with(info, SslMode::Require).await,
+    }
+}
+
+async fn connect_with(info: &ConnInfo, mode: SslMode) -> Result<Client, PgError> {
+    let mut config = info.sql_config.clone();
+    config.ssl_mode(mode);
+    let client = if mode == SslMode::Disable {
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| classify_connect(info, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                warn!(error = %e, "catalog connection ended");
+            }
+        });
+        client
+    } else {
+        let tls = PgTls { settings: info.tls.clone(), config: info.tls_config.clone() };
+        let (client, connection) = config.connect(tls).await.map_err(|e| classify_connect(info, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                warn!(error = %e, "catalog connection ended");
+            }
+        });
+        client
+    };
     Ok(client)
 }
 
 fn classify_connect(info: &ConnInfo, e: tokio_postgres::Error) -> PgError {
+    // A TLS failure: our own error, held by tokio-postgres as the source.
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(tls) = s.downcast_ref::<tailgate_tls::TlsError>() {
+            return PgError::Tls(tls.clone());
+        }
+        // tokio-postgres's answer to an 'N' under SslMode::Require.
+        if s.to_string().contains("server does not support TLS") {
+            return PgError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() };
+        }
+        source = s.source();
+    }
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
+        if code == "28000" && db.message().contains("no encryption") {
+            return PgError::NeedsTls { user: info.user.clone(), message: db.message().to_owned() };
+        }
         if code == "28P01" || code == "28000" {
             return PgError::Auth { user: info.user.clone(), message: db.message().to_owned() };
         }

@@ -16,6 +16,21 @@ pub enum PgError {
     Auth { user: String, message: String },
 
     #[error(
+        "PostgreSQL accepts user {user:?} only over TLS: {message}. Fix: add sslmode=require (or verify-full with \
+         sslrootcert=<CA file>) to `source.url`"
+    )]
+    NeedsTls { user: String, message: String },
+
+    #[error(
+        "PostgreSQL at {addr} does not accept TLS connections, and `source.url` has sslmode={mode}. Fix: turn on ssl \
+         in the server's postgresql.conf, or use sslmode=prefer to allow plaintext"
+    )]
+    TlsRefused { addr: String, mode: String },
+
+    #[error(transparent)]
+    Tls(#[from] tailgate_tls::TlsError),
+
+    #[error(
         "PostgreSQL asks for authentication method {method}, which tailgate does not support. Fix: use scram-sha-256, md5, password or trust in pg_hba.conf"
     )]
     UnsupportedAuth { method: &'static str },
@@ -92,6 +107,7 @@ impl PgError {
     pub fn is_transient(&self) -> bool {
         match self {
             PgError::Connect { .. } | PgError::ConnectionLost(_) => true,
+            PgError::Tls(e) => e.is_transient(),
             // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 53300 too_many_connections
             PgError::Server { code, .. } => transient_code(code),
             // A terminated backend (57P01) reaches a tokio-postgres connection as a db error or as a
@@ -99,6 +115,14 @@ impl PgError {
             PgError::Sql(e) => transient_sql(e),
             _ => false,
         }
+    }
+}
+
+impl PgError {
+    /// A login refused because it was not over TLS (pg_hba `hostnossl … reject` or no `host` line):
+    /// what `sslmode=allow` retries with TLS.
+    pub(crate) fn wants_tls(&self) -> bool {
+        matches!(self, PgError::NeedsTls { .. })
     }
 }
 

@@ -1,6 +1,7 @@
 //! PostgreSQL source for tailgate: logical replication (pgoutput) into change events.
 //!
 //! - [`replication`]: the replication connection (postgres-protocol over tokio).
+//! - [`tls`]: `sslmode` and friends, for the replication connection and tokio-postgres alike.
 //! - [`pgoutput`]: the pgoutput message decoder (no I/O).
 //! - [`types`]: text and binary values to Debezium's representation.
 //! - [`geometry`]: the geometric types among them.
@@ -26,6 +27,7 @@ pub mod replication;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+pub mod tls;
 pub mod types;
 
 pub use config::PostgresConfig;

@@ -14,18 +14,20 @@
 //! The flushed LSN we report is the checkpoint: the server may recycle WAL before it, so it only ever
 //! carries positions whose events the sink acknowledged.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use tailgate_core::Lsn;
+use tailgate_tls::{RustlsClientConfig, TlsMode, TlsSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::warn;
 
 use crate::error::PgError;
+use crate::tls::PgStream;
 
 /// Output settings pinned on the replication session, so that the text values pgoutput sends
 /// have one format whatever the server's defaults (see [`crate::types`]).
@@ -47,8 +49,13 @@ pub struct ConnInfo {
     pub password: Option<String>,
     pub dbname: String,
     pub application_name: String,
-    /// For ordinary SQL connections (tokio-postgres).
+    /// For ordinary SQL connections (tokio-postgres), without the TLS parameters: `catalog::connect`
+    /// applies [`ConnInfo::tls`] per connection.
     pub sql_config: tokio_postgres::Config,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey` of the URL.
+    pub tls: Arc<TlsSettings>,
+    /// Built once from `tls` (files read at parse time, so that bad paths are config errors).
+    pub tls_config: Arc<RustlsClientConfig>,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -60,6 +67,8 @@ impl std::fmt::Debug for ConnInfo {
 
 impl ConnInfo {
     pub fn from_url(url: &str) -> Result<ConnInfo, PgError> {
+        let (url, tls) = crate::tls::split_url(url)?;
+        let tls_config = tls.client_config()?;
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| PgError::Url { detail: format!("does not parse: {e}") })?;
         let host = match config.get_hosts().first() {
@@ -72,11 +81,6 @@ impl ConnInfo {
             }
             None => "localhost".to_owned(),
         };
-        if matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-            return Err(PgError::Url {
-                detail: "asks for sslmode=require; TLS is not supported yet (docs/configuration.md)".to_owned(),
-            });
-        }
         let user = config.get_user().ok_or_else(|| PgError::Url { detail: "names no user".into() })?.to_owned();
         let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
@@ -84,11 +88,45 @@ impl ConnInfo {
         let mut sql_config = config.clone();
         sql_config.ssl_mode(tokio_postgres::config::SslMode::Disable);
         sql_config.application_name("tailgate");
-        Ok(ConnInfo { host, port, user, password, dbname, application_name: "tailgate".into(), sql_config })
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            application_name: "tailgate".into(),
+            sql_config,
+            tls: Arc::new(tls),
+            tls_config,
+        })
     }
 
     pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Whether a connection attempt asks for TLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    Never,
+    IfOffered,
+    Must,
+}
+
+/// SSLRequest (before the startup message); on 'S' the TLS handshake, on 'N' plaintext unless TLS is a must.
+async fn negotiate_tls(info: &ConnInfo, mut stream: TcpStream, must: bool) -> Result<PgStream, PgError> {
+    let lost = PgError::ConnectionLost;
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await.map_err(lost)?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.map_err(lost)?;
+    match answer[0] {
+        b'S' => Ok(tailgate_tls::upgrade(&info.tls, info.tls_config.clone(), &info.host, stream).await?),
+        b'N' if !must => Ok(PgStream::Plain(stream)),
+        b'N' => Err(PgError::TlsRefused { addr: info.addr(), mode: info.tls.mode_text.clone() }),
+        other => Err(PgError::Protocol(format!("unexpected answer {:?} to SSLRequest", other as char))),
     }
 }
 
@@ -109,16 +147,29 @@ pub(crate) struct Frame {
 }
 
 pub struct ReplicationConnection {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    stream: PgStream,
     inbuf: BytesMut,
     out: BytesMut,
     user: String,
 }
 
 impl ReplicationConnection {
-    /// Connects with `replication=database` and authenticates.
+    /// Connects with `replication=database` and authenticates, with TLS as `sslmode` says:
+    /// `allow` tries plaintext first and TLS when the server refuses that login; `prefer` asks for TLS
+    /// and goes on in plaintext when the server has none; stricter modes fail without TLS.
     pub async fn connect(info: &ConnInfo) -> Result<Self, PgError> {
+        match info.tls.mode {
+            TlsMode::Disable => Self::connect_once(info, Tls::Never).await,
+            TlsMode::Allow => match Self::connect_once(info, Tls::Never).await {
+                Err(e) if e.wants_tls() => Self::connect_once(info, Tls::Must).await,
+                other => other,
+            },
+            TlsMode::Prefer => Self::connect_once(info, Tls::IfOffered).await,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => Self::connect_once(info, Tls::Must).await,
+        }
+    }
+
+    async fn connect_once(info: &ConnInfo, tls: Tls) -> Result<Self, PgError> {
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(info.addr()))
             .await
             .map_err(|_| PgError::Connect {
@@ -127,10 +178,19 @@ impl ReplicationConnection {
             })?
             .map_err(|source| PgError::Connect { addr: info.addr(), source })?;
         stream.set_nodelay(true).ok();
-        let (reader, writer) = stream.into_split();
+        let stream = match tls {
+            Tls::Never => PgStream::Plain(stream),
+            Tls::IfOffered | Tls::Must => {
+                tokio::time::timeout(Duration::from_secs(10), negotiate_tls(info, stream, tls == Tls::Must))
+                    .await
+                    .map_err(|_| PgError::Connect {
+                        addr: info.addr(),
+                        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out after 10s"),
+                    })??
+            }
+        };
         let mut conn = ReplicationConnection {
-            reader,
-            writer,
+            stream,
             inbuf: BytesMut::with_capacity(256 * 1024),
             out: BytesMut::with_capacity(1024),
             user: info.user.clone(),
@@ -147,6 +207,11 @@ impl ReplicationConnection {
         conn.authenticate(info).await?;
         conn.wait_ready("startup").await?;
         Ok(conn)
+    }
+
+    /// Whether this connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 
     async fn authenticate(&mut self, info: &ConnInfo) -> Result<(), PgError> {
@@ -171,12 +236,23 @@ impl ReplicationConnection {
                             frontend::password_message(hash.as_bytes(), &mut self.out).map_err(protocol)?;
                         }
                         AuthRequest::Sasl { mechanisms } => {
-                            if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                            // Over TLS, SCRAM-SHA-256-PLUS binds the login to this TLS channel (a man in
+                            // the middle holding another certificate cannot relay it); when the server
+                            // does not offer it, 'y' tells it we could have (downgrade protection).
+                            let end_point = self.stream.channel_binding();
+                            let plus = mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256_PLUS);
+                            let (mechanism, binding) = match end_point {
+                                Some(hash) if plus => {
+                                    (sasl::SCRAM_SHA_256_PLUS, sasl::ChannelBinding::tls_server_end_point(hash))
+                                }
+                                Some(_) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+                                None => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                            };
+                            if !mechanisms.iter().any(|m| m == mechanism) {
                                 return Err(PgError::UnsupportedAuth { method: "SASL without SCRAM-SHA-256" });
                             }
-                            let s = sasl::ScramSha256::new(password()?.as_bytes(), sasl::ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)
-                                .map_err(protocol)?;
+                            let s = sasl::ScramSha256::new(password()?.as_bytes(), binding);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.out).map_err(protocol)?;
                             scram = Some(s);
                         }
                         AuthRequest::SaslContinue(body) => {
@@ -211,6 +287,9 @@ impl ReplicationConnection {
         let fields = ErrorFields::parse(body);
         match fields.code.as_str() {
             // invalid_password, invalid_authorization_specification
+            "28000" if fields.message.contains("no encryption") => {
+                PgError::NeedsTls { user: self.user.clone(), message: fields.message }
+            }
             "28P01" | "28000" => PgError::Auth { user: self.user.clone(), message: fields.message },
             "42501" => PgError::NoReplicationPrivilege { user: self.user.clone() },
             _ => fields.into_error("login"),
@@ -317,7 +396,7 @@ impl ReplicationConnection {
         if self.inbuf.capacity() - self.inbuf.len() < 64 * 1024 {
             self.inbuf.reserve(READ_RESERVE);
         }
-        let n = self.reader.read_buf(&mut self.inbuf).await.map_err(PgError::ConnectionLost)?;
+        let n = self.stream.read_buf(&mut self.inbuf).await.map_err(PgError::ConnectionLost)?;
         if n == 0 {
             return Err(PgError::ConnectionLost(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -348,12 +427,12 @@ impl ReplicationConnection {
         frontend::copy_done(&mut self.out);
         frontend::terminate(&mut self.out);
         let _ = self.flush_out().await;
-        let _ = self.writer.shutdown().await;
+        let _ = self.stream.shutdown().await;
     }
 
     async fn flush_out(&mut self) -> Result<(), PgError> {
         let out = self.out.split();
-        self.writer.write_all(&out).await.map_err(PgError::ConnectionLost)
+        self.stream.write_all(&out).await.map_err(PgError::ConnectionLost)
     }
 
     async fn read_frame(&mut self) -> Result<Frame, PgError> {

@@ -20,6 +20,7 @@ mod redis_sink;
 mod resilience;
 mod snapshot;
 mod streaming;
+mod tls;
 mod transforms;
 mod types;
 mod webhook_sink;
