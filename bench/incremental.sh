@@ -10,6 +10,7 @@
 #
 #   bench/incremental.sh
 #   INC_ROWS=200000 WRITER_TPS=500 bench/incremental.sh
+#   TAILGATE_BIN=/path/to/release/tailgate bench/incremental.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
@@ -24,8 +25,9 @@ PORT=18090
 mkdir -p "$WORK"
 
 bash scripts/services.sh all >&2
-cargo build --release --quiet -p tailgate --bin tailgate
-BIN=./target/release/tailgate
+# TAILGATE_BIN=<path> measures a binary built elsewhere (no build here).
+BIN="${TAILGATE_BIN:-./target/release/tailgate}"
+[[ -n "${TAILGATE_BIN:-}" ]] || cargo build --release --quiet -p tailgate --bin tailgate
 
 "${PSQL[@]}" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
 "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
