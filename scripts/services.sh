@@ -512,6 +512,9 @@ skip-replica-start = ON
 CNF
   local sock="$MYSQL_RUN/mysql-replica.sock"
   if ! mysql_tool mysql --socket="$sock" -uroot -e 'select 1' >/dev/null 2>&1; then
+    # A replica that does not answer but still runs must be gone before its files are: a mysqld whose
+    # redo log is deleted under it logs an error per attempt, gigabytes a minute, until the disk is full.
+    replica_kill
     rm -rf "$MYSQL_REPLICA_DATA"
     mysql_tool mysqld --defaults-file="$cnf" --initialize-insecure
     nohup "${MYSQL_LOADER[@]}" "$MYSQL_ROOT/usr/sbin/mysqld" --defaults-file="$cnf" >"$MYSQL_RUN/mysqld-replica.out" 2>&1 &
@@ -535,11 +538,21 @@ CNF
   log "MySQL replica ready on 127.0.0.1:3308 (from 3307)"
 }
 
+# Kills the replica's mysqld, if one runs, and waits until it is gone.
+replica_kill() {
+  # '[m]ysqld' matches mysqld's command line but not the pgrep/bash lines that carry the pattern.
+  local pattern="[m]ysqld --defaults-file=$MYSQL_RUN/mysql-replica.cnf"
+  pkill -9 -f "$pattern" 2>/dev/null || true
+  wait_for 30 "the MySQL replica to exit" bash -c "! pgrep -f '$pattern'"
+  rm -f "$MYSQL_RUN/mysql-replica.pid"
+}
+
 mysql_replica_stop() {
   local sock="$MYSQL_RUN/mysql-replica.sock"
   mysql_tool mysql --socket="$sock" -uroot -e 'SHUTDOWN' >/dev/null 2>&1 || true
-  wait_for 60 "the MySQL replica to stop" bash -c "! (exec 3<>/dev/tcp/127.0.0.1/3308) 2>/dev/null"
-  rm -rf "$MYSQL_REPLICA_DATA"
+  wait_for 60 "the MySQL replica to stop" bash -c "! (exec 3<>/dev/tcp/127.0.0.1/3308) 2>/dev/null" || true
+  replica_kill
+  rm -rf "$MYSQL_REPLICA_DATA" "$MYSQL_RUN/mysql-replica.err"
   log "MySQL replica stopped"
 }
 
