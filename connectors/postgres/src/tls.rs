@@ -133,7 +133,7 @@ pub struct PgTlsStream<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PgTlsStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().inner.as_mut()).poll_read(cx, buf)
+        tailgate_tls::poll_read_records(Pin::new(self.get_mut().inner.as_mut()), cx, buf)
     }
 }
 

@@ -376,8 +376,39 @@ impl AsyncRead for MaybeTls {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Tls(s) => poll_read_records(Pin::new(s.as_mut()), cx, buf),
             MaybeTls::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+/// Reads from a TLS stream every decrypted byte that is there without waiting, up to `buf`'s room.
+///
+/// tokio-rustls hands out one TLS record's plaintext per read, and a PostgreSQL walsender writes one
+/// record per replication message (about 100 bytes for a small row): read one at a time, each record
+/// costs the caller a trip through its read loop, which tripled tailgate's CPU per event over TLS.
+/// Reading on while records are buffered gives the caller what plaintext gives it: everything that
+/// arrived, in one read.
+pub fn poll_read_records<R: AsyncRead + ?Sized>(
+    mut stream: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let start = buf.filled().len();
+    loop {
+        let before = buf.filled().len();
+        match stream.as_mut().poll_read(cx, buf) {
+            // More may be buffered: read on while each read brings bytes and there is room.
+            Poll::Ready(Ok(())) if buf.filled().len() > before && buf.remaining() > 0 => {}
+            // Full, or the end of the stream (reported as such on the next call when bytes came first).
+            Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+            // What arrived before an error is handed over; the error comes back on the next read
+            // (rustls keeps it; a socket then reports the end of the stream).
+            Poll::Ready(Err(_)) if buf.filled().len() > start => return Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            // Nothing more without waiting: the waker is registered, so returning bytes now is safe.
+            Poll::Pending if buf.filled().len() > start => return Poll::Ready(Ok(())),
+            Poll::Pending => return Poll::Pending,
         }
     }
 }
@@ -658,6 +689,66 @@ impl ServerCertVerifier for ChainVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out one chunk per read, as tokio-rustls hands out one record; then what `end` says.
+    struct Records {
+        chunks: std::collections::VecDeque<&'static [u8]>,
+        end: Poll<io::Result<()>>,
+    }
+
+    impl AsyncRead for Records {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            match this.chunks.pop_front() {
+                Some(chunk) => {
+                    buf.put_slice(chunk);
+                    Poll::Ready(Ok(()))
+                }
+                None => match &this.end {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(io::Error::new(e.kind(), e.to_string()))),
+                },
+            }
+        }
+    }
+
+    fn read_once(stream: &mut Records, room: usize) -> (Poll<io::Result<()>>, Vec<u8>) {
+        let mut storage = vec![0u8; room];
+        let mut buf = ReadBuf::new(&mut storage);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let poll = poll_read_records(Pin::new(stream), &mut cx, &mut buf);
+        (poll, buf.filled().to_vec())
+    }
+
+    #[test]
+    fn a_read_takes_every_buffered_record_then_waits() {
+        let mut stream = Records { chunks: [&b"ab"[..], b"cd", b"e"].into(), end: Poll::Pending };
+        let (poll, bytes) = read_once(&mut stream, 64);
+        assert!(matches!(poll, Poll::Ready(Ok(()))));
+        assert_eq!(bytes, b"abcde");
+        assert!(read_once(&mut stream, 64).0.is_pending());
+    }
+
+    #[test]
+    fn a_read_stops_when_the_buffer_is_full() {
+        let mut stream = Records { chunks: [&b"ab"[..], b"cd", b"ef"].into(), end: Poll::Pending };
+        assert_eq!(read_once(&mut stream, 4).1, b"abcd");
+        assert_eq!(read_once(&mut stream, 4).1, b"ef");
+    }
+
+    #[test]
+    fn the_end_and_errors_come_after_the_bytes_before_them() {
+        let mut stream = Records { chunks: [&b"ab"[..]].into(), end: Poll::Ready(Ok(())) };
+        assert_eq!(read_once(&mut stream, 8).1, b"ab");
+        let (poll, bytes) = read_once(&mut stream, 8);
+        assert!(matches!(poll, Poll::Ready(Ok(()))) && bytes.is_empty(), "end of stream");
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        let mut stream = Records { chunks: [&b"ab"[..]].into(), end: Poll::Ready(Err(reset)) };
+        assert_eq!(read_once(&mut stream, 8).1, b"ab");
+        let (poll, _) = read_once(&mut stream, 8);
+        assert!(matches!(poll, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset));
+    }
 
     fn settings(mode: TlsMode, root: Option<&str>) -> TlsSettings {
         TlsSettings {
