@@ -106,10 +106,12 @@ impl Drop for FrozenRedis {
 }
 
 /// A TCP proxy to `target` on a port of its own. `set_up(false)` cuts every connection and closes
-/// the port (connections are refused) until `set_up(true)`.
+/// the port (connections are refused) until `set_up(true)`. `set_swallow(true)` throws away what
+/// clients send (as a network losing it) while their connections stay up.
 pub struct TcpProxy {
     pub port: u16,
     up: watch::Sender<bool>,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -118,12 +120,17 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (up, rx) = watch::channel(true);
-        let task = tokio::spawn(proxy_loop(listener, port, target, rx));
-        TcpProxy { port, up, task }
+        let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(proxy_loop(listener, port, target, rx, swallow.clone()));
+        TcpProxy { port, up, swallow, task }
     }
 
     pub fn set_up(&self, up: bool) {
         self.up.send_replace(up);
+    }
+
+    pub fn set_swallow(&self, swallow: bool) {
+        self.swallow.store(swallow, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -133,20 +140,44 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn proxy_loop(mut listener: TcpListener, port: u16, target: String, mut up: watch::Receiver<bool>) {
+async fn proxy_loop(
+    mut listener: TcpListener,
+    port: u16,
+    target: String,
+    mut up: watch::Receiver<bool>,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => Some(accepted),
             _ = up.wait_for(|u| !*u) => None,
         };
         match accepted {
-            Some(Ok((mut client, _))) => {
+            Some(Ok((client, _))) => {
                 let target = target.clone();
                 let mut up = up.clone();
+                let swallow = swallow.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&target).await else { return };
+                    let Ok(server) = TcpStream::connect(&target).await else { return };
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let upstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_client.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            if !swallow.load(std::sync::atomic::Ordering::SeqCst)
+                                && to_server.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = upstream => {}
+                        _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
                         _ = up.wait_for(|u| !*u) => {}
                     }
                 });

@@ -29,6 +29,7 @@
 //! [`AckTracker`]: tailgate_pipeline::AckTracker
 //! [`Encoder::record_id`]: tailgate_pipeline::Encoder::record_id
 
+mod login;
 mod publisher;
 mod sink;
 pub mod subject;

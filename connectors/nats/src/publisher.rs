@@ -7,8 +7,10 @@
 //! a request/response round trip per record. At most `max_in_flight` records wait for their PubAck.
 //!
 //! Order: records are published in the order handed over; after a failure (no PubAck within
-//! `ack_timeout`, a 503 while JetStream restarts, a transient refusal) every unacknowledged record is
-//! re-published, in order, once the stream answers again; JetStream drops those it had stored already
+//! `ack_timeout`, a 503 while JetStream restarts, a transient refusal, a lost connection) every
+//! unacknowledged record is re-published, in order, once the stream answers again. A lost connection
+//! is never resumed: its client logs in only once ([`crate::login`]), so what was queued in it dies
+//! with it, and a fresh client publishes the unacknowledged records before anything newer; JetStream drops those it had stored already
 //! (same `Nats-Msg-Id` within the duplicate window) and acknowledges them as duplicates. On one
 //! server JetStream stores publishes of one connection in order, and a lost connection loses a suffix
 //! of them, so re-publishing keeps per-subject order. (In a cluster, a record refused during a leader
@@ -16,6 +18,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +35,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::login::{Credentials, LoginOnce, login_once};
 use crate::sink::{Outgoing, Shared};
 use crate::subject::matches;
 use crate::{HEADER_ROOM, Retention, Settings, Storage};
@@ -55,6 +59,8 @@ enum Trouble {
     Timeout,
     NoResponders,
     Refused(String),
+    /// The connection died (its client is done: see [`crate::login`]).
+    Lost,
 }
 
 impl fmt::Display for Trouble {
@@ -63,15 +69,18 @@ impl fmt::Display for Trouble {
             Trouble::Timeout => write!(f, "no PubAck within the ack timeout (server away or slow)"),
             Trouble::NoResponders => write!(f, "no responders: JetStream is not answering for the stream yet"),
             Trouble::Refused(why) => write!(f, "JetStream refused a record for now: {why}"),
+            Trouble::Lost => write!(f, "the connection to NATS was lost"),
         }
     }
 }
 
-/// Connection events, as the client reports them from its own task.
+/// One client's connection events, as it reports them from its own task.
 #[derive(Default)]
 struct Events {
     /// A server error retrying cannot fix (credentials, permissions), with its fix.
     fatal: Mutex<Option<String>>,
+    /// The connection is gone (the client will not log in again).
+    lost: AtomicBool,
     notify: Notify,
 }
 
@@ -80,7 +89,9 @@ impl Events {
         use async_nats::ServerError;
         let fatal = match event {
             Event::Disconnected => {
-                warn!("NATS connection lost; reconnecting (records wait, nothing is lost)");
+                warn!("NATS connection lost; connecting a fresh client (records wait, nothing is lost)");
+                self.lost.store(true, Ordering::Release);
+                self.notify.notify_one();
                 None
             }
             Event::Connected => {
@@ -119,6 +130,10 @@ impl Events {
             None => Ok(()),
         }
     }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
 }
 
 /// What a step that may be retried gives: done, or a transient reason to try again.
@@ -143,7 +158,10 @@ pub(crate) async fn run(settings: Settings, mut rx: mpsc::Receiver<Outgoing>, sh
 
 struct Publisher {
     settings: Settings,
+    credentials: Credentials,
     shared: Arc<Shared>,
+    /// The current client's events, client, JetStream context and PubAck subscription: all replaced
+    /// together when the connection is lost.
     events: Arc<Events>,
     client: Client,
     js: async_nats::jetstream::Context,
@@ -183,27 +201,15 @@ struct ApiError<'a> {
 
 impl Publisher {
     async fn start(settings: Settings, shared: Arc<Shared>) -> Result<Publisher, SinkError> {
-        let events = Arc::new(Events::default());
-        let mut backoff = Duration::from_millis(200);
-        let client = loop {
-            match connect_once(&settings, &events).await? {
-                Attempt::Done(client) => break client,
-                Attempt::Retry(why) => {
-                    warn!(url = %settings.url, error = %why, retry_in = ?backoff, "NATS unreachable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        };
+        let credentials = Credentials::load(&settings)?;
+        let (client, events) = connect_retrying(&settings, &credentials).await?;
         check_max_payload(&settings, client.server_info().max_payload)?;
         let js = async_nats::jetstream::new(client.clone());
         let inbox = client.new_inbox();
-        let acks = client
-            .subscribe(format!("{inbox}.*"))
-            .await
-            .map_err(|e| SinkError::Other(format!("cannot subscribe to the acknowledgement inbox: {e}")))?;
+        let acks = subscribe_acks(&client, &inbox).await?;
         let mut publisher = Publisher {
             settings,
+            credentials,
             shared,
             events,
             client,
@@ -221,6 +227,19 @@ impl Publisher {
         Ok(publisher)
     }
 
+    /// Replaces a client whose connection was lost by a fresh one, subscribed to the same reply
+    /// subjects (records keep theirs when published again).
+    async fn reconnect(&mut self) -> Result<(), SinkError> {
+        let (client, events) = connect_retrying(&self.settings, &self.credentials).await?;
+        let inbox = self.reply_prefix.trim_end_matches('.').to_owned();
+        self.acks = subscribe_acks(&client, &inbox).await?;
+        self.js = async_nats::jetstream::new(client.clone());
+        self.client = client;
+        self.events = events;
+        info!(url = %self.settings.url, "NATS connected again with a fresh client");
+        Ok(())
+    }
+
     /// Repeats `step` with backoff while it asks to retry (the sink gives up on its side after the
     /// drain timeout when the run is stopping, and aborts this task).
     async fn until_done<T>(
@@ -235,6 +254,9 @@ impl Publisher {
         let mut backoff = Duration::from_millis(200);
         loop {
             self.events.check()?;
+            if self.events.lost() || self.client.connection_state() != ConnState::Connected {
+                self.reconnect().await?;
+            }
             if self.client.connection_state() == ConnState::Connected {
                 match step(self).await? {
                     Attempt::Done(value) => return Ok(value),
@@ -391,10 +413,16 @@ impl Publisher {
                     }
                     self.release();
                 }
+                // The client is done (it ends its subscriptions when its connection is lost).
                 Wake::Ack(None) => {
-                    return Err(SinkError::Other("NATS closed the acknowledgement subscription".into()));
+                    self.trouble = Some(Trouble::Lost);
                 }
-                Wake::Event => self.events.check()?,
+                Wake::Event => {
+                    self.events.check()?;
+                    if self.events.lost() {
+                        self.trouble = Some(Trouble::Lost);
+                    }
+                }
                 Wake::Record(Some(out)) => self.publish_new(out).await?,
                 Wake::Record(None) => closed = true,
                 Wake::Timeout => {
@@ -428,7 +456,10 @@ impl Publisher {
             sent: Instant::now(),
             acked: false,
         };
-        publish(&self.client, &record).await?;
+        if !publish(&self.client, &record).await? {
+            self.trouble = Some(Trouble::Lost);
+        }
+        // In the window either way: a record the client could not take is published again.
         self.window.push_back(record);
         Ok(())
     }
@@ -527,9 +558,12 @@ impl Publisher {
     async fn recover(&mut self, trouble: Trouble) -> Result<(), SinkError> {
         let unacked = self.window.iter().filter(|r| !r.acked).count();
         warn!(cause = %trouble, unacked, "NATS: publishing unacknowledged records again, in order");
-        if !matches!(trouble, Trouble::Timeout) {
+        match trouble {
+            Trouble::Timeout => {}
+            // A fresh client first (the old one may not log in again).
+            Trouble::Lost => self.reconnect().await?,
             // Refused or not answering right now: give JetStream a moment.
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            Trouble::NoResponders | Trouble::Refused(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
         self.stream_subjects = self.until_done("the stream", |p| Box::pin(p.ensure_stream())).await?;
         // The stream may have been created afresh: subjects added before are added again.
@@ -544,7 +578,11 @@ impl Publisher {
         let now = Instant::now();
         for record in self.window.iter_mut().filter(|r| !r.acked) {
             record.sent = now;
-            publish(&self.client, record).await?;
+            if !publish(&self.client, record).await? {
+                // Lost again: everything from here on is published after the next reconnect.
+                self.trouble = Some(Trouble::Lost);
+                break;
+            }
         }
         Ok(())
     }
@@ -557,7 +595,8 @@ enum Wake {
     Timeout,
 }
 
-async fn publish(client: &Client, record: &InFlight) -> Result<(), SinkError> {
+/// Hands a record to the client: `false` when the client is done (its connection was lost).
+async fn publish(client: &Client, record: &InFlight) -> Result<bool, SinkError> {
     let published = client
         .publish_with_reply_and_headers(
             record.subject.clone(),
@@ -566,9 +605,10 @@ async fn publish(client: &Client, record: &InFlight) -> Result<(), SinkError> {
             record.payload.clone(),
         )
         .await;
-    let Err(e) = published else { return Ok(()) };
+    let Err(e) = published else { return Ok(true) };
     use async_nats::client::PublishErrorKind;
     Err(match e.kind() {
+        PublishErrorKind::Send => return Ok(false),
         PublishErrorKind::MaxPayloadExceeded => SinkError::Delivery {
             topic: record.subject.to_string(),
             reason: format!("the message is over the server's max_payload: {e}"),
@@ -647,11 +687,11 @@ fn check_max_payload(settings: &Settings, max_payload: usize) -> Result<(), Sink
     Ok(())
 }
 
-async fn options(settings: &Settings, events: &Arc<Events>) -> Result<ConnectOptions, SinkError> {
+/// The client's options: it logs in once ([`crate::login`]) and reports to `events`.
+fn options(settings: &Settings, credentials: &Credentials, once: LoginOnce, events: &Arc<Events>) -> ConnectOptions {
     let events = events.clone();
-    let mut options = ConnectOptions::new()
+    login_once(credentials.clone(), once)
         .name(&settings.client_name)
-        .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
         // PubAcks of a full window and of its re-publication fit without a slow-consumer drop.
@@ -659,29 +699,43 @@ async fn options(settings: &Settings, events: &Arc<Events>) -> Result<ConnectOpt
         .event_callback(move |event| {
             let events = events.clone();
             async move { events.on(event) }
-        });
-    let auth = &settings.auth;
-    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &auth.token {
-        options = options.token(token.clone());
-    }
-    if let Some(path) = &auth.credentials_file {
-        options = options.credentials_file(path).await.map_err(|e| {
-            SinkError::Config(format!(
-                "sink.credentials_file {}: {e}. Fix: point it at a readable .creds file",
-                path.display()
-            ))
-        })?;
-    }
-    Ok(options)
+        })
 }
 
-async fn connect_once(settings: &Settings, events: &Arc<Events>) -> Result<Attempt<Client>, SinkError> {
-    let options = options(settings, events).await?;
+/// Connects a fresh client, retrying with backoff while the server is unreachable.
+async fn connect_retrying(settings: &Settings, credentials: &Credentials) -> Result<(Client, Arc<Events>), SinkError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match connect_once(settings, credentials).await? {
+            Attempt::Done(connected) => return Ok(connected),
+            Attempt::Retry(why) => {
+                warn!(url = %settings.url, error = %why, retry_in = ?backoff, "NATS unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn subscribe_acks(client: &Client, inbox: &str) -> Result<async_nats::Subscriber, SinkError> {
+    client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|e| SinkError::Other(format!("cannot subscribe to the acknowledgement inbox: {e}")))
+}
+
+async fn connect_once(
+    settings: &Settings,
+    credentials: &Credentials,
+) -> Result<Attempt<(Client, Arc<Events>)>, SinkError> {
+    let events = Arc::new(Events::default());
+    let once = LoginOnce::default();
+    let options = options(settings, credentials, once.clone(), &events);
     match options.connect(settings.url.as_str()).await {
-        Ok(client) => Ok(Attempt::Done(client)),
+        Ok(client) => {
+            once.close();
+            Ok(Attempt::Done((client, events)))
+        }
         Err(e) => match e.kind() {
             ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
                 Err(SinkError::Connect(format!(
@@ -706,23 +760,27 @@ async fn connect_once(settings: &Settings, events: &Arc<Events>) -> Result<Attem
 /// `tailgate check`: server reachable, credentials accepted, JetStream enabled, the stream there (or
 /// creatable). Changes nothing.
 pub(crate) async fn check(settings: &Settings) -> Vec<CheckResult> {
-    let events = Arc::new(Events::default());
-    let client = match tokio::time::timeout(Duration::from_secs(10), connect_once(settings, &events)).await {
-        Ok(Ok(Attempt::Done(client))) => client,
-        Ok(Ok(Attempt::Retry(why))) => {
-            return vec![CheckResult::failed(
-                "nats",
-                format!("{} did not answer: {why}. Fix: start the server or correct sink.url", settings.url),
-            )];
-        }
-        Ok(Err(e)) => return vec![CheckResult::failed("nats", e.to_string())],
-        Err(_) => {
-            return vec![CheckResult::failed(
-                "nats",
-                format!("{} did not answer within 10s. Fix: start the server or correct sink.url", settings.url),
-            )];
-        }
+    let credentials = match Credentials::load(settings) {
+        Ok(credentials) => credentials,
+        Err(e) => return vec![CheckResult::failed("nats", e.to_string())],
     };
+    let (client, events) =
+        match tokio::time::timeout(Duration::from_secs(10), connect_once(settings, &credentials)).await {
+            Ok(Ok(Attempt::Done(connected))) => connected,
+            Ok(Ok(Attempt::Retry(why))) => {
+                return vec![CheckResult::failed(
+                    "nats",
+                    format!("{} did not answer: {why}. Fix: start the server or correct sink.url", settings.url),
+                )];
+            }
+            Ok(Err(e)) => return vec![CheckResult::failed("nats", e.to_string())],
+            Err(_) => {
+                return vec![CheckResult::failed(
+                    "nats",
+                    format!("{} did not answer within 10s. Fix: start the server or correct sink.url", settings.url),
+                )];
+            }
+        };
     let info = client.server_info();
     let mut results = vec![CheckResult::ok(
         "nats",

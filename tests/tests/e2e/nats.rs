@@ -349,6 +349,52 @@ async fn nats_server_restarted_under_a_writer_loses_nothing_and_keeps_order() {
     delete_stream(&prefix).await;
 }
 
+/// The connection is cut after the network lost what the sink sent for a while: the records lost on
+/// the wire must be stored before any later one. (Before each client could log in only once, the
+/// NATS client reconnected by itself and sent the records queued in it meanwhile at once, while the
+/// lost ones were published again only after `ack_timeout_ms`: out of order, every time.)
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_connection_cut_with_records_lost_on_the_wire_keeps_order() {
+    let _nats = nats_lock().read().await;
+    let s = Scenario::new("nats_cut", "CREATE TABLE t (id int PRIMARY KEY, pad text)").await;
+    let prefix = format!("natscut{}", nonce());
+    let target = nats_url().trim_start_matches("nats://").to_owned();
+    let proxy = tailgate_e2e::sinks::TcpProxy::start(target).await;
+    let sink = format!(
+        "[sink]\ntype = \"nats\"\nurl = \"nats://127.0.0.1:{}\"\ntopic_prefix = \"{prefix}\"\nack_timeout_ms = 2000\n",
+        proxy.port
+    );
+    let tg = s.start(&sink, "").await;
+    let writer = spawn_writer(s.db.url(), 3000);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // What the sink publishes now is lost on the wire (no PubAck comes back)...
+    proxy.set_swallow(true);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // ...then the connection drops, and the server is reachable again at once.
+    proxy.set_up(false);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.set_swallow(false);
+    proxy.set_up(true);
+    writer.await.unwrap();
+    let msgs = read_stream(&prefix, 3000, WAIT).await;
+    let (ids, in_order) = created(&msgs);
+    let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} rows missing after the cut, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(ids.values().filter(|n| **n > 1).count(), 0, "re-published records are dropped by the duplicate window");
+    assert!(in_order, "records lost on the wire are stored before later ones");
+    let log = tg.log_text();
+    assert!(log.contains("NATS connected again with a fresh client"), "{log}");
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    s.db.drop().await;
+    delete_stream(&prefix).await;
+}
+
 /// A NATS server of the test's own, with a user and password.
 struct OwnServer {
     child: Child,
