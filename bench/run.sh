@@ -14,7 +14,7 @@
 #   SINKS="redis http" bench/run.sh   # redis: the local Redis (127.0.0.1:6379); http: a local Python receiver answering 200
 #   TLS=1 bench/run.sh        # also drain a slot over TLS (sslmode=verify-full, the test CA of scripts/services.sh)
 #                             # to stdout, next to the plaintext (sslmode=disable) stdout drain
-#   SINKS="nats rabbitmq" bench/run.sh   # the sinks drained besides stdout (default: kafka; any of kafka, redis, http, nats, rabbitmq); each gets its
+#   SINKS="nats rabbitmq" bench/run.sh   # the sinks drained besides stdout (default: kafka; any of kafka, kafka_tls, redis, http, nats, rabbitmq); each gets its
 #                             # own slot; NATS JetStream (file stream, created by tailgate) and RabbitMQ (a
 #                             # durable queue bound to the exchange; needs pika) are counted after the run
 set -euo pipefail
@@ -167,6 +167,10 @@ run_workload() { # run_workload <title> <insert SQL>
     case $sink in
       kafka)
         RESULTS+=("$(PREPARE=empty_broker measure "tailgate → Kafka (tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka.toml" --stop-at-lsn "$endpos")") ;;
+      kafka_tls) # TLS through stunnel (scripts/services.sh) to a second tansu: the TLS cost, plus a hop
+        config ${SLOTS}_kafka_tls "$(printf '[sink]\ntype = "kafka"\nbrokers = "127.0.0.1:9193"\ntopic_prefix = "%st"\nsecurity_protocol = "ssl"\nssl_ca_location = "%s"' \
+          "$prefix" "${TAILGATE_CACHE:-$HOME/.cache/tailgate}/tls/ca.pem")" >"$WORK/kafka_tls.toml"
+        RESULTS+=("$(measure "tailgate → Kafka over TLS (stunnel → tansu)" "$ROWS" "$BIN" run --config "$WORK/kafka_tls.toml" --stop-at-lsn "$endpos")") ;;
       nats)
         config ${SLOTS}_nats "$(printf '[sink]\ntype = "nats"\nurl = "nats://127.0.0.1:4222"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/nats.toml"
         RESULTS+=("$(measure "tailgate → NATS JetStream (file stream, PubAck)" "$ROWS" "$BIN" run --config "$WORK/nats.toml" --stop-at-lsn "$endpos")")
