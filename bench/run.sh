@@ -38,6 +38,9 @@ if [[ " $SINKS " == *" rabbitmq "* ]] && ! python3 -c 'import pika' 2>/dev/null;
 fi
 cargo build --release --quiet -p tailgate --bin tailgate
 BIN=./target/release/tailgate
+# The raw limits of the queue sinks: each client library alone (connectors/*/examples).
+[[ " $SINKS " == *" rabbitmq "* ]] && cargo build --release --quiet -p tailgate-rabbitmq --example amqp_raw_publish
+[[ " $SINKS " == *" nats "* ]] && cargo build --release --quiet -p tailgate-nats --example nats_raw_publish
 
 # measure <label> <events> <command...>: prints a result row; /usr/bin/time gives CPU and peak RSS.
 # With REPEAT=n (and PREPARE=<function> run before each try) the fastest of n runs is reported, with
@@ -176,14 +179,26 @@ run_workload() { # run_workload <title> <insert SQL>
         RESULTS+=("$(measure "tailgate → NATS JetStream (file stream, PubAck)" "$ROWS" "$BIN" run --config "$WORK/nats.toml" --stop-at-lsn "$endpos")")
         stored=$(python3 bench/queues.py nats-count "$prefix")
         python3 bench/queues.py nats-delete "$prefix"
-        ((stored == ROWS)) || { echo "NATS stream $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
+        ((stored == ROWS)) || { echo "NATS stream $prefix holds $stored of $ROWS records" >&2; exit 1; }
+        # The raw limit: async-nats alone, the sink's settings (file stream, Nats-Msg-Id, every PubAck
+        # awaited, 4,096 in flight), messages of about an event's size.
+        rows=$((rows + 1))
+        RESULTS+=("$(measure "raw limit: async-nats alone → JetStream (450-byte messages, same settings)" "$ROWS" \
+          ./target/release/examples/nats_raw_publish "nats://127.0.0.1:4222" "${prefix}raw" "$ROWS" 450 4096)") ;;
       rabbitmq)
         python3 bench/queues.py amqp-setup "$prefix"
         config ${SLOTS}_rabbitmq "$(printf '[sink]\ntype = "rabbitmq"\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/rabbitmq.toml"
         RESULTS+=("$(measure "tailgate → RabbitMQ (durable queue, confirms)" "$ROWS" "$BIN" run --config "$WORK/rabbitmq.toml" --stop-at-lsn "$endpos")")
         stored=$(python3 bench/queues.py amqp-count "$prefix")
         python3 bench/queues.py amqp-delete "$prefix"
-        ((stored == ROWS)) || { echo "RabbitMQ queue of $prefix holds $stored of $ROWS records" >&2; exit 1; } ;;
+        ((stored == ROWS)) || { echo "RabbitMQ queue of $prefix holds $stored of $ROWS records" >&2; exit 1; }
+        # The raw limit: lapin alone, the sink's settings (persistent, mandatory, confirms, 1,024 in
+        # flight), messages of about an event's size.
+        rows=$((rows + 1))
+        python3 bench/queues.py amqp-setup "${prefix}raw"
+        RESULTS+=("$(measure "raw limit: lapin alone → RabbitMQ (450-byte messages, same settings)" "$ROWS" \
+          ./target/release/examples/amqp_raw_publish "amqp://guest:guest@127.0.0.1:5672/%2f" "${prefix}raw" "${prefix}raw.public.orders" "$ROWS" 450 1024)")
+        python3 bench/queues.py amqp-delete "${prefix}raw" ;;
       redis)
         config ${SLOTS}_redis "$(printf '[sink]\ntype = "redis"\naddress = "127.0.0.1:6379"\ntopic_prefix = "%s"' "$prefix")" >"$WORK/redis.toml"
         RESULTS+=("$(PREPARE=empty_redis measure "tailgate → Redis Streams" "$ROWS" "$BIN" run --config "$WORK/redis.toml" --stop-at-lsn "$endpos")")
