@@ -268,13 +268,22 @@ async fn nats_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice() {
         tg.wait_streaming().await;
     }
     writer.await.unwrap();
+    assert_every_row_once_in_order(&prefix, "kill -9").await;
+    let (status, log) = tg.stop().await;
+    assert!(status.success(), "{log}");
+    s.db.drop().await;
+    delete_stream(&prefix).await;
+}
 
-    let msgs = read_stream(&prefix, 3000, WAIT).await;
+/// Reads the 3,000 rows of `spawn_writer` back from the stream and asserts that each was stored
+/// exactly once (JetStream's duplicate window drops what is re-sent) and in commit order.
+async fn assert_every_row_once_in_order(prefix: &str, after: &str) {
+    let msgs = read_stream(prefix, 3000, WAIT).await;
     let (ids, in_order) = created(&msgs);
     let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
     assert!(
         missing.is_empty(),
-        "{} rows missing after kill -9, e.g. {:?}",
+        "{} rows missing after {after}, e.g. {:?}",
         missing.len(),
         &missing[..missing.len().min(10)]
     );
@@ -284,12 +293,11 @@ async fn nats_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice() {
             eprintln!("stored twice: Nats-Msg-Id {:?}, source {}", m.msg_id, m.value.as_ref().unwrap()["source"]);
         }
     }
-    assert!(twice.is_empty(), "JetStream's duplicate window drops re-sent records; stored twice: {twice:?}");
-    assert!(in_order, "commit order kept");
-    let (status, log) = tg.stop().await;
-    assert!(status.success(), "{log}");
-    s.db.drop().await;
-    delete_stream(&prefix).await;
+    assert!(
+        twice.is_empty(),
+        "JetStream's duplicate window drops re-sent records; stored twice after {after}: {twice:?}"
+    );
+    assert!(in_order, "commit order kept across {after}");
 }
 
 /// Starts the shared NATS server again whatever happens to the test.
@@ -329,18 +337,7 @@ async fn nats_server_restarted_under_a_writer_loses_nothing_and_keeps_order() {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     writer.await.unwrap();
-    let msgs = read_stream(&prefix, 3000, WAIT).await;
-    let (ids, in_order) = created(&msgs);
-    let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} rows missing after the restart, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    let twice = ids.values().filter(|n| **n > 1).count();
-    assert_eq!(twice, 0, "re-published records are dropped by the duplicate window");
-    assert!(in_order, "per-subject order kept across the restart");
+    assert_every_row_once_in_order(&prefix, "the server restart").await;
     let log = tg.log_text();
     assert!(log.contains("NATS connection lost"), "{log}");
     let (status, log) = tg.stop().await;
@@ -376,17 +373,8 @@ async fn nats_connection_cut_with_records_lost_on_the_wire_keeps_order() {
     proxy.set_swallow(false);
     proxy.set_up(true);
     writer.await.unwrap();
-    let msgs = read_stream(&prefix, 3000, WAIT).await;
-    let (ids, in_order) = created(&msgs);
-    let missing: Vec<i64> = (0..3000).filter(|i| !ids.contains_key(i)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} rows missing after the cut, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    assert_eq!(ids.values().filter(|n| **n > 1).count(), 0, "re-published records are dropped by the duplicate window");
-    assert!(in_order, "records lost on the wire are stored before later ones");
+    // Records lost on the wire are stored before later ones.
+    assert_every_row_once_in_order(&prefix, "the cut").await;
     let log = tg.log_text();
     assert!(log.contains("NATS connected again with a fresh client"), "{log}");
     let (status, log) = tg.stop().await;
