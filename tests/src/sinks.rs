@@ -106,11 +106,13 @@ impl Drop for FrozenRedis {
 }
 
 /// A TCP proxy to `target` on a port of its own. `set_up(false)` cuts every connection and closes
-/// the port (connections are refused) until `set_up(true)`. `set_swallow(true)` throws away what
-/// clients send (as a network losing it) while their connections stay up.
+/// the port (connections are refused) until `set_up(true)`; `cut()` closes every connection and
+/// goes on accepting new ones. `set_swallow(true)` throws away what clients send (as a network
+/// losing it) while their connections stay up.
 pub struct TcpProxy {
     pub port: u16,
     up: watch::Sender<bool>,
+    cuts: watch::Sender<u64>,
     swallow: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -121,8 +123,13 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let (up, rx) = watch::channel(true);
         let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = tokio::spawn(proxy_loop(listener, port, target, rx, swallow.clone()));
-        TcpProxy { port, up, swallow, task }
+        let (cuts, cut_rx) = watch::channel(0u64);
+        let task = tokio::spawn(proxy_loop(listener, port, target, rx, cut_rx, swallow.clone()));
+        TcpProxy { port, up, cuts, swallow, task }
+    }
+
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
     }
 
     pub fn set_up(&self, up: bool) {
@@ -145,6 +152,7 @@ async fn proxy_loop(
     port: u16,
     target: String,
     mut up: watch::Receiver<bool>,
+    cuts: watch::Receiver<u64>,
     swallow: Arc<std::sync::atomic::AtomicBool>,
 ) {
     loop {
@@ -156,6 +164,8 @@ async fn proxy_loop(
             Some(Ok((client, _))) => {
                 let target = target.clone();
                 let mut up = up.clone();
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
                 let swallow = swallow.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else { return };
@@ -179,6 +189,7 @@ async fn proxy_loop(
                         _ = upstream => {}
                         _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
                         _ = up.wait_for(|u| !*u) => {}
+                        _ = cuts.changed() => {}
                     }
                 });
             }

@@ -54,7 +54,8 @@ pub struct NatsConfig {
     pub url: String,
     /// Default: the connector name. Subjects are `<topic_prefix>.<schema>.<table>`.
     pub topic_prefix: Option<String>,
-    /// User and password, when the server asks for them (also possible in the URL).
+    /// User and password, when the server asks for them (also possible in the URL:
+    /// `nats://user:password@host`, percent-encoded).
     pub user: Option<String>,
     pub password: Option<String>,
     /// Token authentication.

@@ -6,13 +6,14 @@
 //! queued later records would be stored ahead of them (an older version of a row after a newer one).
 //!
 //! So every client the publisher uses may log in exactly once: the credentials are handed over by an
-//! auth callback that refuses every login after the first, and `max_reconnects(1)` makes the client's
-//! connection task end after that refusal, dropping its queue. The publisher then connects a fresh
+//! auth callback that refuses every login after the first, and a small `max_reconnects` makes the
+//! client's connection task end after those refusals (within a second), dropping its queue. The publisher then connects a fresh
 //! client and publishes every unacknowledged record again, in order, before anything new.
 //!
 //! The auth callback replaces every credential async-nats would send by itself, so this module gives
 //! them all: `sink.user`/`sink.password`, `sink.token`, `sink.credentials_file` (JWT and nkey seed;
-//! the server's nonce signed with the seed), or the user, password or token in `sink.url`.
+//! the server's nonce signed with the seed; read again for each fresh client, so a renewed JWT is
+//! used), or the user, password or token in `sink.url`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,12 +61,13 @@ impl Credentials {
             let key = KeyPair::from_seed(seed).map_err(|e| bad(format!("the nkey seed is not valid: {e}")))?;
             return Ok(Credentials { jwt: Some((jwt.to_owned(), Arc::new(key))), ..Default::default() });
         }
-        // As async-nats reads a URL: user and password, or a user alone as a token.
+        // The URL's user info (`nats://user:password@host`, or `nats://token@host`), percent-decoded,
+        // from the first URL that has one. (async-nats itself sends none of it.)
         let from_url = settings.url.split(',').filter_map(|u| u.trim().parse::<ServerAddr>().ok()).find_map(|addr| {
-            let user = addr.username()?.to_owned();
+            let user = percent_decode(addr.username()?);
             Some(match addr.password() {
                 Some(password) => {
-                    Credentials { user: Some(user), password: Some(password.to_owned()), ..Default::default() }
+                    Credentials { user: Some(user), password: Some(percent_decode(password)), ..Default::default() }
                 }
                 None => Credentials { token: Some(user), ..Default::default() },
             })
@@ -84,6 +86,27 @@ impl Credentials {
         }
         Ok(auth)
     }
+}
+
+/// `%XX` escapes decoded (a URL's user info); text that does not decode to UTF-8 is kept as written.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%').then(|| text.get(i + 1..i + 3)).flatten();
+        match escaped.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
 }
 
 /// The text between the `-----BEGIN ... <what>-----` line and the next `------END` line of a `.creds`
@@ -115,7 +138,9 @@ pub(crate) fn login_once(credentials: Credentials, once: LoginOnce) -> ConnectOp
         };
         async move { result }
     })
-    .max_reconnects(1)
+    // The first connection may try up to this many servers of `sink.url`; after a lost connection
+    // every attempt is refused (or finds no server), and then the client's task ends.
+    .max_reconnects(8)
 }
 
 #[cfg(test)]
@@ -152,10 +177,12 @@ mod tests {
     }
 
     #[test]
-    fn url_credentials_are_kept_as_async_nats_reads_them() {
+    fn url_credentials_are_read_and_percent_decoded() {
         let with = |url: &str| Credentials::load(&settings(serde_json::json!({ "url": url }))).unwrap();
         let c = with("nats://alice:s3cret@127.0.0.1:4222");
         assert_eq!((c.user.as_deref(), c.password.as_deref()), (Some("alice"), Some("s3cret")));
+        let c = with("nats://al%40ice:p%40ss%2Fw@127.0.0.1:4222");
+        assert_eq!((c.user.as_deref(), c.password.as_deref()), (Some("al@ice"), Some("p@ss/w")));
         assert_eq!(with("nats://t0ken@127.0.0.1:4222").token.as_deref(), Some("t0ken"));
         assert!(with("nats://127.0.0.1:4222").auth(b"n").unwrap().username.is_none());
     }

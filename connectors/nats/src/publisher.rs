@@ -40,6 +40,7 @@ use crate::sink::{Outgoing, Shared};
 use crate::subject::matches;
 use crate::{HEADER_ROOM, Retention, Settings, Storage};
 
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A record published and not yet acknowledged.
@@ -176,6 +177,14 @@ struct Publisher {
     /// Subjects known to be covered by the stream.
     covered: HashSet<String>,
     trouble: Option<Trouble>,
+    /// The current client is not the one the window's unacknowledged records went out on: they must
+    /// be published again before anything newer goes out (until then new records only join the
+    /// window). Set by every reconnect, cleared by the re-publication in [`Publisher::recover`].
+    stale: bool,
+    /// When the last fresh client connected, and the pause before the next one: a server that takes
+    /// connections and drops them at once is not hammered.
+    last_reconnect: Option<Instant>,
+    reconnect_backoff: Duration,
     /// PubAcks that reported a duplicate, not yet passed on.
     duplicates: u64,
 }
@@ -221,16 +230,39 @@ impl Publisher {
             stream_subjects: Vec::new(),
             covered: HashSet::new(),
             trouble: None,
+            stale: false,
+            last_reconnect: None,
+            reconnect_backoff: MIN_BACKOFF,
             duplicates: 0,
         };
         publisher.stream_subjects = publisher.until_done("the stream", |p| Box::pin(p.ensure_stream())).await?;
         Ok(publisher)
     }
 
+    /// Whether the current client's connection is gone (it will not come back: see [`crate::login`]).
+    fn client_lost(&self) -> bool {
+        self.events.lost() || self.client.connection_state() != ConnState::Connected
+    }
+
     /// Replaces a client whose connection was lost by a fresh one, subscribed to the same reply
-    /// subjects (records keep theirs when published again).
+    /// subjects (records keep theirs when published again), and marks the window for re-publication.
     async fn reconnect(&mut self) -> Result<(), SinkError> {
+        self.stale = true;
+        if self.last_reconnect.is_some_and(|at| at.elapsed() < Duration::from_secs(10)) {
+            tokio::time::sleep(self.reconnect_backoff).await;
+            self.reconnect_backoff = (self.reconnect_backoff * 2).min(MAX_BACKOFF);
+        } else {
+            self.reconnect_backoff = MIN_BACKOFF;
+        }
+        if self.settings.auth.credentials_file.is_some() {
+            // A renewed .creds file (a new JWT) is taken by the next client.
+            match Credentials::load(&self.settings) {
+                Ok(credentials) => self.credentials = credentials,
+                Err(e) => warn!(error = %e, "NATS: keeping the credentials read before"),
+            }
+        }
         let (client, events) = connect_retrying(&self.settings, &self.credentials).await?;
+        self.last_reconnect = Some(Instant::now());
         let inbox = self.reply_prefix.trim_end_matches('.').to_owned();
         self.acks = subscribe_acks(&client, &inbox).await?;
         self.js = async_nats::jetstream::new(client.clone());
@@ -254,7 +286,7 @@ impl Publisher {
         let mut backoff = Duration::from_millis(200);
         loop {
             self.events.check()?;
-            if self.events.lost() || self.client.connection_state() != ConnState::Connected {
+            if self.client_lost() {
                 self.reconnect().await?;
             }
             if self.client.connection_state() == ConnState::Connected {
@@ -285,6 +317,8 @@ impl Publisher {
             GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND => {}
             GetStreamErrorKind::JetStream(e) => return jetstream_error(&e),
             GetStreamErrorKind::Request => return Ok(Attempt::Retry(jetstream_silent(&error))),
+            // The connection died under the request: a fresh client tries again.
+            _ if self.client_lost() => return Ok(Attempt::Retry(format!("looking the stream up: {error}"))),
             _ => return Err(SinkError::Config(format!("stream {name:?}: {error}. Fix: correct sink.stream"))),
         }
         if !self.settings.create_stream {
@@ -309,6 +343,7 @@ impl Publisher {
                 CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => {
                     Ok(Attempt::Retry(format!("creating the stream: {e}")))
                 }
+                _ if self.client_lost() => Ok(Attempt::Retry(format!("creating the stream: {e}"))),
                 _ => Err(SinkError::Connect(format!("cannot create stream {name:?}: {e}"))),
             },
         }
@@ -429,7 +464,12 @@ impl Publisher {
                     self.trouble.get_or_insert(Trouble::Timeout);
                 }
             }
-            if let Some(trouble) = self.trouble.take() {
+            // A client replaced on the way (while covering a subject) leaves the window to re-publish.
+            if self.stale {
+                self.trouble = Some(Trouble::Lost);
+            }
+            // Recovery may fail again (the new client lost too): go on until it went through.
+            while let Some(trouble) = self.trouble.take() {
                 self.recover(trouble).await?;
             }
         }
@@ -456,10 +496,13 @@ impl Publisher {
             sent: Instant::now(),
             acked: false,
         };
-        if !publish(&self.client, &record).await? {
+        // While the window waits for re-publication, a new record only joins it: sent now, it could be
+        // stored ahead of older records of its key.
+        if !self.stale && !publish(&self.client, &record).await? {
+            self.stale = true;
             self.trouble = Some(Trouble::Lost);
         }
-        // In the window either way: a record the client could not take is published again.
+        // In the window either way: a record not sent now is published with the rest, in order.
         self.window.push_back(record);
         Ok(())
     }
@@ -560,8 +603,10 @@ impl Publisher {
         warn!(cause = %trouble, unacked, "NATS: publishing unacknowledged records again, in order");
         match trouble {
             Trouble::Timeout => {}
-            // A fresh client first (the old one may not log in again).
-            Trouble::Lost => self.reconnect().await?,
+            // A fresh client first, unless one replaced the lost one already (the old one may not
+            // log in again).
+            Trouble::Lost if self.client_lost() => self.reconnect().await?,
+            Trouble::Lost => {}
             // Refused or not answering right now: give JetStream a moment.
             Trouble::NoResponders | Trouble::Refused(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -575,11 +620,18 @@ impl Publisher {
         for subject in &subjects {
             self.cover(subject).await?;
         }
+        if self.client_lost() {
+            // Lost again while getting the stream ready: start over with a fresh client.
+            self.trouble = Some(Trouble::Lost);
+            return Ok(());
+        }
+        self.stale = false;
         let now = Instant::now();
         for record in self.window.iter_mut().filter(|r| !r.acked) {
             record.sent = now;
             if !publish(&self.client, record).await? {
                 // Lost again: everything from here on is published after the next reconnect.
+                self.stale = true;
                 self.trouble = Some(Trouble::Lost);
                 break;
             }

@@ -367,16 +367,18 @@ async fn nats_connection_cut_with_records_lost_on_the_wire_keeps_order() {
     // What the sink publishes now is lost on the wire (no PubAck comes back)...
     proxy.set_swallow(true);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    // ...then the connection drops, and the server is reachable again at once.
-    proxy.set_up(false);
+    // ...then the connection drops while the server stays reachable: the old client may reconnect
+    // at once, and must not (its queue would go first).
+    proxy.cut();
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.set_swallow(false);
-    proxy.set_up(true);
     writer.await.unwrap();
     // Records lost on the wire are stored before later ones.
     assert_every_row_once_in_order(&prefix, "the cut").await;
     let log = tg.log_text();
     assert!(log.contains("NATS connected again with a fresh client"), "{log}");
+    // The old client tried to log in again (the port stayed open) and was refused by the sink.
+    assert!(log.contains("has logged in once"), "{log}");
     let (status, log) = tg.stop().await;
     assert!(status.success(), "{log}");
     s.db.drop().await;
