@@ -426,6 +426,18 @@ impl Publisher {
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
             }
+            // Trouble first, before waiting: a client replaced on the way (while covering a subject)
+            // leaves the window to re-publish, and its new client has nothing to wake us with.
+            if self.stale {
+                self.trouble = Some(Trouble::Lost);
+            }
+            if self.trouble.is_some() {
+                // Recovery may fail again (the new client lost too): go on until it went through.
+                while let Some(trouble) = self.trouble.take() {
+                    self.recover(trouble).await?;
+                }
+                continue;
+            }
             if closed && self.window.is_empty() {
                 return Ok(());
             }
@@ -464,14 +476,7 @@ impl Publisher {
                     self.trouble.get_or_insert(Trouble::Timeout);
                 }
             }
-            // A client replaced on the way (while covering a subject) leaves the window to re-publish.
-            if self.stale {
-                self.trouble = Some(Trouble::Lost);
-            }
-            // Recovery may fail again (the new client lost too): go on until it went through.
-            while let Some(trouble) = self.trouble.take() {
-                self.recover(trouble).await?;
-            }
+            // Trouble raised here is handled at the top of the loop.
         }
     }
 
