@@ -10,8 +10,9 @@
 //! `ack_timeout`, a 503 while JetStream restarts, a transient refusal, a lost connection) every
 //! unacknowledged record is re-published, in order, once the stream answers again. A lost connection
 //! is never resumed: its client logs in only once ([`crate::login`]), so what was queued in it dies
-//! with it, and a fresh client publishes the unacknowledged records before anything newer; JetStream drops those it had stored already
-//! (same `Nats-Msg-Id` within the duplicate window) and acknowledges them as duplicates. On one
+//! with it, and a fresh client publishes the unacknowledged records before anything newer.
+//! JetStream drops those it had stored already (same `Nats-Msg-Id` within the duplicate window) and
+//! acknowledges them as duplicates. On one
 //! server JetStream stores publishes of one connection in order, and a lost connection loses a suffix
 //! of them, so re-publishing keeps per-subject order. (In a cluster, a record refused during a leader
 //! change while a later one was stored would be stored after it.)
@@ -214,8 +215,8 @@ impl Publisher {
         let (client, events) = connect_retrying(&settings, &credentials).await?;
         check_max_payload(&settings, client.server_info().max_payload)?;
         let js = async_nats::jetstream::new(client.clone());
-        let inbox = client.new_inbox();
-        let acks = subscribe_acks(&client, &inbox).await?;
+        let reply_prefix = format!("{}.", client.new_inbox());
+        let acks = subscribe_acks(&client, &reply_prefix).await?;
         let mut publisher = Publisher {
             settings,
             credentials,
@@ -224,7 +225,7 @@ impl Publisher {
             client,
             js,
             acks,
-            reply_prefix: format!("{inbox}."),
+            reply_prefix,
             reply_buf: BytesMut::with_capacity(64 * 1024),
             window: VecDeque::new(),
             stream_subjects: Vec::new(),
@@ -263,8 +264,7 @@ impl Publisher {
         }
         let (client, events) = connect_retrying(&self.settings, &self.credentials).await?;
         self.last_reconnect = Some(Instant::now());
-        let inbox = self.reply_prefix.trim_end_matches('.').to_owned();
-        self.acks = subscribe_acks(&client, &inbox).await?;
+        self.acks = subscribe_acks(&client, &self.reply_prefix).await?;
         self.js = async_nats::jetstream::new(client.clone());
         self.client = client;
         self.events = events;
@@ -283,7 +283,7 @@ impl Publisher {
             Box<dyn std::future::Future<Output = Result<Attempt<T>, SinkError>> + Send + 'a>,
         >,
     ) -> Result<T, SinkError> {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = MIN_BACKOFF;
         loop {
             self.events.check()?;
             if self.client_lost() {
@@ -761,7 +761,7 @@ fn options(settings: &Settings, credentials: &Credentials, once: LoginOnce, even
 
 /// Connects a fresh client, retrying with backoff while the server is unreachable.
 async fn connect_retrying(settings: &Settings, credentials: &Credentials) -> Result<(Client, Arc<Events>), SinkError> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = MIN_BACKOFF;
     loop {
         match connect_once(settings, credentials).await? {
             Attempt::Done(connected) => return Ok(connected),
@@ -774,9 +774,10 @@ async fn connect_retrying(settings: &Settings, credentials: &Credentials) -> Res
     }
 }
 
-async fn subscribe_acks(client: &Client, inbox: &str) -> Result<async_nats::Subscriber, SinkError> {
+/// Subscribes to every reply subject: `<reply_prefix><seq>`.
+async fn subscribe_acks(client: &Client, reply_prefix: &str) -> Result<async_nats::Subscriber, SinkError> {
     client
-        .subscribe(format!("{inbox}.*"))
+        .subscribe(format!("{reply_prefix}*"))
         .await
         .map_err(|e| SinkError::Other(format!("cannot subscribe to the acknowledgement inbox: {e}")))
 }
